@@ -1,0 +1,168 @@
+"""The shared model artifact every stage takes and returns, and its on-disk form.
+
+On disk (no pickle anywhere): ``artifact.json`` (spec, lineage, quantization state, metadata),
+``model.safetensors`` (weights), ``masks.safetensors`` and ``extras.safetensors`` when present.
+Directories are written to a temporary sibling and renamed into place, so a crash never leaves a
+half-written artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ArtifactError
+
+FORMAT_VERSION = 1
+META_FILE = "artifact.json"
+MODEL_FILE = "model.safetensors"
+MASKS_FILE = "masks.safetensors"
+EXTRAS_FILE = "extras.safetensors"
+
+
+@dataclass
+class Artifact:
+    """A model plus everything later stages and deployment need to know about it."""
+
+    model: nn.Module
+    spec: dict[str, Any]
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    quant: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+
+    def model_files(self) -> list[str]:
+        """Files that *are* the deployable model (what size metrics measure)."""
+        return list(self.meta.get("model_files", [MODEL_FILE]))
+
+    def save(self, directory: str | os.PathLike) -> dict[str, int]:
+        """Write atomically to ``directory``; return {file name: bytes on disk}."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide results from other users
+        try:
+            self._write_files(tmp)
+            _replace_dir(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+
+    def _write_files(self, tmp: Path) -> None:
+        from safetensors.torch import save_file, save_model
+
+        self.model.cpu()
+        save_model(self.model, str(tmp / MODEL_FILE), metadata={"format": "compresspipe"})
+        if self.masks:
+            save_file({k: v.contiguous().cpu().bool() for k, v in self.masks.items()},
+                      str(tmp / MASKS_FILE))
+        if self.extras:
+            save_file({k: v.contiguous().cpu() for k, v in self.extras.items()},
+                      str(tmp / EXTRAS_FILE))
+        write_json(tmp / META_FILE, self.to_json())
+        for p in tmp.iterdir():
+            _fsync(p)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "spec": self.spec,
+            "quant": self.quant,
+            "meta": self.meta,
+            "lineage": self.lineage,
+            "masks": sorted(self.masks),
+        }
+
+    def write_lineage(self, directory: str | os.PathLike) -> None:
+        """Rewrite only artifact.json (atomically), e.g. after metrics were measured."""
+        write_json(Path(directory) / META_FILE, self.to_json())
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Artifact:
+        """Rebuild the model from its spec and load its tensors; no pickle involved."""
+        from safetensors.torch import load_file, load_model
+
+        from .models import build_from_spec
+
+        directory = Path(directory)
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise ArtifactError(f"{directory}: not an artifact (no {META_FILE})")
+        try:
+            info = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{meta_path}: unreadable ({exc})") from exc
+        version = info.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(f"{meta_path}: format version {version!r}, "
+                                f"this compresspipe reads {FORMAT_VERSION}")
+        model = build_from_spec(info["spec"])
+        try:
+            missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ArtifactError(f"{directory / MODEL_FILE}: {exc}") from exc
+        if missing or unexpected:
+            raise ArtifactError(f"{directory / MODEL_FILE}: does not match the spec "
+                                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        model.eval()
+        masks = _load_optional(load_file, directory / MASKS_FILE)
+        if sorted(masks) != sorted(info.get("masks", [])):
+            raise ArtifactError(f"{directory / MASKS_FILE}: masks do not match {META_FILE}")
+        return cls(
+            model=model, spec=info["spec"], masks=masks, quant=info.get("quant", {}),
+            extras=_load_optional(load_file, directory / EXTRAS_FILE),
+            meta=info.get("meta", {}), lineage=info.get("lineage", []),
+        )
+
+
+def _load_optional(load_file, path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path)) if path.is_file() else {}
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomic JSON write: temporary file in the same directory, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap ``new`` into ``target``; an old target is moved aside first, then deleted."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)

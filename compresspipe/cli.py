@@ -1,0 +1,141 @@
+"""Command line: a thin layer that parses arguments, calls the API and prints one clear error.
+
+Heavy imports (torch, timm, mlflow) happen inside the commands, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+
+EXIT_ERROR, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def quickstart_path() -> str:
+    return str(resources.files("compresspipe") / "pipelines" / "quickstart.yaml")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+    p = argparse.ArgumentParser(
+        prog="compresspipe", parents=[common],
+        description="Declarative compression pipelines for timm models, tracked in MLflow.",
+    )
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def overrides(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="PATH=VALUE",
+                        help="override a value, e.g. --set stages.0.train.epochs=3 (repeatable)")
+
+    r = sub.add_parser("run", parents=[common], help="validate and run a pipeline")
+    r.add_argument("file", nargs="?", help="pipeline YAML (default: the embedded quickstart)")
+    overrides(r)
+    r.add_argument("--resume", action="store_true",
+                   help="continue from the last completed stage / epoch checkpoint")
+
+    v = sub.add_parser("validate", parents=[common], help="check a pipeline without running it")
+    v.add_argument("file")
+    overrides(v)
+    v.add_argument("--no-model-check", action="store_true",
+                   help="skip the checks that build the model (faster)")
+
+    s = sub.add_parser("schema", parents=[common], help="print the JSON Schema of pipeline files")
+    s.add_argument("-o", "--output", help="write to this file instead of stdout")
+
+    sub.add_parser("stages", parents=[common], help="list stage types with their parameters")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"compresspipe {__version__}")
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        return {"run": _run, "validate": _validate, "schema": _schema, "stages": _stages}[
+            args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # one clear line for users, the traceback on request
+        from .errors import CompressPipeError, ConfigError
+
+        if args.debug:
+            raise
+        if isinstance(exc, CompressPipeError):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_ERROR
+        print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _run(args) -> int:
+    from .config import load_pipeline
+    from .report import summary_table
+    from .runner import run_pipeline
+
+    pipeline = load_pipeline(args.file or quickstart_path(), args.overrides)
+    summary = run_pipeline(pipeline, resume=args.resume)
+    print()
+    print(summary_table(summary))
+    print(f"\nsummary: {pipeline.output_dir / 'summary.json'}")
+    if summary.get("tracking_uri"):
+        print(f"MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']}"
+              " --port 5000   (then open http://127.0.0.1:5000)")
+    return 0
+
+
+def _validate(args) -> int:
+    from .config import load_pipeline
+
+    pipeline = load_pipeline(args.file, args.overrides, check_model=not args.no_model_check)
+    names = ", ".join(f"{s.name} ({s.type})" for s in pipeline.stages)
+    print(f"{args.file}: valid; {len(pipeline.stages)} stages: {names}")
+    return 0
+
+
+def _schema(args) -> int:
+    from .config import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def _stages(args) -> int:
+    from .registry import list_stages
+
+    for name, cls in list_stages().items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name}: {doc}")
+        for field, info in cls.Config.model_fields.items():
+            default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
+            desc = f" — {info.description}" if info.description else ""
+            print(f"    {field} ({_type_name(info.annotation)}, {default}){desc}")
+    return 0
+
+
+def _type_name(annotation) -> str:
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    return text.replace("typing.", "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,546 @@
+"""The pipeline file's schema (pydantic, unknown keys forbidden) and its loader.
+
+Loading is all-or-nothing: every problem of a file is collected and raised together as one
+ConfigError that names the file, the YAML path, the line and a close match for typos.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from .errors import CompressPipeError, ConfigError, Problem
+from .registry import get_stage, is_dotted_path, list_stages, suggest
+from .yaml_source import PathKey, SourceMap, apply_override, format_path, parse_yaml
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    """Where the network comes from: a timm name or a Python factory, plus weights."""
+
+    name: str | None = Field(None, description="timm model name, e.g. 'resnet18'.")
+    factory: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="Python factory 'package.module:function' returning an nn.Module.",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for timm.create_model / the factory "
+        "(in_chans and num_classes default to the dataset's).",
+    )
+    pretrained: bool = Field(False, description="Load timm hub weights (needs internet).")
+    checkpoint: Path | None = Field(
+        None, description="Weights to start from: .safetensors, or a state dict (weights_only)."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.name is None) == (self.factory is None):
+            raise ValueError("give exactly one of 'name' (a timm model) or 'factory'")
+        if self.pretrained and self.factory:
+            raise ValueError("'pretrained' applies to timm models, not to a factory")
+        return self
+
+
+DatasetName = Literal["digits", "imagefolder", "mnist", "fashion_mnist", "cifar10", "cifar100", "fake"]
+
+
+class DataConfig(StrictModel):
+    """The dataset, its preprocessing and loaders."""
+
+    name: DatasetName = Field("digits", description="Built-in dataset or 'imagefolder'.")
+    root: Path | None = Field(None, description="Dataset directory (imagefolder, torchvision sets).")
+    download: bool = Field(False, description="Let torchvision download the dataset into root.")
+    image_size: int = Field(32, ge=4, le=2048, description="Images are resized to this side.")
+    channels: int | None = Field(
+        None, ge=1, le=4, description="Force this many input channels (grayscale is replicated)."
+    )
+    batch_size: int = Field(64, ge=1, le=65536)
+    eval_batch_size: int | None = Field(None, ge=1, le=65536)
+    workers: int = Field(0, ge=0, le=128, description="DataLoader worker processes.")
+    augment: bool = Field(False, description="Training augmentation (random crop/flip/shift).")
+    limit_train: int | None = Field(None, ge=1, description="Use only the first N training images.")
+    limit_test: int | None = Field(None, ge=1, description="Use only the first N test images.")
+    num_classes: int | None = Field(None, ge=2, le=100000, description="'fake' only.")
+    train_size: int = Field(256, ge=1, le=10_000_000, description="'fake' only.")
+    test_size: int = Field(64, ge=1, le=10_000_000, description="'fake' only.")
+
+    @model_validator(mode="after")
+    def _fake_only_keys(self) -> DataConfig:
+        if self.name != "fake" and self.num_classes is not None:
+            raise ValueError("'num_classes' is set by the dataset; only 'fake' takes it")
+        return self
+
+    def dataset_num_classes(self) -> int | None:
+        """Class count known without reading the data (None for imagefolder)."""
+        fixed = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+        if self.name == "fake":
+            return self.num_classes or 10
+        return fixed.get(self.name)
+
+    def dataset_channels(self) -> int:
+        """Input channels the model sees."""
+        if self.channels is not None:
+            return self.channels
+        return 1 if self.name in ("digits", "mnist", "fashion_mnist") else 3
+
+
+class TrackingConfig(StrictModel):
+    """MLflow. The URI defaults to an sqlite database inside output_dir."""
+
+    enabled: bool = True
+    uri: str | None = Field(
+        None,
+        description="Tracking URI; default sqlite:///<output_dir>/mlflow.db. "
+        "The MLFLOW_TRACKING_URI environment variable overrides both.",
+    )
+    experiment: str | None = Field(None, description="Experiment name; default: pipeline name.")
+    run_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class TrainConfig(StrictModel):
+    """The one training loop's settings, shared by every stage that trains."""
+
+    epochs: int = Field(10, ge=0, le=100_000)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0, le=100)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    schedule: Literal["constant", "step", "cosine", "linear", "onecycle"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up from 0, in epochs.")
+    step_size: int = Field(30, ge=1, description="'step': epochs between LR drops.")
+    gamma: float = Field(0.1, gt=0, le=1, description="'step': LR factor at each drop.")
+    min_lr: float = Field(0.0, ge=0, description="Floor of cosine/linear decay.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0, description="Max global gradient norm.")
+    eval_every: int = Field(1, ge=1, description="Evaluate every N epochs (and the last).")
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Parameter-name patterns (fnmatch) kept frozen, e.g. 'stem.*'.",
+    )
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainConfig:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        if self.min_lr >= self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be below lr ({self.lr})")
+        return self
+
+
+class PipelineConfig(StrictModel):
+    """A whole pipeline file. ``stages`` is typed per registered stage at load time."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Pipeline name (also the default run name).")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    output_dir: Path | None = Field(None, description="Default: runs/<name>.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    stages: list[Any] = Field(min_length=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError("expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        return v
+
+    def resolved_output_dir(self) -> Path:
+        return (self.output_dir or Path("runs") / self.name).resolve()
+
+
+@dataclass
+class StageSpec:
+    """One validated stage entry: its unique name, type and typed config."""
+
+    index: int
+    name: str
+    type: str
+    config: BaseModel
+
+    @property
+    def path(self) -> str:
+        return f"stages[{self.index}].{self.type}"
+
+
+@dataclass
+class Pipeline:
+    """A loaded, validated pipeline file."""
+
+    config: PipelineConfig
+    stages: list[StageSpec]
+    file: str
+    raw: dict[str, Any]
+    source_map: SourceMap
+
+    @property
+    def output_dir(self) -> Path:
+        return self.config.resolved_output_dir()
+
+    def resolved_yaml(self) -> str:
+        """The pipeline with overrides applied and every default filled in."""
+        data = self.config.model_dump(mode="json", exclude={"stages"})
+        data["stages"] = [
+            {"name": s.name, s.type: s.config.model_dump(mode="json")} for s in self.stages
+        ]
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema assembly
+
+
+def _stage_item_model(type_name: str) -> type[BaseModel]:
+    """``{name: ..., <type>: {...}}`` as a pydantic model for one stage type."""
+    cls = get_stage(type_name)
+    return create_model(
+        f"{cls.__name__}Item",
+        __config__=ConfigDict(extra="forbid", populate_by_name=False),
+        name=(str | None, Field(None, pattern=NAME_PATTERN)),
+        params=(cls.Config, Field(default_factory=cls.Config, alias=type_name)),
+    )
+
+
+def _stage_tag(value: Any) -> str | None:
+    if isinstance(value, dict):
+        keys = [k for k in value if k != "name"]
+        return keys[0] if len(keys) == 1 else None
+    return None
+
+
+def pipeline_model(stage_types: list[str] | None = None) -> type[PipelineConfig]:
+    """PipelineConfig whose ``stages`` accepts exactly the given (default: all built-in) types."""
+    types = sorted(set(stage_types or list_stages()))
+    items = [Annotated[_stage_item_model(t), Tag(t)] for t in types]
+    item_type: Any = Annotated[Union[tuple(items)], Discriminator(_stage_tag)]  # noqa: UP007
+    if len(items) == 1:
+        item_type = _stage_item_model(types[0])
+    return create_model(
+        "Pipeline",
+        __base__=PipelineConfig,
+        stages=(list[item_type], Field(min_length=1, description="Ordered stages.")),
+    )
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the pipeline format, for editors."""
+    schema = pipeline_model().model_json_schema()
+    schema["title"] = "compresspipe pipeline"
+    return schema
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_pipeline(
+    source: str | os.PathLike | dict, overrides: list[str] | tuple[str, ...] = (),
+    check_model: bool = True,
+) -> Pipeline:
+    """Read, override and validate a pipeline; raise ConfigError listing every problem.
+
+    ``check_model`` also builds the model to check module names the file mentions.
+    """
+    file, raw, smap, problems = _read(source)
+    for assignment in overrides:
+        if (p := apply_override(raw, assignment, smap)) is not None:
+            problems.append(p)
+    if problems and not isinstance(raw, dict):
+        raise ConfigError(file, problems)
+
+    stage_types, bad_items = _prevalidate_stages(raw, problems)
+    try:
+        model_cls = pipeline_model(stage_types)
+    except CompressPipeError as exc:
+        problems.append(Problem("stages", str(exc)))
+        raise ConfigError(file, _locate(problems, smap)) from None
+
+    config: PipelineConfig | None = None
+    try:
+        config = model_cls.model_validate(raw)
+    except ValidationError as exc:
+        problems += _pydantic_problems(exc, model_cls, bad_items)
+
+    stages: list[StageSpec] = []
+    if config is not None:
+        stages = _stage_specs(config)
+        problems += _check_references(stages)
+        problems += _check_paths(config)
+        if check_model and not problems:
+            from .validation import check_against_model
+
+            problems += check_against_model(config, stages)
+
+    if problems:
+        raise ConfigError(file, _locate(problems, smap))
+    assert config is not None
+    return Pipeline(config=config, stages=stages, file=file, raw=raw, source_map=smap)
+
+
+def _read(source: str | os.PathLike | dict) -> tuple[str, Any, SourceMap, list[Problem]]:
+    if isinstance(source, dict):
+        return "<dict>", copy.deepcopy(source), SourceMap(), []
+    path = Path(source)
+    file = str(source)
+    if not path.is_file():
+        raise ConfigError(file, [Problem("", "file not found" if not path.exists() else "not a file")])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(file, [Problem("", f"cannot read: {exc}")]) from None
+    try:
+        raw, smap, problems = parse_yaml(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            file, [Problem("", f"invalid YAML: {reason}", mark.line + 1 if mark else None)]
+        ) from None
+    if not isinstance(raw, dict):
+        found = "an empty file" if raw is None else f"a {type(raw).__name__}"
+        raise ConfigError(file, [Problem("", f"expected a mapping at the top level, found {found}")])
+    return file, raw, smap, problems
+
+
+def _prevalidate_stages(raw: dict, problems: list[Problem]) -> tuple[list[str], set[int]]:
+    """Check each stage item names exactly one known type; return the types and bad indices."""
+    items = raw.get("stages")
+    known = list(list_stages())
+    types: list[str] = []
+    bad: set[int] = set()
+    if not isinstance(items, list):
+        return types, bad
+    for i, item in enumerate(items):
+        where = f"stages[{i}]"
+        if not isinstance(item, dict):
+            problems.append(Problem(where, f"expected a mapping like '- train: {{...}}', "
+                                           f"found {_short(item)}"))
+            bad.add(i)
+            continue
+        keys = [k for k in item if k != "name"]
+        if len(keys) != 1:
+            found = ", ".join(map(repr, keys)) or "none"
+            problems.append(Problem(where, f"expected exactly one stage type key besides 'name', "
+                                           f"found {found}"))
+            bad.add(i)
+            continue
+        key = keys[0]
+        if not isinstance(key, str) or (key not in known and not is_dotted_path(key)):
+            problems.append(Problem(f"{where}.{key}", f"unknown stage type {key!r}"
+                                    f"{suggest(str(key), known)} (known: {', '.join(known)})"))
+            bad.add(i)
+            continue
+        try:
+            get_stage(key)
+        except CompressPipeError as exc:
+            problems.append(Problem(f"{where}.{key}", str(exc)))
+            bad.add(i)
+            continue
+        types.append(key)
+    return types or known, bad
+
+
+def _pydantic_problems(
+    exc: ValidationError, model_cls: type[BaseModel], bad_items: set[int]
+) -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = _strip_tag(tuple(err["loc"]))
+        if len(loc) >= 2 and loc[0] == "stages" and loc[1] in bad_items:
+            continue  # already reported by _prevalidate_stages
+        problems.append(Problem(format_path(loc), _message(err, model_cls, tuple(err["loc"]))))
+    return problems
+
+
+def _strip_tag(loc: PathKey) -> PathKey:
+    """Pydantic repeats the union tag: ('stages', 0, 'train', 'train', 'lr') -> without it."""
+    if len(loc) >= 4 and loc[0] == "stages" and isinstance(loc[1], int) and loc[2] == loc[3]:
+        return loc[:2] + loc[3:]
+    if len(loc) == 3 and loc[0] == "stages" and isinstance(loc[1], int):
+        return loc[:2] + loc[3:] if loc[2] in list_stages() else loc
+    return loc
+
+
+def _message(err: dict, model_cls: type[BaseModel], loc: PathKey) -> str:
+    kind = err["type"]
+    found = _short(err.get("input"))
+    if kind == "extra_forbidden":
+        allowed = _field_names(model_cls, loc[:-1])
+        key = str(loc[-1])
+        listing = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"unknown key {key!r}{suggest(key, allowed)}{listing}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "literal_error":
+        options = re.findall(r"'([^']*)'", err.get("ctx", {}).get("expected", ""))
+        return (f"expected one of {', '.join(map(repr, options))}, found {found}"
+                f"{suggest(str(err.get('input')), options)}")
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        return msg.removeprefix("Value error, ")
+    return f"{msg[0].lower()}{msg[1:]}, found {found}"
+
+
+def _field_names(model_cls: Any, loc: PathKey) -> list[str]:
+    """Keys allowed at ``loc`` (raw pydantic loc, tag included), or [] if unknown."""
+    cur: Any = model_cls
+    for part in loc:
+        cur = _unwrap(cur)
+        if isinstance(cur, type) and issubclass(cur, BaseModel):
+            field = next((f for n, f in cur.model_fields.items() if (f.alias or n) == part), None)
+            if field is None:
+                # the union tag in the loc selects the stage item model
+                if isinstance(part, str) and part in list_stages():
+                    cur = _stage_item_model(part)
+                    continue
+                return []
+            cur = field.annotation
+        elif typing.get_origin(cur) in (list, tuple):
+            cur = typing.get_args(cur)[0]
+        elif typing.get_origin(cur) is dict:
+            cur = typing.get_args(cur)[1]
+        elif isinstance(part, str) and part in list_stages():
+            cur = _stage_item_model(part)
+        else:
+            return []
+    cur = _unwrap(cur)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return [f.alias or n for n, f in cur.model_fields.items()]
+    return []
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (Union, getattr(__import__("types"), "UnionType", None)):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def _stage_specs(config: PipelineConfig) -> list[StageSpec]:
+    specs: list[StageSpec] = []
+    counts: dict[str, int] = {}
+    for i, item in enumerate(config.stages):
+        type_name = type(item).model_fields["params"].alias
+        counts[type_name] = counts.get(type_name, 0) + 1
+        name = item.name or (type_name if counts[type_name] == 1 else f"{type_name}-{counts[type_name]}")
+        specs.append(StageSpec(index=i, name=name.replace(":", "_"), type=type_name, config=item.params))
+    return specs
+
+
+def _check_references(stages: list[StageSpec]) -> list[Problem]:
+    """Unique stage names; every 'stage:NAME' value refers to an earlier stage."""
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    for spec in stages:
+        if spec.name in seen:
+            problems.append(Problem(f"stages[{spec.index}].name", f"stage name {spec.name!r} "
+                                    f"is already used by stages[{seen[spec.name]}]"))
+        for rel, ref in _stage_refs(spec.config.model_dump(mode="json")):
+            if ref not in seen:
+                earlier = list(seen)
+                hint = suggest(ref, earlier) or (f" (earlier stages: {', '.join(earlier)})"
+                                                 if earlier else " (no stage runs before this one)")
+                problems.append(Problem(f"{spec.path}.{rel}",
+                                        f"'stage:{ref}' does not name an earlier stage{hint}"))
+        seen.setdefault(spec.name, spec.index)
+    return problems
+
+
+def _stage_refs(value: Any, path: str = "") -> list[tuple[str, str]]:
+    if isinstance(value, str) and value.startswith("stage:"):
+        return [(path, value.removeprefix("stage:"))]
+    if isinstance(value, dict):
+        return [r for k, v in value.items() for r in _stage_refs(v, f"{path}.{k}" if path else k)]
+    if isinstance(value, list):
+        return [r for i, v in enumerate(value) for r in _stage_refs(v, f"{path}[{i}]")]
+    return []
+
+
+def _check_paths(config: PipelineConfig) -> list[Problem]:
+    """Input files and directories must exist before any work starts."""
+    problems: list[Problem] = []
+    ckpt = config.model.checkpoint
+    if ckpt is not None and not ckpt.is_file():
+        problems.append(Problem("model.checkpoint", f"file not found: {ckpt}"))
+    data = config.data
+    if data.name == "imagefolder":
+        if data.root is None:
+            problems.append(Problem("data.root", "'imagefolder' needs a root directory"))
+        elif not data.root.is_dir():
+            problems.append(Problem("data.root", f"directory not found: {data.root}"))
+        else:
+            if not (data.root / "train").is_dir():
+                problems.append(Problem("data.root", f"no 'train' subdirectory in {data.root}"))
+            if not any((data.root / d).is_dir() for d in ("val", "test", "validation")):
+                problems.append(Problem("data.root",
+                                        f"no 'val' or 'test' subdirectory in {data.root}"))
+    elif data.name in ("mnist", "fashion_mnist", "cifar10", "cifar100"):
+        if data.root is None:
+            problems.append(Problem("data.root", f"{data.name!r} needs a root directory"))
+        elif not data.download and not data.root.is_dir():
+            problems.append(Problem("data.root", f"directory not found: {data.root} "
+                                    "(set download: true to fetch it)"))
+    elif data.root is not None:
+        problems.append(Problem("data.root", f"{data.name!r} takes no root directory"))
+    return problems
+
+
+def _locate(problems: list[Problem], smap: SourceMap) -> list[Problem]:
+    out = []
+    for p in problems:
+        if p.line is not None or p.source is not None:
+            out.append(p)
+            continue
+        line, source = smap.locate(_parse_path(p.path))
+        out.append(Problem(p.path, p.message, line, source))
+    return out
+
+
+def _parse_path(path: str) -> PathKey:
+    parts: list[str | int] = []
+    for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
+        parts.append(int(index) if index else name)
+    return tuple(parts)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,49 @@
+"""What a stage gets besides the artifact: data, device, seed, its directories and its logger."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .artifact import Artifact
+    from .config import Pipeline, StageSpec, TrainConfig
+    from .data import DataBundle
+    from .training import LrFn, Trainer, TrainHook
+
+
+@dataclass
+class StageContext:
+    pipeline: Pipeline
+    spec: StageSpec
+    data: DataBundle
+    device: torch.device
+    seed: int
+    work_dir: Path  # per-stage scratch space for epoch checkpoints; survives a crash
+    fingerprint: str  # identifies stage config + input: a checkpoint from elsewhere is ignored
+    log_metrics: Callable[[dict[str, float], int | None], None]
+    load_stage: Callable[[str], Artifact]  # output of an earlier stage by name
+    notes: dict = field(default_factory=dict)
+
+    def trainer(self, model: nn.Module, cfg: TrainConfig, hooks: Sequence[TrainHook] = (),
+                lr_fn: LrFn | None = None, masks: dict[str, torch.Tensor] | None = None,
+                key: str = "train") -> Trainer:
+        """The pipeline's one training loop, wired to this stage's device, seed and logging.
+
+        ``masks`` (an artifact's pruning masks) are enforced after every step; ``key``
+        separates the checkpoints of several training phases inside one stage.
+        """
+        from .masks import MaskHook
+        from .training import Trainer
+
+        hooks = [*hooks, MaskHook(masks)] if masks else list(hooks)
+        return Trainer(
+            model, self.data, cfg, device=self.device, seed=self.seed, hooks=hooks, lr_fn=lr_fn,
+            checkpoint_dir=self.work_dir / key, fingerprint=f"{self.fingerprint}:{key}",
+            log=self.log_metrics, desc=self.spec.name if key == "train" else f"{self.spec.name}/{key}",
+        )

@@ -1,0 +1,51 @@
+"""Exception types users see. Each carries a message that names what is wrong and where."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class CompressPipeError(Exception):
+    """Base of every error compresspipe raises on purpose; the CLI prints it as one line."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in a pipeline file: where (YAML path, line) and what."""
+
+    path: str
+    message: str
+    line: int | None = None
+    source: str | None = None  # "--set" when the value came from an override
+
+    def render(self) -> str:
+        where = self.path or "<root>"
+        if self.source:
+            where = f"{where} (from {self.source})"
+        elif self.line is not None:
+            where = f"line {self.line}, {where}"
+        return f"{where}: {self.message}"
+
+
+class ConfigError(CompressPipeError):
+    """A pipeline file is invalid. Holds every problem found, not just the first."""
+
+    def __init__(self, file: str, problems: list[Problem]):
+        self.file = file
+        self.problems = problems
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        if len(self.problems) == 1:
+            return f"{self.file}: {self.problems[0].render()}"
+        lines = [f"{self.file}: {len(self.problems)} problems"]
+        lines += [f"  - {p.render()}" for p in self.problems]
+        return "\n".join(lines)
+
+
+class ArtifactError(CompressPipeError):
+    """An artifact directory is missing, incomplete or does not match its model."""
+
+
+class MaskViolation(CompressPipeError):
+    """A stage revived weights that an earlier pruning stage had set to zero."""

@@ -1,0 +1,30 @@
+"""Pruning masks as a training hook: pruned weights stay exactly zero through any training."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .training import TrainHook
+
+
+class MaskHook(TrainHook):
+    """Zeroes masked weights before training and after every optimizer step."""
+
+    def __init__(self, masks: dict[str, torch.Tensor]):
+        self.masks = masks
+        self._targets: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_start(self, trainer) -> None:
+        params = dict(trainer.model.named_parameters())
+        self._targets = [(params[n], m.to(params[n].device, dtype=params[n].dtype))
+                         for n, m in self.masks.items()]
+        self.apply()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for param, mask in self._targets:
+            param.mul_(mask)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.apply()

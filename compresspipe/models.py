@@ -1,0 +1,127 @@
+"""Building networks: timm names, Python factories, checkpoints; and rebuilding them from a spec.
+
+A *spec* is the JSON-able recipe that rebuilds the architecture (never pickled code):
+``{"source": "timm", "name": "resnet18", "kwargs": {...}}`` or
+``{"source": "factory", "factory": "pkg.mod:fn", "kwargs": {...}}``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import DataConfig, ModelConfig
+from .errors import CompressPipeError
+
+
+def model_spec(model_cfg: ModelConfig, data_cfg: DataConfig) -> dict[str, Any]:
+    """The spec for ``model_cfg``, with in_chans/num_classes defaulted from the dataset."""
+    kwargs = dict(model_cfg.kwargs)
+    kwargs.setdefault("in_chans", data_cfg.dataset_channels())
+    classes = data_cfg.dataset_num_classes()
+    if classes is None and data_cfg.root is not None:
+        classes = count_imagefolder_classes(data_cfg.root)
+    if classes is not None:
+        kwargs.setdefault("num_classes", classes)
+    if model_cfg.name is not None:
+        return {"source": "timm", "name": model_cfg.name, "kwargs": kwargs}
+    return {"source": "factory", "factory": model_cfg.factory, "kwargs": kwargs}
+
+
+def count_imagefolder_classes(root: Path) -> int:
+    return sum(1 for p in (Path(root) / "train").iterdir() if p.is_dir())
+
+
+def build_from_spec(spec: dict[str, Any], pretrained: bool = False) -> nn.Module:
+    """Instantiate the architecture a spec describes (random or hub weights)."""
+    kwargs = dict(spec.get("kwargs", {}))
+    if spec["source"] == "timm":
+        import timm
+
+        return timm.create_model(spec["name"], pretrained=pretrained, **kwargs)
+    if spec["source"] == "factory":
+        fn = import_factory(spec["factory"])
+        model = fn(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise CompressPipeError(
+                f"factory {spec['factory']!r} returned {type(model).__name__}, not an nn.Module"
+            )
+        return model
+    raise CompressPipeError(f"unknown model source {spec['source']!r}")
+
+
+def import_factory(path: str):
+    """Import 'pkg.mod:fn' — only ever called because the pipeline file names it."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CompressPipeError(f"cannot import model factory module {module_name!r}: {exc}") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise CompressPipeError(f"{path!r}: {module_name} has no callable {attr!r}")
+    return fn
+
+
+def build_model(model_cfg: ModelConfig, data_cfg: DataConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The pipeline's starting model and its spec; loads the checkpoint if one is given."""
+    spec = model_spec(model_cfg, data_cfg)
+    model = build_from_spec(spec, pretrained=model_cfg.pretrained)
+    if model_cfg.checkpoint is not None:
+        load_weights(model, read_checkpoint(model_cfg.checkpoint), str(model_cfg.checkpoint))
+    return model, spec
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or a state dict; never unpickles arbitrary objects."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise CompressPipeError(f"{path}: not a valid safetensors file ({exc})") from exc
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CompressPipeError(
+            f"{path}: cannot load as a weights-only state dict ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]})"
+        ) from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CompressPipeError(f"{path}: expected a dict of tensors (a state dict)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Strict load with an error that names the offending tensor."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_few(unexpected)}")
+        raise CompressPipeError(f"{where}: weights do not match the model: {'; '.join(parts)}")
+    for name, value in tensors.items():
+        if own[name].shape != value.shape:
+            raise CompressPipeError(
+                f"{where}: tensor {name!r} has shape {list(value.shape)}, "
+                f"the model expects {list(own[name].shape)}"
+            )
+    model.load_state_dict(tensors, strict=True)
+
+
+def _few(names: list[str], n: int = 4) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")

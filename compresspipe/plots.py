@@ -1,0 +1,31 @@
+"""Pictures logged to MLflow. matplotlib's Agg backend: no display needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def size_accuracy_plot(summary: dict[str, Any], path: Path) -> Path:
+    """Model bytes on disk (log scale) against top-1, one labelled point per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = summary["stages"]
+    sizes = [s["metrics"]["model_bytes"] / 1024 for s in stages]
+    accs = [s["metrics"]["top1"] for s in stages]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    ax.plot(sizes, accs, "-o", color="#3465a4")
+    for s, x, y in zip(stages, sizes, accs):
+        ax.annotate(s["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("model file size on disk (KiB, log scale)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{summary['pipeline']}: size vs accuracy per stage")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
