@@ -1,7 +1,8 @@
 """The shared model artifact every stage takes and returns, and its on-disk form.
 
 On disk (no pickle anywhere): ``artifact.json`` (spec, lineage, quantization state, metadata),
-``model.safetensors`` (weights), ``masks.safetensors`` and ``extras.safetensors`` when present.
+``model.safetensors`` (weights), ``masks.safetensors`` and ``extras.safetensors`` when present;
+``metrics.json`` is written after the artifact was measured.
 Directories are written to a temporary sibling and renamed into place, so a crash never leaves a
 half-written artifact.
 """
@@ -26,6 +27,7 @@ META_FILE = "artifact.json"
 MODEL_FILE = "model.safetensors"
 MASKS_FILE = "masks.safetensors"
 EXTRAS_FILE = "extras.safetensors"
+METRICS_FILE = "metrics.json"  # measured after saving; a report about the artifact, not part of it
 
 
 @dataclass
@@ -83,9 +85,11 @@ class Artifact:
             "masks": sorted(self.masks),
         }
 
-    def write_lineage(self, directory: str | os.PathLike) -> None:
-        """Rewrite only artifact.json (atomically), e.g. after metrics were measured."""
-        write_json(Path(directory) / META_FILE, self.to_json())
+    def write_metrics(self, directory: str | os.PathLike, metrics: dict[str, Any]) -> None:
+        """Record the measured metrics of this artifact beside it (and in its lineage)."""
+        if self.lineage:
+            self.lineage[-1]["metrics"] = metrics
+        write_json(Path(directory) / METRICS_FILE, metrics)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Artifact:
@@ -118,10 +122,13 @@ class Artifact:
         masks = _load_optional(load_file, directory / MASKS_FILE)
         if sorted(masks) != sorted(info.get("masks", [])):
             raise ArtifactError(f"{directory / MASKS_FILE}: masks do not match {META_FILE}")
+        lineage = info.get("lineage", [])
+        if lineage and (directory / METRICS_FILE).is_file():
+            lineage[-1]["metrics"] = json.loads((directory / METRICS_FILE).read_text())
         return cls(
             model=model, spec=info["spec"], masks=masks, quant=info.get("quant", {}),
             extras=_load_optional(load_file, directory / EXTRAS_FILE),
-            meta=info.get("meta", {}), lineage=info.get("lineage", []),
+            meta=info.get("meta", {}), lineage=lineage,
         )
 
 

@@ -192,6 +192,7 @@ class Runner:
         """Save, reload from disk, and measure the reloaded model: numbers describe the file."""
         directory = self.out / name
         artifact.model.eval()
+        artifact.lineage.append({"name": name, "type": type_name, "config": config or {}})
         files = artifact.save(directory)
         deployed = Artifact.load(directory)
         if deployed.masks:
@@ -207,11 +208,9 @@ class Runner:
             "compression_ratio": (reference or model_bytes) / model_bytes,
             "wall_time_s": wall,
         }
+        artifact.write_metrics(directory, metrics)
         record = {"name": name, "type": type_name, "fingerprint": fingerprint, "run_id": run_id,
                   "metrics": metrics, "files": files, "model_files": artifact.model_files()}
-        artifact.lineage.append({"name": name, "type": type_name, "config": config or {},
-                                 "metrics": metrics})
-        artifact.write_lineage(directory)
         self.summary["stages"].append(record)
         self._write_summary()
         _print_record(record)

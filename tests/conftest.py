@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny, fast pipeline (timm's test_resnet on 16x16 digits)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def tiny_pipeline(out: Path, epochs: int = 2, **extra) -> dict:
+    """A pipeline dict that trains in about a second."""
+    cfg = {
+        "name": "tiny",
+        "seed": 0,
+        "output_dir": str(out),
+        "model": {"name": "test_resnet"},
+        "data": {"name": "digits", "image_size": 16, "batch_size": 64},
+        "stages": [
+            {"name": "dense", "train": {"epochs": epochs, "lr": 0.05, "warmup_epochs": 0.5}},
+            {"name": "finetune", "train": {"epochs": 1, "lr": 0.01, "schedule": "constant"}},
+        ],
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m compresspipe ARGS`` in a fresh process; tests/ importable for test stages."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "compresspipe", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_tracking_uri(monkeypatch):
+    # a developer's own MLFLOW_TRACKING_URI must not receive test runs
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
