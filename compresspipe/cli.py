@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # output piped into `head` and closed early: not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # one clear line for users, the traceback on request
         from .errors import CompressPipeError, ConfigError
 
@@ -133,7 +139,11 @@ def _stages(args) -> int:
 
 
 def _type_name(annotation) -> str:
-    text = getattr(annotation, "__name__", None) or str(annotation)
+    import typing
+
+    if typing.get_origin(annotation) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    text = str(annotation) if typing.get_args(annotation) else annotation.__name__
     return text.replace("typing.", "")
 
 

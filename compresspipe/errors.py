@@ -19,12 +19,10 @@ class Problem:
     source: str | None = None  # "--set" when the value came from an override
 
     def render(self) -> str:
-        where = self.path or "<root>"
-        if self.source:
-            where = f"{where} (from {self.source})"
-        elif self.line is not None:
-            where = f"line {self.line}, {where}"
-        return f"{where}: {self.message}"
+        where = [f"line {self.line}"] if self.line is not None and not self.source else []
+        if self.path:
+            where.append(self.path + (f" (from {self.source})" if self.source else ""))
+        return f"{', '.join(where)}: {self.message}" if where else self.message
 
 
 class ConfigError(CompressPipeError):

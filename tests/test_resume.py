@@ -1,0 +1,74 @@
+"""Kill a running pipeline with SIGKILL mid-stage; --resume must end with identical metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, TESTS, run_cli, tiny_pipeline, write_yaml
+from mlflow.tracking import MlflowClient
+
+
+def _pipeline(out):
+    cfg = tiny_pipeline(out, epochs=8)
+    cfg["data"]["image_size"] = 24  # slow enough that the kill lands inside the stage
+    return cfg
+
+
+def _metrics(summary):
+    return {s["name"]: {k: v for k, v in s["metrics"].items()
+                        if k not in ("wall_time_s", "artifact_bytes")}
+            for s in summary["stages"]}
+
+
+def test_sigkill_mid_stage_then_resume(tmp_path):
+    reference = run_cli("run", str(write_yaml(tmp_path / "ref.yaml", _pipeline(tmp_path / "ref"))))
+    assert reference.returncode == 0, reference.stderr
+    expected = json.loads((tmp_path / "ref" / "summary.json").read_text())
+
+    out = tmp_path / "killed"
+    path = write_yaml(tmp_path / "killed.yaml", _pipeline(out))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
+    proc = subprocess.Popen([sys.executable, "-m", "compresspipe", "run", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / ".work" / "dense" / "train" / "checkpoint.safetensors"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    interrupted = json.loads((out / "summary.json").read_text())
+    assert [s["name"] for s in interrupted["stages"]] == ["input"], "kill landed after the stage"
+    assert interrupted["running"]["name"] == "dense"
+
+    resumed = run_cli("run", str(path), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed after epoch" in resumed.stdout
+    final = json.loads((out / "summary.json").read_text())
+    assert final["status"] == "finished"
+    assert _metrics(final) == _metrics(expected)
+
+    # the run the kill left RUNNING was reopened and closed: nothing stays RUNNING
+    client = MlflowClient(tracking_uri=final["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert runs and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == 3  # one parent and two stages, the interrupted ones reused
+
+
+def test_resume_skips_completed_stages(tmp_path):
+    path = write_yaml(tmp_path / "p.yaml", tiny_pipeline(tmp_path / "out", epochs=1))
+    assert run_cli("run", str(path)).returncode == 0
+    first = json.loads((tmp_path / "out" / "summary.json").read_text())
+    again = run_cli("run", str(path), "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "== stage" not in again.stdout  # nothing re-ran
+    assert _metrics(json.loads((tmp_path / "out" / "summary.json").read_text())) == _metrics(first)
+    # a changed stage config invalidates that stage and everything after it
+    changed = run_cli("run", str(path), "--resume", "--set", "stages.1.train.lr=0.02")
+    assert changed.returncode == 0, changed.stderr
+    assert "== stage 1/2" not in changed.stdout and "== stage 2/2: finetune" in changed.stdout
