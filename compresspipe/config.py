@@ -375,20 +375,22 @@ def _pydantic_problems(
     exc: ValidationError, model_cls: type[BaseModel], bad_items: set[int]
 ) -> list[Problem]:
     problems = []
+    # With several stage types the item union is tagged and pydantic puts the tag in the loc;
+    # with one type there is no tag, and stages[i].<type> is the item's own params field.
+    item_type = typing.get_args(model_cls.model_fields["stages"].annotation)[0]
+    tagged = typing.get_origin(item_type) is Annotated
     for err in exc.errors(include_url=False):
-        loc = _strip_tag(tuple(err["loc"]))
+        loc = _strip_tag(tuple(err["loc"]), tagged)
         if len(loc) >= 2 and loc[0] == "stages" and loc[1] in bad_items:
             continue  # already reported by _prevalidate_stages
         problems.append(Problem(format_path(loc), _message(err, model_cls, tuple(err["loc"]))))
     return problems
 
 
-def _strip_tag(loc: PathKey) -> PathKey:
-    """Pydantic repeats the union tag: ('stages', 0, 'train', 'train', 'lr') -> without it."""
-    if len(loc) >= 4 and loc[0] == "stages" and isinstance(loc[1], int) and loc[2] == loc[3]:
+def _strip_tag(loc: PathKey, tagged: bool) -> PathKey:
+    """Drop the union tag pydantic inserts: ('stages', 0, 'train', 'train', 'lr') -> without it."""
+    if tagged and len(loc) >= 3 and loc[0] == "stages" and isinstance(loc[1], int):
         return loc[:2] + loc[3:]
-    if len(loc) == 3 and loc[0] == "stages" and isinstance(loc[1], int):
-        return loc[:2] + loc[3:] if loc[2] in list_stages() else loc
     return loc
 
 

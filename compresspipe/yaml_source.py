@@ -91,17 +91,21 @@ def apply_override(data: dict, assignment: str, smap: SourceMap) -> Problem | No
             if not isinstance(part, int) or not -len(cursor) <= part < len(cursor):
                 return Problem(here, f"no list item {part!r} (the list has {len(cursor)})",
                                source="--set")
+            parts[depth] = part % len(cursor)  # record the item set, so errors cite --set
             cursor = cursor[part]
         elif isinstance(cursor, dict):
             cursor = cursor.setdefault(part, {})
         else:
             return Problem(here, f"cannot descend into a {type(cursor).__name__}", source="--set")
     last = parts[-1]
+    here = format_path(tuple(parts))
     if isinstance(cursor, list):
         if not isinstance(last, int) or not -len(cursor) <= last < len(cursor):
-            return Problem(key, f"no list item {last!r}", source="--set")
+            return Problem(here, f"no list item {last!r} (the list has {len(cursor)})",
+                           source="--set")
+        parts[-1] = last = last % len(cursor)
     elif not isinstance(cursor, dict):
-        return Problem(key, f"cannot set a key inside a {type(cursor).__name__}", source="--set")
+        return Problem(here, f"cannot set a key inside a {type(cursor).__name__}", source="--set")
     cursor[last] = value
     smap.overridden.add(tuple(parts))
     return None
