@@ -384,7 +384,12 @@ def _pydantic_problems(
         if len(loc) >= 2 and loc[0] == "stages" and loc[1] in bad_items:
             continue  # already reported by _prevalidate_stages
         problems.append(Problem(format_path(loc), _message(err, model_cls, tuple(err["loc"]))))
-    return problems
+    # a misspelled required key ('modle') is one mistake: drop the 'missing' report for the key
+    # that the typo's suggestion already names
+    suggested = {(p.path.rpartition(".")[0], m.group(1)) for p in problems
+                 if (m := re.search(r"did you mean '([^']+)'", p.message))}
+    return [p for p in problems if not (p.message == "required key is missing"
+                                        and tuple(p.path.rpartition(".")[::2]) in suggested)]
 
 
 def _strip_tag(loc: PathKey, tagged: bool) -> PathKey:
@@ -403,7 +408,12 @@ def _message(err: dict, model_cls: type[BaseModel], loc: PathKey) -> str:
         listing = f" (allowed: {', '.join(allowed)})" if allowed else ""
         return f"unknown key {key!r}{suggest(key, allowed)}{listing}"
     if kind == "missing":
-        return "required key is missing"
+        return "required item is missing" if isinstance(loc[-1], int) else "required key is missing"
+    if kind == "too_short" and loc == ("stages",):
+        return "a pipeline needs at least one stage"
+    if kind == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == NAME_PATTERN:
+        return (f"names may use letters, digits, '_', '.' and '-' and start with a letter or "
+                f"digit, found {found}")
     if kind == "literal_error":
         options = re.findall(r"'([^']*)'", err.get("ctx", {}).get("expected", ""))
         return (f"expected one of {', '.join(map(repr, options))}, found {found}"

@@ -82,7 +82,8 @@ def apply_override(data: dict, assignment: str, smap: SourceMap) -> Problem | No
     try:
         value = yaml.safe_load(raw_value) if raw_value.strip() else ""
     except yaml.YAMLError as exc:
-        return Problem(key, f"value is not valid YAML: {exc}", source="--set")
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        return Problem(key, f"value {raw_value!r} is not valid YAML: {reason}", source="--set")
     parts: list[str | int] = [int(p) if p.lstrip("-").isdigit() else p for p in key.split(".")]
     cursor: Any = data
     for depth, part in enumerate(parts[:-1]):

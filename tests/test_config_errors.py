@@ -102,7 +102,7 @@ CASES = [
     ("stage_params_null",
      HEAD + "stages:\n  - name: dense\n    train:  # <-\n",
      "stages[0].train", ["valid dictionary", "found None"]),
-    ("empty_stages", HEAD + "stages: []  # <-\n", "stages", ["at least 1 item", "found []"]),
+    ("empty_stages", HEAD + "stages: []  # <-\n", "stages", ["a pipeline needs at least one stage"]),
     ("stages_is_mapping", HEAD + "stages:  # <-\n  train: {epochs: 1}\n",
      "stages", ["valid list", "found {'train': {'epochs': 1}}"]),
     ("duplicate_stage_names", variant(append="  - name: dense  # <-\n    train: {epochs: 1}\n"),
@@ -111,7 +111,7 @@ CASES = [
      HEAD + "stages:\n  - train: {epochs: 1}\n  - name: train  # <-\n    train: {epochs: 1}\n",
      "stages[1].name", ["stage name 'train' is already used by stages[0]"]),
     ("bad_stage_name", variant(("name: dense", "name: 'two words'  # <-")),
-     "stages[0].name", ["should match pattern", "found 'two words'"]),
+     "stages[0].name", ["names may use letters, digits", "found 'two words'"]),
     ("third_party_stage_missing_module",
      variant(append="  - nonexistent_pkg.mod:Stage: {}  # <-\n"),
      "stages[1].nonexistent_pkg.mod:Stage",
@@ -134,7 +134,7 @@ CASES = [
      variant(("data:\n  name: digits\n  image_size: 16\n", "data: digits  # <-\n")),
      "data", ["valid dictionary", "found 'digits'"]),
     ("bad_pipeline_name", variant(("name: cfgtest\n", "name: 'my pipeline'  # <-\n")),
-     "name", ["should match pattern", "found 'my pipeline'"]),
+     "name", ["names may use letters, digits", "found 'my pipeline'"]),
     ("bad_device", variant(append="device: gpu  # <-\n"),
      "device", ["expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"]),
     # --- out of range ---------------------------------------------------------------------------
@@ -307,7 +307,7 @@ OVERRIDE_CASES = [
      ["an override must look like 'path.to.key=value'"]),
     ("empty_key", ["=3"], "=3", ["an override must look like 'path.to.key=value'"]),
     ("key_inside_scalar", ["name.x=3"], "name.x", ["cannot set a key inside a str"]),
-    ("value_not_yaml", ["name=[1"], "name", ["value is not valid YAML"]),
+    ("value_not_yaml", ["name=[1"], "name", ["value '[1' is not valid YAML: expected ',' or ']'"]),
     ("makes_value_invalid", ["stages.0.train.lr=-1"], "stages[0].train.lr",
      ["greater than 0", "found -1"]),
     ("negative_index", ["stages.-1.train.lr=-1"], "stages[0].train.lr",
@@ -350,7 +350,8 @@ def test_all_problems_are_reported_together(tmp_path):
     err = info.value
     assert len(err.problems) >= 3
     lines = {p.path: p.line for p in err.problems}
-    assert lines == {"model": 1, "modle": 2, "data.image_size": 6, "stages[0].train.epochs": 10,
+    # the typo 'modle' is reported once, not also as "required key 'model' is missing"
+    assert lines == {"modle": 2, "data.image_size": 6, "stages[0].train.epochs": 10,
                      "stages[0].train.optimizer": 12, "device": 13}
     message = str(err)
     assert message.splitlines()[0] == f"{file}: {len(err.problems)} problems"
@@ -422,7 +423,7 @@ def test_paths_with_several_stage_types(tmp_path, monkeypatch):
         sys.modules.pop("cfgtest_stages", None)
     found = {p.path: (p.line, p.message) for p in info.value.problems}
     assert found == {
-        "stages[0].name": (8, "string should match pattern '^[A-Za-z0-9][A-Za-z0-9_.-]*$', "
+        "stages[0].name": (8, "names may use letters, digits, '_', '.' and '-' and start with a letter or digit, "
                               "found 'two words'"),
         "stages[0].train": (9, "warmup_epochs (2.0) exceeds epochs (1)"),
         "stages[1].cfgtest_stages:Scale.factor": (11, "input should be greater than 0, found 0"),
