@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,32 @@ class Artifact:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     lineage: list[dict[str, Any]] = field(default_factory=list)
+    # What the current stage produced besides the weights. Both describe one stage's output and
+    # are cleared by the runner once saved, so a later stage never re-emits a stale file.
+    outputs: dict[str, Callable[[Path], None]] = field(default_factory=dict, repr=False)
+    # {"format": name, "files": [...], "module": "compresspipe.x" that registers the format};
+    # None means model.safetensors is the deployable model
+    deploy: dict[str, Any] | None = None
 
     def model_files(self) -> list[str]:
         """Files that *are* the deployable model (what size metrics measure)."""
-        return list(self.meta.get("model_files", [MODEL_FILE]))
+        return list(self.deploy["files"]) if self.deploy else [MODEL_FILE]
+
+    def deployed_model(self, directory: str | os.PathLike) -> nn.Module:
+        """The model as it will run, rebuilt from the deployable files in ``directory``
+        (e.g. the int8 program or the model decoded from a .cpz), in eval mode."""
+        if not self.deploy:
+            return self.model.eval()
+        fmt = self.deploy["format"]
+        module = str(self.deploy.get("module", ""))
+        if fmt not in _DEPLOY_LOADERS and module.startswith("compresspipe."):
+            # only our own modules: artifact metadata must never choose code to import
+            import importlib
+
+            importlib.import_module(module)
+        if fmt not in _DEPLOY_LOADERS:
+            raise ArtifactError(f"{directory}: unknown deploy format {fmt!r}")
+        return _DEPLOY_LOADERS[fmt](Path(directory), self).eval()
 
     def save(self, directory: str | os.PathLike) -> dict[str, int]:
         """Write atomically to ``directory``; return {file name: bytes on disk}."""
@@ -72,6 +95,10 @@ class Artifact:
             save_file({k: v.contiguous().cpu() for k, v in self.extras.items()},
                       str(tmp / EXTRAS_FILE))
         write_json(tmp / META_FILE, self.to_json())
+        for name, write in self.outputs.items():
+            if Path(name).name != name or name in (META_FILE, MODEL_FILE, MASKS_FILE, EXTRAS_FILE):
+                raise ArtifactError(f"invalid artifact output file name {name!r}")
+            write(tmp / name)
         for p in tmp.iterdir():
             _fsync(p)
 
@@ -83,6 +110,7 @@ class Artifact:
             "meta": self.meta,
             "lineage": self.lineage,
             "masks": sorted(self.masks),
+            "deploy": self.deploy,
         }
 
     def write_metrics(self, directory: str | os.PathLike, metrics: dict[str, Any]) -> None:
@@ -128,8 +156,21 @@ class Artifact:
         return cls(
             model=model, spec=info["spec"], masks=masks, quant=info.get("quant", {}),
             extras=_load_optional(load_file, directory / EXTRAS_FILE),
-            meta=info.get("meta", {}), lineage=lineage,
+            meta=info.get("meta", {}), lineage=lineage, deploy=info.get("deploy"),
         )
+
+
+_DEPLOY_LOADERS: dict[str, Callable[[Path, Artifact], nn.Module]] = {}
+
+
+def register_deploy_format(name: str):
+    """Decorator: ``fn(directory, artifact) -> nn.Module`` rebuilds a deployable model format."""
+
+    def wrap(fn: Callable[[Path, Artifact], nn.Module]):
+        _DEPLOY_LOADERS[name] = fn
+        return fn
+
+    return wrap
 
 
 def _load_optional(load_file, path: Path) -> dict[str, torch.Tensor]:

@@ -157,6 +157,36 @@ class TrainConfig(StrictModel):
         return self
 
 
+class FeatureDistill(StrictModel):
+    """One student layer regressed onto one teacher layer through a learned 1x1 adapter."""
+
+    student: str = Field(description="Student module name, e.g. 'layer3'.")
+    teacher: str = Field(description="Teacher module name, e.g. 'layer3'.")
+    weight: float = Field(1.0, ge=0, description="Weight of this layer's MSE term.")
+
+
+class DistillConfig(StrictModel):
+    """Knowledge distillation (Hinton et al. 2015), usable on its own or inside other stages:
+    L = gamma * CE + alpha * T^2 * KL(teacher_T || student_T) + sum(feature MSE terms)."""
+
+    teacher: str = Field(
+        description="'stage:NAME' (an earlier stage's output), a timm model name, a checkpoint "
+        "or artifact path, or an MLflow artifact URI (runs:/..., models:/...)."
+    )
+    teacher_checkpoint: Path | None = Field(
+        None, description="Weights for a timm-name teacher (.safetensors or a state dict)."
+    )
+    teacher_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                           description="Extra timm kwargs for a named teacher.")
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: float = Field(0.9, ge=0, le=100, description="Weight of the soft-target KD term.")
+    gamma: float = Field(0.1, ge=0, le=100, description="Weight of the hard-label CE term.")
+    features: list[FeatureDistill] = Field(default_factory=list)
+    cache_teacher_logits: bool = Field(
+        False, description="Compute teacher logits once (only without augmentation)."
+    )
+
+
 class PipelineConfig(StrictModel):
     """A whole pipeline file. ``stages`` is typed per registered stage at load time."""
 

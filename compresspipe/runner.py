@@ -194,13 +194,17 @@ class Runner:
         artifact.model.eval()
         artifact.lineage.append({"name": name, "type": type_name, "config": config or {}})
         files = artifact.save(directory)
-        deployed = Artifact.load(directory)
-        if deployed.masks:
-            check_masks(deployed.model, deployed.masks, name)
-        model_bytes = file_bytes(directory / f for f in artifact.model_files())
-        counts = param_counts(deployed.model)
+        model_files = artifact.model_files()
+        artifact.outputs, artifact.deploy = {}, None
+        reloaded = Artifact.load(directory)
+        if reloaded.masks:
+            check_masks(reloaded.model, reloaded.masks, name)
+        deployed = reloaded.deployed_model(directory)
+        model_bytes = file_bytes(directory / f for f in model_files)
+        counts = param_counts(reloaded.model)
         metrics: dict[str, float] = {
-            **evaluate(deployed.model.to(device), data.test_loader(), device),
+            # measured on the model rebuilt from the files on disk, in its deployed form
+            **evaluate(deployed.to(device), data.test_loader(), device),
             **counts,
             "model_bytes": model_bytes,
             "artifact_bytes": sum(files.values()),
@@ -210,7 +214,7 @@ class Runner:
         }
         artifact.write_metrics(directory, metrics)
         record = {"name": name, "type": type_name, "fingerprint": fingerprint, "run_id": run_id,
-                  "metrics": metrics, "files": files, "model_files": artifact.model_files()}
+                  "metrics": metrics, "files": files, "model_files": model_files}
         self.summary["stages"].append(record)
         self._write_summary()
         _print_record(record)

@@ -1,3 +1,8 @@
-"""Built-in stages; importing this package registers them."""
+"""Built-in stages: every module in this package is imported, which registers its stages."""
 
-from . import train  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
