@@ -37,7 +37,20 @@ def count_imagefolder_classes(root: Path) -> int:
 
 
 def build_from_spec(spec: dict[str, Any], pretrained: bool = False) -> nn.Module:
-    """Instantiate the architecture a spec describes (random or hub weights)."""
+    """Instantiate the architecture a spec describes (random or hub weights).
+
+    A spec with a ``structure`` entry (written by structured pruning) describes a network whose
+    layers were narrowed; it is rebuilt from the base architecture, never unpickled.
+    """
+    model = _build_base(spec, pretrained)
+    if spec.get("structure"):
+        from .pruning.structured import apply_structure
+
+        apply_structure(model, spec["structure"])
+    return model
+
+
+def _build_base(spec: dict[str, Any], pretrained: bool) -> nn.Module:
     kwargs = dict(spec.get("kwargs", {}))
     if spec["source"] == "timm":
         import timm

@@ -1,0 +1,1 @@
+"""Pruning pieces that combine: importance criteria, scopes, schedules, masks, structure."""
