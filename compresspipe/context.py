@@ -32,18 +32,20 @@ class StageContext:
 
     def trainer(self, model: nn.Module, cfg: TrainConfig, hooks: Sequence[TrainHook] = (),
                 lr_fn: LrFn | None = None, masks: dict[str, torch.Tensor] | None = None,
-                key: str = "train") -> Trainer:
+                key: str = "train", step_offset: int = 0) -> Trainer:
         """The pipeline's one training loop, wired to this stage's device, seed and logging.
 
         ``masks`` (an artifact's pruning masks) are enforced after every step; ``key``
-        separates the checkpoints of several training phases inside one stage.
+        separates the checkpoints of several training phases inside one stage, and
+        ``step_offset`` shifts their logged epochs so the phases' curves follow each other.
         """
         from .masks import MaskHook
         from .training import Trainer
 
-        hooks = [*hooks, MaskHook(masks)] if masks else list(hooks)
+        # masks first: every later hook sees the weights as they will be kept
+        hooks = [MaskHook(masks), *hooks] if masks else list(hooks)
         return Trainer(
             model, self.data, cfg, device=self.device, seed=self.seed, hooks=hooks, lr_fn=lr_fn,
             checkpoint_dir=self.work_dir / key, fingerprint=f"{self.fingerprint}:{key}",
-            log=self.log_metrics, desc=self.spec.name if key == "train" else f"{self.spec.name}/{key}",
+            log=lambda metrics, step: self.log_metrics(metrics, step + step_offset), desc=self.spec.name if key == "train" else f"{self.spec.name}/{key}",
         )

@@ -50,6 +50,19 @@ def param_counts(model: nn.Module) -> dict[str, float]:
     }
 
 
+def mask_stats(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sparsity of the masked tensors together and of each one (measured on the weights)."""
+    params = dict(model.named_parameters())
+    zeros = total = 0
+    per_layer = {}
+    for name in masks:
+        p = params[name].detach()
+        z = int(p.numel() - torch.count_nonzero(p))
+        per_layer[name] = z / p.numel()
+        zeros, total = zeros + z, total + p.numel()
+    return {"masked_sparsity": zeros / max(total, 1), "per_layer": per_layer}
+
+
 def file_bytes(paths: Iterable[str | os.PathLike]) -> int:
     """Sum of the sizes of real files on disk, as the filesystem reports them."""
     return sum(Path(p).stat().st_size for p in paths)

@@ -29,3 +29,24 @@ def size_accuracy_plot(summary: dict[str, Any], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def layer_sparsity_plot(per_layer: dict[str, float], path: Path, title: str) -> Path:
+    """Horizontal bars: the fraction of zeros in each masked tensor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_layer)
+    fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.22 * len(names) + 1)), dpi=110)
+    ax.barh(range(len(names)), [100 * per_layer[n] for n in names], color="#cc0000")
+    ax.set_yticks(range(len(names)), [n.removesuffix(".weight") for n in names], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("zeros (%)")
+    ax.set_title(f"{title}: per-layer sparsity")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

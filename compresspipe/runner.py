@@ -24,7 +24,7 @@ from .artifact import MODEL_FILE, Artifact, write_json
 from .config import Pipeline, StageSpec
 from .context import StageContext
 from .errors import CompressPipeError
-from .measure import check_masks, evaluate, file_bytes, param_counts
+from .measure import check_masks, evaluate, file_bytes, mask_stats, param_counts
 from .registry import get_stage
 from .tracking import Tracker
 
@@ -212,6 +212,10 @@ class Runner:
             "compression_ratio": (reference or model_bytes) / model_bytes,
             "wall_time_s": wall,
         }
+        if reloaded.masks:
+            stats = mask_stats(reloaded.model, reloaded.masks)
+            metrics["masked_sparsity"] = stats["masked_sparsity"]
+            self._log_layer_sparsity(run_id, name, stats["per_layer"])
         artifact.write_metrics(directory, metrics)
         record = {"name": name, "type": type_name, "fingerprint": fingerprint, "run_id": run_id,
                   "metrics": metrics, "files": files, "model_files": model_files}
@@ -219,6 +223,16 @@ class Runner:
         self._write_summary()
         _print_record(record)
         return record
+
+    def _log_layer_sparsity(self, run_id: str | None, name: str, per_layer: dict[str, float]) -> None:
+        from .plots import layer_sparsity_plot
+
+        self.tracker.log_metrics(run_id, {f"layer_sparsity.{k}": v for k, v in per_layer.items()})
+        if run_id:
+            plots = self.out / ".work" / "plots"
+            plots.mkdir(parents=True, exist_ok=True)
+            path = layer_sparsity_plot(per_layer, plots / f"{name}_layer_sparsity.png", name)
+            self.tracker.log_artifact(run_id, path, "plots")
 
     def _load_stage(self, name: str) -> Artifact:
         directory = self.out / name

@@ -37,8 +37,9 @@ def check_against_model(config: PipelineConfig, stages: list[StageSpec]) -> list
     except (TypeError, ValueError, RuntimeError, AssertionError, KeyError) as exc:
         return [*problems, Problem("model.kwargs", f"cannot build the model with "
                                    f"{spec['kwargs']}: {type(exc).__name__}: {exc}")]
-    for spec_ in stages:
+    for i, spec_ in enumerate(stages):
         stage = get_stage(spec_.type)(spec_.config, spec_.name)
+        stage.earlier = stages[:i]  # stages may depend on what runs before them
         for rel, message in stage.check(model, config):
             problems.append(Problem(f"{spec_.path}.{rel}", message))
     return problems

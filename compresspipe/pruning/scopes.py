@@ -1,0 +1,151 @@
+"""Which weights take part, and how a sparsity target becomes masks (scope × granularity).
+
+Scope: ``global`` ranks all participating weights together; ``layer`` gives every layer the same
+sparsity; per-layer ``overrides`` fix a layer's sparsity whatever the scope. Granularity:
+``unstructured`` or ``N:M`` (keep N of every M consecutive weights along the input dimension).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+Masks = dict[str, torch.Tensor]
+
+
+@dataclass
+class Targets:
+    """Participating weights and each one's sparsity rule."""
+
+    names: list[str]
+    half_rate: set[str] = field(default_factory=set)  # pruned at half the target sparsity
+    overrides: dict[str, float] = field(default_factory=dict)  # fixed sparsity per layer
+
+
+def prunable_weights(model: nn.Module) -> list[str]:
+    """Weights of Conv and Linear layers, in registration order."""
+    return [f"{name}.weight" for name, m in model.named_modules()
+            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear)]
+
+
+def classifier_weight(model: nn.Module) -> str | None:
+    """The classifier's weight: timm's get_classifier() when available, else the last Linear."""
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        head = get()
+        for name, m in model.named_modules():
+            if m is head and isinstance(m, nn.Linear | nn.Conv2d):
+                return f"{name}.weight"
+    linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def select_targets(model: nn.Module, include: list[str], exclude: list[str], first_layer: str,
+                   classifier: str, overrides: dict[str, float]) -> Targets:
+    """Apply include/exclude patterns (fnmatch on parameter names) and the edge-layer policy."""
+    names = prunable_weights(model)
+    if include:
+        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in include)]
+    names = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in exclude)]
+    half: set[str] = set()
+    edges = {"first_layer": (prunable_weights(model)[:1] or [None])[0],
+             "classifier": classifier_weight(model)}
+    for policy, name in ((first_layer, edges["first_layer"]), (classifier, edges["classifier"])):
+        if name in names and policy == "exclude":
+            names.remove(name)
+        elif name in names and policy == "half":
+            half.add(name)
+    fixed = {}
+    for pattern, sparsity in overrides.items():
+        for n in names:
+            if fnmatch.fnmatch(n, pattern):
+                fixed[n] = sparsity
+    return Targets(names=names, half_rate=half, overrides=fixed)
+
+
+def compute_masks(scores: dict[str, torch.Tensor], targets: Targets, sparsity: float, scope: str,
+                  granularity: str = "unstructured", previous: Masks | None = None) -> Masks:
+    """Masks reaching ``sparsity`` over the targets; weights already pruned stay pruned.
+
+    Exact: a layer (or the global pool) of n weights keeps exactly n − round(s·n) of them.
+    """
+    previous = previous or {}
+    if granularity != "unstructured":
+        n, m = parse_nm(granularity)
+        return {name: nm_mask(scores[name], n, m, previous.get(name)) for name in targets.names}
+    # pruned weights must never come back: give them the lowest possible score
+    ranked = {k: _with_previous(scores[k], previous.get(k)) for k in targets.names}
+    masks: Masks = {}
+    pooled = []
+    for name in targets.names:
+        if name in targets.overrides:
+            masks[name] = _keep_top(ranked[name], targets.overrides[name])
+        elif name in targets.half_rate:
+            masks[name] = _keep_top(ranked[name], sparsity / 2)
+        elif scope == "layer":
+            masks[name] = _keep_top(ranked[name], sparsity)
+        else:
+            pooled.append(name)
+    if pooled:
+        flat = torch.cat([ranked[n].flatten().float() for n in pooled])
+        keep = _keep_top(flat, sparsity)
+        offset = 0
+        for name in pooled:
+            size = ranked[name].numel()
+            masks[name] = keep[offset: offset + size].view_as(ranked[name])
+            offset += size
+    return masks
+
+
+def _with_previous(score: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    score = score.float()
+    if mask is None:
+        return score
+    return torch.where(mask.to(score.device).bool(), score, torch.full_like(score, -float("inf")))
+
+
+def _keep_top(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Boolean mask keeping the highest-scoring n − round(sparsity·n) entries, exactly."""
+    n = score.numel()
+    keep = n - int(round(sparsity * n))
+    mask = torch.zeros(n, dtype=torch.bool, device=score.device)
+    if keep > 0:
+        # topk on a stable order: ties are broken by position, so the result is deterministic
+        mask[torch.topk(score.flatten(), keep, sorted=False).indices] = True
+    return mask.view_as(score)
+
+
+def parse_nm(granularity: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4)."""
+    n, _, m = granularity.partition(":")
+    return int(n), int(m)
+
+
+def nm_layout(weight: torch.Tensor) -> torch.Tensor:
+    """View with the input dimension last: Linear (out, in); Conv (out, kh, kw, in)."""
+    return weight.movedim(1, -1) if weight.dim() > 2 else weight
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the N highest scores in each group of M consecutive weights along the input dim."""
+    ranked = _with_previous(score, previous)
+    laid = nm_layout(ranked)
+    if laid.shape[-1] % m:
+        raise ValueError(f"input dimension {laid.shape[-1]} is not a multiple of M={m}")
+    groups = laid.reshape(-1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, torch.topk(groups, n, dim=1).indices, True)
+    keep = keep.view(laid.shape)
+    return keep.movedim(-1, 1) if score.dim() > 2 else keep
+
+
+def layer_sparsity(masks: Masks) -> dict[str, float]:
+    return {n: 1.0 - m.float().mean().item() for n, m in masks.items()}
+
+
+def overall_sparsity(masks: Masks) -> float:
+    total = sum(m.numel() for m in masks.values())
+    return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)

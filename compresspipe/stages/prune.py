@@ -1,0 +1,209 @@
+"""``prune``: unstructured and N:M pruning, composed from criteria × scope × schedule.
+
+Methods: oneshot, imp (rounds at 1 − (1 − s)^(1/n)), lth (IMP + weight rewinding, with an
+optional random re-initialisation control), bimp (one epoch budget, ALLR retraining), gmp (Zhu &
+Gupta's cubic schedule during training), dsd (dense → sparse → re-dense) and at_init (SNIP,
+GraSP, SynFlow, random, before training). The ``train`` block gives the optimizer, the epochs of
+each (re)training phase and the other loop settings; the ``retrain`` schedule replaces its LR
+schedule after a prune step.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ..config import DistillConfig, StrictModel, TrainConfig
+from ..registry import register_stage
+from .base import Stage, StageConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..artifact import Artifact
+    from ..config import PipelineConfig
+    from ..context import StageContext
+
+Method = Literal["oneshot", "imp", "lth", "bimp", "gmp", "dsd", "at_init"]
+Criterion = Literal["magnitude", "random", "snip", "grasp", "synflow", "wanda"]
+Retrain = Literal["ft", "lrw", "wr", "slr", "clr", "llr", "allr"]
+EdgePolicy = Literal["include", "exclude", "half"]
+MAGNITUDE_ONLY = ("gmp", "bimp", "dsd")
+
+
+class GMPConfig(StrictModel):
+    """Zhu & Gupta's gradual schedule, in epochs of the stage's training."""
+
+    start_epoch: float = Field(0.0, ge=0, description="t0: first mask update.")
+    end_epoch: float | None = Field(None, gt=0, description="t0 + nΔt; default 3/4 of epochs.")
+    frequency: int = Field(10, ge=1, description="Δt: optimizer steps between mask updates.")
+    initial_sparsity: float = Field(0.0, ge=0, lt=1, description="s_i.")
+
+
+class DSDConfig(StrictModel):
+    """Han et al. (2017): the sparse phase uses ``train``; re-dense retrains at lr × lr_factor."""
+
+    sparse_epochs: int = Field(4, ge=1)
+    redense_epochs: int = Field(4, ge=1)
+    lr_factor: float = Field(0.1, gt=0, le=1)
+
+
+class BIMPConfig(StrictModel):
+    """Zimmer et al. (2023): one total budget; dense phase first, the rest split over rounds."""
+
+    total_epochs: int = Field(ge=2, description="T: the whole run's epochs.")
+    dense_epochs: int = Field(ge=1, description="T0 < T: dense training epochs.")
+
+    @model_validator(mode="after")
+    def _fits(self) -> BIMPConfig:
+        if self.dense_epochs >= self.total_epochs:
+            raise ValueError(f"dense_epochs ({self.dense_epochs}) must be below total_epochs "
+                             f"({self.total_epochs})")
+        return self
+
+
+class PruneConfig(StageConfig):
+    method: Method = "oneshot"
+    sparsity: float | None = Field(
+        None, ge=0, lt=1, description="Target fraction of participating weights set to zero "
+        "(default 0.9; for N:M it is 1 − N/M)."
+    )
+    criterion: Criterion = "magnitude"
+    scope: Literal["global", "layer"] = "global"
+    granularity: str = Field("unstructured", description="'unstructured' or 'N:M', e.g. '2:4'.")
+    include: list[str] = Field(default_factory=list, description="Weight-name patterns to prune "
+                               "(default: every Conv/Linear weight).")
+    exclude: list[str] = Field(default_factory=list, description="Weight-name patterns to spare.")
+    first_layer: EdgePolicy = "include"
+    classifier: EdgePolicy = "include"
+    overrides: dict[str, float] = Field(default_factory=dict,
+                                        description="Pattern -> fixed sparsity for those layers.")
+    rounds: int = Field(1, ge=1, le=100, description="Prune-retrain rounds (imp, lth, bimp).")
+    retrain: Retrain | None = Field(None, description="LR schedule after each prune step; "
+                                    "default ft (wr for lth, allr for bimp).")
+    rewind_to: Literal["recorded", "init"] = Field(
+        "recorded", description="Weight rewinding target: the point an earlier train stage "
+        "recorded (record_rewind), or the pipeline's initial weights.")
+    control: bool = Field(False, description="lth: also train the same mask from a fresh "
+                          "random initialisation and log its accuracy.")
+    score_batches: int = Field(4, ge=1, description="Batches for snip, grasp and wanda.")
+    synflow_rounds: int = Field(100, ge=1, le=10_000)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    gmp: GMPConfig = Field(default_factory=GMPConfig)
+    dsd: DSDConfig = Field(default_factory=DSDConfig)
+    bimp: BIMPConfig | None = None
+    distill: DistillConfig | None = Field(None, description="Distil from a teacher while "
+                                          "retraining (joint pruning + KD).")
+
+    @field_validator("granularity")
+    @classmethod
+    def _granularity(cls, v: str) -> str:
+        if v == "unstructured":
+            return v
+        m = re.fullmatch(r"(\d+):(\d+)", v)
+        if not m or not 0 < int(m.group(1)) < int(m.group(2)) <= 64:
+            raise ValueError(f"expected 'unstructured' or 'N:M' with 0 < N < M ≤ 64, found {v!r}")
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _override_range(cls, v: dict[str, float]) -> dict[str, float]:
+        for pattern, s in v.items():
+            if not 0 <= s < 1:
+                raise ValueError(f"sparsity for {pattern!r} must be in [0, 1), found {s}")
+        return v
+
+    @model_validator(mode="after")
+    def _combination(self) -> PruneConfig:
+        m = self.method
+        if m in MAGNITUDE_ONLY and self.criterion != "magnitude":
+            raise ValueError(f"method {m!r} prunes by magnitude; criterion {self.criterion!r} "
+                             "applies to oneshot, imp or at_init")
+        if m == "lth" and self.retrain not in (None, "wr"):
+            raise ValueError(f"lth always rewinds weights (retrain 'wr'); for {self.retrain!r} "
+                             "use method imp")
+        if m == "bimp" and self.bimp is None:
+            raise ValueError("method 'bimp' needs a 'bimp' block with total_epochs and dense_epochs")
+        if m != "bimp" and self.bimp is not None:
+            raise ValueError(f"a 'bimp' block only applies to method 'bimp', not {m!r}")
+        if self.rounds > 1 and m not in ("imp", "lth", "bimp"):
+            raise ValueError(f"rounds apply to imp, lth and bimp, not {m!r}")
+        if self.control and m != "lth":
+            raise ValueError("the random re-initialisation control applies to method 'lth'")
+        if self.criterion in ("snip", "grasp", "synflow") and m not in ("oneshot", "at_init"):
+            raise ValueError(f"criterion {self.criterion!r} scores weights at initialisation; "
+                             f"use it with method at_init (or oneshot), not {m!r}")
+        if self.granularity != "unstructured":
+            n, mm = (int(x) for x in self.granularity.split(":"))
+            if self.scope == "global":
+                raise ValueError("N:M sparsity is set per block of M weights: use scope 'layer'")
+            if m in ("gmp", "dsd", "bimp", "imp", "lth"):
+                raise ValueError(f"N:M granularity supports oneshot and at_init, not {m!r}")
+            if self.sparsity is not None and abs(self.sparsity - (1 - n / mm)) > 1e-9:
+                raise ValueError(f"{self.granularity} means sparsity {1 - n / mm:g}; "
+                                 f"found {self.sparsity}")
+        return self
+
+    def target_sparsity(self) -> float:
+        if self.granularity != "unstructured":
+            n, m = (int(x) for x in self.granularity.split(":"))
+            return 1 - n / m
+        return 0.9 if self.sparsity is None else self.sparsity
+
+    def retrain_kind(self) -> str:
+        return self.retrain or {"lth": "wr", "bimp": "allr"}.get(self.method, "ft")
+
+
+@register_stage("prune")
+class PruneStage(Stage):
+    """Unstructured / N:M pruning: oneshot, IMP, LTH, BIMP+ALLR, GMP, DSD, pruning at init."""
+
+    Config = PruneConfig
+
+    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+        from ..pruning.scopes import parse_nm, prunable_weights, select_targets
+        from ..validation import unmatched_pattern_problems
+
+        c = self.config
+        problems = unmatched_pattern_problems(model, c.include, "include")
+        problems += unmatched_pattern_problems(model, c.exclude, "exclude")
+        problems += [("overrides" + p[len("overrides"):], msg) for p, msg in
+                     unmatched_pattern_problems(model, list(c.overrides), "overrides")]
+        if problems:
+            return problems
+        targets = select_targets(model, c.include, c.exclude, c.first_layer, c.classifier,
+                                 c.overrides)
+        if not targets.names:
+            problems.append(("include", f"no weight takes part (prunable weights: "
+                             f"{', '.join(prunable_weights(model)[:6])}, ...)"))
+        if c.granularity != "unstructured":
+            n, m = parse_nm(c.granularity)
+            params = dict(model.named_parameters())
+            for name in targets.names:
+                p = params[name]
+                if p.shape[1] % m:
+                    problems.append(("granularity", f"{c.granularity}: input dimension of "
+                                     f"{name!r} is {p.shape[1]}, not a multiple of {m}; exclude it"))
+        if c.criterion == "wanda" and c.method == "at_init":
+            problems.append(("criterion", "wanda needs trained weights and activations"))
+        needs_rewind = c.retrain_kind() == "wr" and c.rewind_to == "recorded"
+        earlier = getattr(self, "earlier", [])
+        if needs_rewind and not any(getattr(s.config, "record_rewind", None) for s in earlier):
+            problems.append(("rewind_to", "weight rewinding needs a rewind point: add "
+                             "record_rewind: {epoch: 1} to an earlier train stage, or set "
+                             "rewind_to: init"))
+        if c.distill is not None:
+            try:
+                from ..distill import check_distill
+            except ImportError:
+                problems.append(("distill", "distillation is not available in this build"))
+            else:
+                problems += check_distill(c.distill, model, pipeline, "distill")
+        return problems
+
+    def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
+        from ..pruning.methods import run_method
+
+        return run_method(self.config, artifact, ctx)
