@@ -42,7 +42,7 @@ class Pruner:
         self.cfg, self.artifact, self.ctx = cfg, artifact, ctx
         self.model = artifact.model.to(ctx.device)
         self.targets = select_targets(self.model, cfg.include, cfg.exclude, cfg.first_layer,
-                                      cfg.classifier, cfg.overrides)
+                                      cfg.classifier, cfg.overrides, cfg.min_layer_keep)
         self.inherited: Masks = dict(artifact.masks)  # from earlier stages: always kept
         self.masks: Masks = {n: m for n, m in artifact.masks.items() if n in self.targets.names}
         self.original = self._original_schedule()

@@ -8,6 +8,7 @@ sparsity; per-layer ``overrides`` fix a layer's sparsity whatever the scope. Gra
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ class Targets:
     names: list[str]
     half_rate: set[str] = field(default_factory=set)  # pruned at half the target sparsity
     overrides: dict[str, float] = field(default_factory=dict)  # fixed sparsity per layer
+    min_keep: float = 0.0  # every layer keeps at least this fraction (≥ 1 weight if > 0)
 
 
 def prunable_weights(model: nn.Module) -> list[str]:
@@ -44,7 +46,7 @@ def classifier_weight(model: nn.Module) -> str | None:
 
 
 def select_targets(model: nn.Module, include: list[str], exclude: list[str], first_layer: str,
-                   classifier: str, overrides: dict[str, float]) -> Targets:
+                   classifier: str, overrides: dict[str, float], min_keep: float = 0.0) -> Targets:
     """Apply include/exclude patterns (fnmatch on parameter names) and the edge-layer policy."""
     names = prunable_weights(model)
     if include:
@@ -63,7 +65,7 @@ def select_targets(model: nn.Module, include: list[str], exclude: list[str], fir
         for n in names:
             if fnmatch.fnmatch(n, pattern):
                 fixed[n] = sparsity
-    return Targets(names=names, half_rate=half, overrides=fixed)
+    return Targets(names=names, half_rate=half, overrides=fixed, min_keep=min_keep)
 
 
 def compute_masks(scores: dict[str, torch.Tensor], targets: Targets, sparsity: float, scope: str,
@@ -71,6 +73,8 @@ def compute_masks(scores: dict[str, torch.Tensor], targets: Targets, sparsity: f
     """Masks reaching ``sparsity`` over the targets; weights already pruned stay pruned.
 
     Exact: a layer (or the global pool) of n weights keeps exactly n − round(s·n) of them.
+    With ``targets.min_keep`` no layer drops below that density: in the global pool each layer's
+    best weights are reserved first (the total stays exact); a layer-wise target is raised.
     """
     previous = previous or {}
     if granularity != "unstructured":
@@ -80,17 +84,18 @@ def compute_masks(scores: dict[str, torch.Tensor], targets: Targets, sparsity: f
     ranked = {k: _with_previous(scores[k], previous.get(k)) for k in targets.names}
     masks: Masks = {}
     pooled = []
+    floor = targets.min_keep
     for name in targets.names:
         if name in targets.overrides:
-            masks[name] = _keep_top(ranked[name], targets.overrides[name])
+            masks[name] = _keep_top(ranked[name], targets.overrides[name], floor)
         elif name in targets.half_rate:
-            masks[name] = _keep_top(ranked[name], sparsity / 2)
+            masks[name] = _keep_top(ranked[name], sparsity / 2, floor)
         elif scope == "layer":
-            masks[name] = _keep_top(ranked[name], sparsity)
+            masks[name] = _keep_top(ranked[name], sparsity, floor)
         else:
             pooled.append(name)
     if pooled:
-        flat = torch.cat([ranked[n].flatten().float() for n in pooled])
+        flat = torch.cat([_reserve(ranked[n], floor).flatten() for n in pooled])
         keep = _keep_top(flat, sparsity)
         offset = 0
         for name in pooled:
@@ -107,10 +112,27 @@ def _with_previous(score: torch.Tensor, mask: torch.Tensor | None) -> torch.Tens
     return torch.where(mask.to(score.device).bool(), score, torch.full_like(score, -float("inf")))
 
 
-def _keep_top(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Boolean mask keeping the highest-scoring n − round(sparsity·n) entries, exactly."""
+def _floor_count(n: int, floor: float) -> int:
+    return max(1, math.ceil(floor * n)) if floor > 0 else 0
+
+
+def _reserve(score: torch.Tensor, floor: float) -> torch.Tensor:
+    """Scores with the layer's best ``floor`` fraction lifted to +inf (never pruned by the pool)."""
+    k = _floor_count(score.numel(), floor)
+    if k == 0:
+        return score
+    out = score.clone()
+    top = torch.topk(out.flatten(), k).indices
+    alive = torch.isfinite(out.flatten()[top])  # an already-pruned weight is not revived
+    out.view(-1)[top[alive]] = float("inf")
+    return out
+
+
+def _keep_top(score: torch.Tensor, sparsity: float, floor: float = 0.0) -> torch.Tensor:
+    """Boolean mask keeping the highest-scoring n − round(sparsity·n) entries, exactly
+    (or the floor's count, if larger)."""
     n = score.numel()
-    keep = n - int(round(sparsity * n))
+    keep = max(n - int(round(sparsity * n)), _floor_count(n, floor))
     mask = torch.zeros(n, dtype=torch.bool, device=score.device)
     if keep > 0:
         # topk on a stable order: ties are broken by position, so the result is deterministic

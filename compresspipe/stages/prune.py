@@ -80,6 +80,9 @@ class PruneConfig(StageConfig):
     classifier: EdgePolicy = "include"
     overrides: dict[str, float] = Field(default_factory=dict,
                                         description="Pattern -> fixed sparsity for those layers.")
+    min_layer_keep: float = Field(
+        0.01, ge=0, lt=1, description="Every layer keeps at least this fraction of its weights "
+        "(at least one): guards against layer collapse. 0 disables it.")
     rounds: int = Field(1, ge=1, le=100, description="Prune-retrain rounds (imp, lth, bimp).")
     retrain: Retrain | None = Field(None, description="LR schedule after each prune step; "
                                     "default ft (wr for lth, allr for bimp).")
@@ -174,7 +177,7 @@ class PruneStage(Stage):
         if problems:
             return problems
         targets = select_targets(model, c.include, c.exclude, c.first_layer, c.classifier,
-                                 c.overrides)
+                                 c.overrides, c.min_layer_keep)
         if not targets.names:
             problems.append(("include", f"no weight takes part (prunable weights: "
                              f"{', '.join(prunable_weights(model)[:6])}, ...)"))
