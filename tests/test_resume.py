@@ -72,3 +72,23 @@ def test_resume_skips_completed_stages(tmp_path):
     changed = run_cli("run", str(path), "--resume", "--set", "stages.1.train.lr=0.02")
     assert changed.returncode == 0, changed.stderr
     assert "== stage 1/2" not in changed.stdout and "== stage 2/2: finetune" in changed.stdout
+
+
+def test_sigterm_marks_runs_killed(tmp_path):
+    out = tmp_path / "term"
+    path = write_yaml(tmp_path / "term.yaml", _pipeline(out))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
+    proc = subprocess.Popen([sys.executable, "-m", "compresspipe", "run", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = out / ".work" / "dense" / "train" / "checkpoint.safetensors"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "killed"
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert {r.info.status for r in runs} == {"KILLED"} and len(runs) == 2
