@@ -85,7 +85,8 @@ class PruneConfig(StageConfig):
         "(at least one): guards against layer collapse. 0 disables it.")
     rounds: int = Field(1, ge=1, le=100, description="Prune-retrain rounds (imp, lth, bimp).")
     retrain: Retrain | None = Field(None, description="LR schedule after each prune step; "
-                                    "default ft (wr for lth, allr for bimp).")
+                                    "default allr (wr for lth). ft retrains at the dense "
+                                    "schedule's last LR, which is ~0 after a cosine decay.")
     rewind_to: Literal["recorded", "init"] = Field(
         "recorded", description="Weight rewinding target: the point an earlier train stage "
         "recorded (record_rewind), or the pipeline's initial weights.")
@@ -156,7 +157,7 @@ class PruneConfig(StageConfig):
         return 0.9 if self.sparsity is None else self.sparsity
 
     def retrain_kind(self) -> str:
-        return self.retrain or {"lth": "wr", "bimp": "allr"}.get(self.method, "ft")
+        return self.retrain or ("wr" if self.method == "lth" else "allr")
 
 
 @register_stage("prune")
