@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="write to this file instead of stdout")
 
     sub.add_parser("stages", parents=[common], help="list stage types with their parameters")
+
+    i = sub.add_parser("inspect", parents=[common], help="per-tensor table of a .cpz file")
+    i.add_argument("file")
+    d = sub.add_parser("decompress", parents=[common], help="decode a .cpz to fp32 safetensors")
+    d.add_argument("file")
+    d.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     return p
 
 
@@ -64,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_CONFIG
     try:
-        return {"run": _run, "validate": _validate, "schema": _schema, "stages": _stages}[
-            args.command](args)
+        return {"run": _run, "validate": _validate, "schema": _schema, "stages": _stages,
+                "inspect": _inspect, "decompress": _decompress}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -135,6 +141,38 @@ def _stages(args) -> int:
             default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
             desc = f" — {info.description}" if info.description else ""
             print(f"    {field} ({_type_name(info.annotation)}, {default}){desc}")
+    return 0
+
+
+def _inspect(args) -> int:
+    import os
+
+    from .coding import CpzFormatError, inspect_cpz
+    from .errors import ArtifactError
+
+    try:
+        rows = inspect_cpz(args.file)
+    except (CpzFormatError, OSError) as exc:
+        raise ArtifactError(f"{args.file}: {exc}") from exc
+    print(f"{'tensor':<40} {'shape':<18} {'sparsity':>8} {'bits/w':>7} {'pos B':>8} "
+          f"{'val B':>8} {'tab B':>6} {'bound B':>8}")
+    for r in rows:
+        bound = sum(r.get(k) or 0 for k in ("positions_entropy_bits", "values_entropy_bits")) / 8
+        print(f"{r['name'][:40]:<40} {str(tuple(r['shape'])):<18} {r['sparsity']:>8.1%} "
+              f"{r['bits_per_weight']:>7.3f} {r.get('positions_bytes', 0):>8,} "
+              f"{r.get('values_bytes', 0):>8,} {r.get('table_bytes', 0):>6,} {bound:>8,.0f}")
+    print(f"total: {os.path.getsize(args.file):,} bytes in {len(rows)} tensors")
+    return 0
+
+
+def _decompress(args) -> int:
+    from safetensors.torch import save_file
+
+    from .cpz_model import read_model_cpz
+
+    model = read_model_cpz(args.file).model
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.output)
+    print(f"wrote {args.output}")
     return 0
 
 
