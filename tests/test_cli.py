@@ -30,7 +30,7 @@ def test_help_does_not_import_heavy_libraries():
 def test_stages_lists_parameters_and_defaults():
     result = run_cli("stages")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("train:")
+    assert "\ntrain: Train the incoming model" in "\n" + result.stdout
     assert "epochs (int, default 10)" in result.stdout
     assert "optimizer ('sgd' | 'adamw', default 'sgd')" in result.stdout
 

