@@ -1,0 +1,104 @@
+"""What the ``qat`` and ``ptq`` stages do with their int8 file: check, measure, attach.
+
+Every number here is of the file onnxruntime runs: its accuracy on the test set, its bytes, the
+ops onnxruntime really executes in int8, and its latency against the fp32 torch model measured
+in the same process with the same thread count.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..measure import evaluate
+from .onnx_int8 import INT8_FILE, OnnxModel, check_int8_masks, deploy_entry, fused_op_counts
+from .pt2e import example_batch
+from .timing import median_ms
+
+if TYPE_CHECKING:
+    from ..artifact import Artifact
+    from ..context import StageContext
+
+# onnxruntime kernels that compute in int8 (QDQ islands fused, or dynamic quantization)
+INT8_KERNELS = {"QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
+                "MatMulIntegerToFloat", "NhwcQLinearConv"}
+FP32_WEIGHTED = {"Conv", "FusedConv", "NchwcConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
+
+
+def op_summary(ops: dict[str, int]) -> dict[str, float]:
+    """How many weighted ops onnxruntime runs in int8 and how many stayed fp32."""
+    int8 = sum(n for op, n in ops.items() if op.startswith("QLinear") or op in INT8_KERNELS)
+    fp32 = sum(n for op, n in ops.items() if op in FP32_WEIGHTED)
+    return {"int8_kernels": float(int8), "fp32_weighted_ops": float(fp32)}
+
+
+def latency_metrics(fp32_model: nn.Module, path: Path, data, repeats: int,
+                    threads: int) -> dict[str, float]:
+    """Median latency (ms) of fp32 torch vs int8 onnxruntime at batch 1 and the loader's batch,
+    both on ``threads`` CPU threads (few threads: stable numbers on a shared machine)."""
+    fp32_model = fp32_model.cpu().eval()
+    int8 = OnnxModel(path, threads=threads)
+    batch = data.config.batch_size
+    out: dict[str, float] = {"latency_threads": float(threads)}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for label, n in (("b1", 1), (f"b{batch}", batch)):
+            x = example_batch(data.test, n)
+            with torch.no_grad():
+                fp32 = median_ms(lambda x=x: fp32_model(x), repeats)
+            q = median_ms(lambda x=x: int8(x), repeats)
+            out.update({f"latency_fp32_{label}_ms": fp32, f"latency_int8_{label}_ms": q,
+                        f"latency_int8_over_fp32_{label}": q / fp32})
+    finally:
+        torch.set_num_threads(previous)
+    return out
+
+
+def finish_int8(artifact: Artifact, ctx: StageContext, path: Path, fp32_model: nn.Module,
+                info: dict[str, Any], latency_repeats: int, latency_threads: int
+                ) -> dict[str, float]:
+    """Check the masks in ``path``, measure it, log, and make it the artifact's deployed form."""
+    import onnxruntime
+
+    absent = check_int8_masks(path, artifact.masks, ctx.spec.name)
+    checked = len(artifact.masks) - len(absent)
+    int8 = OnnxModel(path)
+    test = ctx.data.test_loader()
+    fp32 = evaluate(fp32_model.to(ctx.device), test, ctx.device)
+    q = evaluate(int8, test, "cpu")
+    ops = fused_op_counts(path)
+    metrics = {
+        "fp32_top1": fp32["top1"], "int8_top1": q["top1"], "int8_top1_drop": fp32["top1"] - q["top1"],
+        "fp32_loss": fp32["loss"], "int8_loss": q["loss"],
+        "int8_bytes": float(path.stat().st_size), "int8_masked_tensors_checked": float(checked),
+        **op_summary(ops),
+    }
+    if latency_repeats > 0:
+        metrics.update(latency_metrics(fp32_model, path, ctx.data, latency_repeats,
+                                       latency_threads))
+    ctx.log_metrics(metrics, None)
+
+    artifact.outputs[INT8_FILE] = lambda dest, src=path: shutil.copyfile(src, dest)
+    artifact.deploy = deploy_entry()
+    artifact.quant["int8"] = {
+        **info, "file": INT8_FILE, "weights": "int8 symmetric (zero point 0), range [-127, 127]",
+        "onnxruntime_ops": ops, "masked_tensors_checked": checked,
+        "masked_tensors_not_in_file": absent,
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+    }
+    _print(ctx.spec.name, metrics)
+    return metrics
+
+
+def _print(stage: str, m: dict[str, float]) -> None:
+    text = (f"[{stage}] fp32 top1 {m['fp32_top1']:.2f}% -> int8 top1 {m['int8_top1']:.2f}%, "
+            f"{m['int8_bytes']:,.0f} bytes, {m['int8_kernels']:.0f} int8 kernels, "
+            f"{m['fp32_weighted_ops']:.0f} fp32 weighted ops")
+    if "latency_int8_over_fp32_b1" in m:
+        text += f", int8/fp32 latency b1 {m['latency_int8_over_fp32_b1']:.2f}x"
+    print(text, flush=True)

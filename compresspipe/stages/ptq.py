@@ -1,0 +1,87 @@
+"""``ptq``: post-training int8 — static (calibrated) or dynamic — deployed as ONNX."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
+from ..registry import register_stage
+from .base import Stage, StageConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..artifact import Artifact
+    from ..config import PipelineConfig
+    from ..context import StageContext
+
+
+class PTQConfig(StageConfig):
+    """Post-training quantization settings."""
+
+    mode: Literal["static", "dynamic"] = Field(
+        "static", description="'static': int8 activations with scales calibrated on training "
+        "batches (convs and linears); 'dynamic': int8 weights, activations quantized per batch "
+        "at run time (linears only; for Linear-heavy models such as ViTs and MLPs).")
+    calibration_batches: int = Field(8, ge=1, le=100_000,
+                                     description="'static': training batches fed to the observers.")
+    observer: Literal["histogram", "minmax"] = Field(
+        "histogram", description="'static': how activation ranges are chosen "
+        "(histogram: L2-optimal clipping; minmax: full range).")
+    per_channel: bool = Field(True, description="Per-output-channel weight scales.")
+    symmetric_activations: bool = Field(
+        False, description="'static': int8 activations with zero point 0 (else uint8).")
+    latency_repeats: int = Field(
+        10, ge=0, le=10_000, description="Timed runs for the int8-vs-fp32 latency metrics (0: skip).")
+    latency_threads: int = Field(1, ge=1, le=1024, description="CPU threads for those timings.")
+
+
+@register_stage("ptq")
+class PTQStage(Stage):
+    """Quantize the incoming model to int8 without training; accuracy is the int8 file's."""
+
+    Config = PTQConfig
+
+    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+        from torch import nn
+
+        if self.config.mode == "dynamic" and not any(isinstance(m, nn.Linear)
+                                                     for m in model.modules()):
+            return [("mode", "dynamic int8 quantizes Linear layers and this model has none; "
+                     "use mode: static")]
+        return []
+
+    def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
+        import torch
+
+        from ..quantization.int8 import finish_int8
+        from ..quantization.onnx_int8 import INT8_FILE, export_onnx, quantize_dynamic_onnx
+        from ..quantization.pt2e import calibrate, convert, example_batch, prepare_ptq
+        from ..quantization.qdq import QDQScheme
+
+        cfg = self.config
+        example = example_batch(ctx.data.test)
+        path = ctx.work_dir / INT8_FILE
+        model = artifact.model.cpu().eval()
+        if cfg.mode == "static":
+            scheme = QDQScheme(per_channel=cfg.per_channel,
+                               symmetric_activations=cfg.symmetric_activations,
+                               observer=cfg.observer)
+            prepared = prepare_ptq(model, example, scheme)
+            torch.manual_seed(ctx.seed)  # augmentation draws, if the training set has any
+            seen = calibrate(prepared, ctx.data.train_loader(torch.Generator().manual_seed(ctx.seed)),
+                             cfg.calibration_batches)
+            export_onnx(convert(prepared), example, path)
+            info = {"method": "ptq-static", "format": "onnx-qdq", "per_channel": cfg.per_channel,
+                    "activations": "int8 symmetric" if cfg.symmetric_activations else "uint8 affine",
+                    "observer": cfg.observer, "calibration_images": seen}
+        else:
+            fp32_path = export_onnx(model, example, ctx.work_dir / "model.fp32.onnx")
+            quantize_dynamic_onnx(fp32_path, path, cfg.per_channel)
+            info = {"method": "ptq-dynamic", "format": "onnx-dynamic",
+                    "per_channel": cfg.per_channel,
+                    "activations": "uint8, scale chosen per batch at run time"}
+        finish_int8(artifact, ctx, path, model, info, cfg.latency_repeats,
+                    cfg.latency_threads)
+        return artifact

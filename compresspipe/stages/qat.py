@@ -1,0 +1,115 @@
+"""``qat``: quantization-aware fine-tuning, then a real int8 model for CPU (ONNX, onnxruntime)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import Field, model_validator
+
+from ..config import DistillConfig, TrainConfig
+from ..registry import register_stage
+from .base import Stage
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..artifact import Artifact
+    from ..config import PipelineConfig
+    from ..context import StageContext
+
+
+class QATConfig(TrainConfig):
+    """The training loop's settings (short and gentle by default) plus the int8 scheme."""
+
+    epochs: int = Field(3, ge=1, le=100_000)
+    lr: float = Field(0.005, gt=0, le=100)
+    per_channel: bool = Field(True, description="Per-output-channel weight scales (else per tensor).")
+    symmetric_activations: bool = Field(
+        False, description="int8 activations with zero point 0 (else uint8 with a zero point).")
+    freeze_bn_after: int | None = Field(
+        None, ge=0, description="Epochs after which batch-norm statistics stop updating "
+        "(0: from the start; default: never).")
+    freeze_observers_after: int | None = Field(
+        None, ge=1, description="Epochs after which scales and zero points are fixed "
+        "(default: never).")
+    latency_repeats: int = Field(
+        10, ge=0, le=10_000, description="Timed runs for the int8-vs-fp32 latency metrics (0: skip).")
+    latency_threads: int = Field(1, ge=1, le=1024, description="CPU threads for those timings.")
+    distill: DistillConfig | None = Field(
+        None, description="Learn from a teacher while fine-tuning (logit distillation).")
+
+    @model_validator(mode="after")
+    def _freezes_fit(self) -> QATConfig:
+        for key in ("freeze_bn_after", "freeze_observers_after"):
+            value = getattr(self, key)
+            if value is not None and value >= self.epochs:
+                raise ValueError(f"{key} ({value}) must be below epochs ({self.epochs}), "
+                                 "or it never takes effect")
+        return self
+
+
+@register_stage("qat")
+class QATStage(Stage):
+    """Fake-quant fine-tuning (torchao PT2E, conv-BN folding simulated) through the one training
+    loop, converted to int8 and exported as ``model.int8.onnx``; accuracy is the int8 file's."""
+
+    Config = QATConfig
+
+    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+        from ..validation import unmatched_pattern_problems
+
+        cfg = self.config
+        problems = unmatched_pattern_problems(model, cfg.freeze, "freeze")
+        if cfg.distill is not None and cfg.distill.features:
+            problems.append(("distill.features", "feature distillation needs module hooks, which "
+                             "the captured QAT graph does not have; use logit distillation here"))
+        return problems
+
+    def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
+        from ..quantization.int8 import finish_int8
+        from ..quantization.onnx_int8 import INT8_FILE, export_onnx
+        from ..quantization.pt2e import (
+            QATScheduleHook,
+            convert,
+            copy_trained_weights,
+            enable_train_eval,
+            example_batch,
+            nudge_zero_bn_scales,
+            prepare_qat,
+        )
+        from ..quantization.qdq import QDQScheme
+
+        cfg = self.config
+        scheme = QDQScheme(per_channel=cfg.per_channel,
+                           symmetric_activations=cfg.symmetric_activations, qat=True)
+        nudged = nudge_zero_bn_scales(artifact.model, artifact.masks)
+        example = example_batch(ctx.data.test)
+        prepared = prepare_qat(artifact.model, example, scheme)
+        modes = enable_train_eval(prepared)
+        hooks = [QATScheduleHook(prepared, modes, cfg.freeze_bn_after, cfg.freeze_observers_after)]
+        if cfg.distill is not None:
+            from ..distill import distill_hook
+
+            hooks.append(distill_hook(cfg.distill, ctx, prepared))
+        ctx.trainer(prepared, cfg, hooks=hooks, masks=artifact.masks).fit()
+
+        copy_trained_weights(prepared, artifact.model)
+        _drop_stale_clusters(artifact)
+        path = export_onnx(convert(prepared), example, ctx.work_dir / INT8_FILE)
+        info = {"method": "qat", "format": "onnx-qdq", **_scheme_info(scheme),
+                "bn_scales_nudged": nudged}
+        finish_int8(artifact, ctx, path, artifact.model, info, cfg.latency_repeats,
+                    cfg.latency_threads)
+        return artifact
+
+
+def _scheme_info(scheme) -> dict:
+    return {"per_channel": scheme.per_channel,
+            "activations": "int8 symmetric" if scheme.symmetric_activations else "uint8 affine"}
+
+
+def _drop_stale_clusters(artifact: Artifact) -> None:
+    """Retraining moved the weights off any earlier codebooks: those no longer describe them."""
+    if artifact.quant.pop("cluster", None) is not None:
+        for key in [k for k in artifact.extras if k.startswith("cluster.")]:
+            del artifact.extras[key]
