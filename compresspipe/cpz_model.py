@@ -1,0 +1,100 @@
+"""Torch glue for the .cpz container: a model's state to coded tensors and back.
+
+The container itself (compresspipe.coding) knows nothing of torch; this module decides how each
+tensor is coded: weights clustered by the ``cluster`` stage as Huffman-coded indices into their
+codebook (pruned weights as sparse positions), everything else raw.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .artifact import Artifact, register_deploy_format
+from .errors import ArtifactError
+
+CPZ_FILE = "model.cpz"
+CLUSTER_PREFIX = "cluster."
+
+
+def _json_safe(value: Any) -> Any:
+    """The container's metadata is strict JSON: NaN and infinities become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def encode_state(artifact: Artifact, float_dtype: str = "float32") -> tuple[dict, dict[str, str]]:
+    """Coded tensors for every entry of the model's state, and how each was coded."""
+    from .coding import encode_clustered, encode_raw
+
+    layers = artifact.quant.get("cluster", {}).get("layers", {})
+    tensors, how = {}, {}
+    for name, value in artifact.model.state_dict().items():
+        if name in layers:
+            info = layers[name]
+            indices = artifact.extras[f"{CLUSTER_PREFIX}{name}.indices"].numpy()
+            codebook = artifact.extras[f"{CLUSTER_PREFIX}{name}.codebook"].numpy()
+            tensors[name] = encode_clustered(indices, codebook, tuple(value.shape),
+                                             zero_index=info.get("zero_index"))
+            how[name] = f"clustered {info['bits']}-bit"
+        else:
+            array = value.detach().cpu().numpy()
+            if array.dtype == np.float32 and float_dtype == "float16":
+                array = array.astype(np.float16)
+            tensors[name] = encode_raw(array)
+            how[name] = f"raw {array.dtype}"
+    return tensors, how
+
+
+def write_model_cpz(artifact: Artifact, path: str | os.PathLike, float_dtype: str = "float32") -> int:
+    """Write the artifact's model as a .cpz file; return its size in bytes."""
+    from .coding import write_cpz
+
+    tensors, how = encode_state(artifact, float_dtype)
+    metadata = _json_safe({"spec": artifact.spec, "lineage": artifact.lineage,
+                           "masks": sorted(artifact.masks), "encoding": how})
+    return write_cpz(path, tensors, metadata)
+
+
+def read_model_cpz(path: str | os.PathLike) -> Artifact:
+    """Decode a .cpz into a runnable model (rebuilt from its spec; nothing unpickled)."""
+    from .coding import CpzFormatError, read_cpz
+    from .models import build_from_spec
+
+    try:
+        tensors, metadata = read_cpz(path)
+    except CpzFormatError as exc:
+        raise ArtifactError(f"{path}: {exc}") from exc
+    if not isinstance(metadata.get("spec"), dict):
+        raise ArtifactError(f"{path}: metadata has no model spec")
+    model = build_from_spec(metadata["spec"])
+    own = model.state_dict()
+    if set(own) != set(tensors):
+        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        raise ArtifactError(f"{path}: tensors do not match the model (missing {missing[:3]}, "
+                            f"unexpected {extra[:3]})")
+    state = {}
+    for name, coded in tensors.items():
+        dense = torch.from_numpy(np.array(coded.to_dense(), copy=True))  # keeps 0-d shapes
+        if tuple(dense.shape) != tuple(own[name].shape):
+            raise ArtifactError(f"{path}: tensor {name!r} has shape {list(dense.shape)}, "
+                                f"the model expects {list(own[name].shape)}")
+        state[name] = dense.to(own[name].dtype)
+    model.load_state_dict(state)
+    return Artifact(model=model.eval(), spec=metadata["spec"], lineage=metadata.get("lineage", []))
+
+
+@register_deploy_format("cpz")
+def _load_deployed(directory: Path, artifact: Artifact) -> nn.Module:
+    return read_model_cpz(directory / CPZ_FILE).model

@@ -1,0 +1,75 @@
+"""The huffman stage: prune -> cluster -> huffman gives a .cpz whose decoded model is the model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import compresspipe
+from compresspipe.cpz_model import read_model_cpz
+from compresspipe.errors import ArtifactError
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dc")
+    summary = compresspipe.run({
+        "name": "dc", "output_dir": str(out), "tracking": {"enabled": False},
+        "model": {"name": "test_resnet"},
+        "data": {"name": "digits", "image_size": 16, "batch_size": 64},
+        "stages": [
+            {"name": "dense", "train": {"epochs": 2, "lr": 0.05}},
+            {"name": "prune", "prune": {"sparsity": 0.9, "train": {"epochs": 1, "lr": 0.02}}},
+            {"name": "cluster", "cluster": {"conv_bits": 4, "linear_bits": 4,
+                                            "finetune": {"epochs": 1, "lr": 0.01}}},
+            {"name": "huffman", "huffman": {}},
+        ],
+    })
+    return out, summary
+
+
+def test_cpz_is_the_measured_deployable(chain):
+    out, summary = chain
+    rec = {s["name"]: s for s in summary["stages"]}
+    huff = rec["huffman"]
+    assert huff["model_files"] == ["model.cpz"]
+    assert huff["metrics"]["model_bytes"] == (out / "huffman" / "model.cpz").stat().st_size
+    # the decoded model is the clustered model: same predictions, same accuracy
+    assert huff["metrics"]["top1"] == rec["cluster"]["metrics"]["top1"]
+    assert huff["metrics"]["loss"] == pytest.approx(rec["cluster"]["metrics"]["loss"], abs=1e-6)
+    # 90% pruning + 4-bit indices, Huffman-coded: far smaller than the fp32 file and than the
+    # cluster stage's dense index file (measured here: 19.5x vs 3.8x)
+    assert huff["metrics"]["compression_ratio"] > 15
+    assert huff["metrics"]["model_bytes"] < rec["cluster"]["metrics"]["model_bytes"] / 4
+
+
+def test_decoded_weights_bit_exact_in_fresh_process(chain):
+    out, _ = chain
+    clustered = compresspipe.load(out / "huffman")
+    code = ("import sys, torch; from compresspipe.cpz_model import read_model_cpz;"
+            "m = read_model_cpz(sys.argv[1]).model;"
+            "from safetensors.torch import save_file;"
+            "save_file({k: v.contiguous() for k, v in m.state_dict().items()}, sys.argv[2])")
+    result = subprocess.run([sys.executable, "-c", code, str(out / "huffman" / "model.cpz"),
+                             str(out / "decoded.safetensors")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    from safetensors.torch import load_file
+
+    decoded = load_file(str(out / "decoded.safetensors"))
+    for name, value in clustered.model.state_dict().items():
+        assert torch.equal(decoded[name], value), name
+    for name, mask in clustered.masks.items():
+        assert torch.count_nonzero(decoded[name][~mask]) == 0
+
+
+def test_corrupt_cpz_is_one_clear_error(chain, tmp_path):
+    out, _ = chain
+    data = bytearray((out / "huffman" / "model.cpz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad = tmp_path / "bad.cpz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="bad.cpz"):
+        read_model_cpz(bad)
