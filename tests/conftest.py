@@ -45,6 +45,11 @@ def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedP
 
 
 @pytest.fixture(autouse=True)
-def _no_ambient_tracking_uri(monkeypatch):
-    # a developer's own MLFLOW_TRACKING_URI must not receive test runs
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def _no_ambient_tracking_uri():
+    # a developer's own MLFLOW_TRACKING_URI must not receive test runs, and mlflow's
+    # set_tracking_uri (which sets the variable) in one test must not leak into the next
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if saved is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
