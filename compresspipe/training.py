@@ -34,6 +34,10 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 class TrainHook:
     """Override what you need; every method has a do-nothing default."""
 
+    # Weight of the task loss ("ce"); distillation lowers it to its gamma. Weights of several
+    # hooks multiply.
+    ce_weight: float = 1.0
+
     def modules(self) -> dict[str, nn.Module]:
         """Extra trainable modules (e.g. adapters); optimised and checkpointed with the model."""
         return {}
@@ -159,6 +163,7 @@ class Trainer:
         sums: dict[str, float] = {}
         seen = correct = 0
         step = epoch * self.steps_per_epoch
+        ce_weight = math.prod(getattr(h, "ce_weight", 1.0) for h in self.hooks)
         bar = tqdm(loader, desc=f"{self.desc} {epoch + 1}/{self.cfg.epochs}", leave=False,
                    disable=None)
         for x, y in bar:
@@ -168,6 +173,8 @@ class Trainer:
                 group["lr"] = lr
             out = self.model(x)
             terms = {"ce": F.cross_entropy(out, y, label_smoothing=self.cfg.label_smoothing)}
+            if ce_weight != 1.0:
+                terms["ce"] = ce_weight * terms["ce"]
             for hook in self.hooks:
                 terms.update(hook.extra_loss(self.model, x, out, y))
             loss = sum(terms.values())

@@ -1,0 +1,245 @@
+"""Does knowledge distillation help on digits? Students trained with and without KD, 5 seeds.
+
+A timm resnet18 teacher is trained once (digits at 16x16, augmented). Then, for every seed,
+the same student recipe is trained twice at equal epochs and learning rate -- plain
+cross-entropy, and KD (T=4, alpha=0.9, gamma=0.1, the defaults) from the frozen teacher -- with
+compresspipe's one training loop and its ``DistillHook``:
+
+  student        timm test_resnet (0.37M params, 30x smaller than the teacher), full data
+  few epochs     the same student, 2 epochs
+  few labels     the same student on 100 training images (10 per class)
+  prune 95%      the teacher itself, 95% of its conv/fc weights removed by global magnitude
+                 (torch.topk on |w|), retrained 2 epochs with MaskHook; KD teacher = its dense self
+  prune 99%      the same at 99% sparsity, retrained 1 epoch (the harder regime)
+
+Students see no augmentation (identical inputs for both arms; it also makes the logit cache
+valid). Accuracy and cross-entropy are measured on the fixed 360-image digits test split;
+mean +- sample std over seeds. The last table times a KD epoch with the teacher run at every
+step vs. with cached teacher logits, against a plain epoch, in the same process (the arms
+interleaved, one thread, CPU and wall time: the fastest of several epochs, since other
+processes may share the machine).
+
+Run: .venv/bin/python benchmarks/distill.py [--quick]
+Saves benchmarks/results/distill.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compresspipe.config import DataConfig, DistillConfig, TrainConfig  # noqa: E402
+from compresspipe.data import build_data  # noqa: E402
+from compresspipe.distill import DistillHook, agreement  # noqa: E402
+from compresspipe.masks import MaskHook  # noqa: E402
+from compresspipe.measure import check_masks, evaluate  # noqa: E402
+from compresspipe.models import build_from_spec  # noqa: E402
+from compresspipe.training import Trainer  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "distill.json"
+CPU = torch.device("cpu")
+IMAGE_SIZE = 16
+KD = DistillConfig(teacher="resnet18", temperature=4.0, alpha=0.9, gamma=0.1)
+
+
+def timm_model(name: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_from_spec({"source": "timm", "name": name,
+                            "kwargs": {"in_chans": 1, "num_classes": 10}})
+
+
+def fit(model: nn.Module, data, cfg: TrainConfig, seed: int, hooks=()) -> list[dict]:
+    """The pipeline's training loop, with its per-epoch printing kept out of the table."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return Trainer(model, data, cfg, device=CPU, seed=seed, hooks=list(hooks)).fit()
+
+
+def kd_hook(teacher: nn.Module, student: nn.Module, cache: bool = False) -> DistillHook:
+    cfg = KD.model_copy(update={"cache_teacher_logits": cache})
+    return DistillHook(teacher, cfg, student, (1, IMAGE_SIZE, IMAGE_SIZE))
+
+
+def magnitude_masks(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
+    """Global magnitude pruning of every conv/linear weight: keep the largest |w| overall."""
+    weights = {n: p.detach() for n, p in model.named_parameters() if p.dim() > 1}
+    flat = torch.cat([w.abs().flatten() for w in weights.values()])
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.topk(flat, int(round((1 - sparsity) * flat.numel()))).indices] = True
+    masks, offset = {}, 0
+    for name, w in weights.items():
+        masks[name] = keep[offset: offset + w.numel()].view_as(w).clone()
+        offset += w.numel()
+    return masks
+
+
+def measure(model: nn.Module, teacher: nn.Module, data) -> dict[str, float]:
+    m = evaluate(model, data.test_loader(), CPU)
+    return {"top1": m["top1"], "loss": m["loss"],
+            "agreement": agreement(model, teacher, data.test_loader(), CPU)}
+
+
+def student_arm(teacher, data, seed: int, epochs: int, kd: bool) -> dict[str, float]:
+    student = timm_model("test_resnet", seed)
+    hooks = [kd_hook(teacher, student)] if kd else []
+    fit(student, data, TrainConfig(epochs=epochs, lr=0.05), seed, hooks)
+    return measure(student, teacher, data)
+
+
+def prune_arm(teacher, data, seed: int, sparsity: float, epochs: int, kd: bool) -> dict[str, float]:
+    student = copy.deepcopy(teacher)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    masks = magnitude_masks(student, sparsity)
+    hooks = [MaskHook(masks)]
+    if kd:
+        hooks.insert(0, kd_hook(teacher, student))
+    fit(student, data, TrainConfig(epochs=epochs, lr=0.01), seed, hooks)
+    check_masks(student, masks, f"prune {sparsity:.0%}")
+    return measure(student, teacher, data)
+
+
+def epoch_times(teacher, data, epochs: int) -> dict[str, dict[str, float]]:
+    """Seconds per training epoch (with its test evaluation) for each arm: the fastest wall
+    time and the fastest CPU time of epochs 2..E (after warm-up, once the cache is full).
+
+    The arms run interleaved, epoch by epoch, on one thread: CPU time then counts the work
+    this process did, which other processes sharing the machine barely disturb."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    wall: dict[str, list[float]] = {"plain": [], "kd": [], "kd_cached": []}
+    cpu: dict[str, list[float]] = {arm: [] for arm in wall}
+    cfg = TrainConfig(epochs=1, lr=0.05)
+    students = {a: timm_model("test_resnet", 0) for a in wall}
+    hooks = {"plain": [], "kd": [kd_hook(teacher, students["kd"])],
+             "kd_cached": [kd_hook(teacher, students["kd_cached"], cache=True)]}
+    try:
+        for epoch in range(epochs):
+            for arm in wall:
+                started, started_cpu = time.perf_counter(), time.process_time()
+                fit(students[arm], data, cfg, epoch, hooks[arm])
+                if epoch > 0:
+                    wall[arm].append(time.perf_counter() - started)
+                    cpu[arm].append(time.process_time() - started_cpu)
+    finally:
+        torch.set_num_threads(threads)
+    return {arm: {"wall": min(wall[arm]), "cpu": min(cpu[arm])} for arm in wall}
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def run(quick: bool) -> dict:
+    seeds = list(range(2 if quick else 5))
+    e = {"teacher": 4 if quick else 10, "student": 3 if quick else 6, "few": 2,
+         "few_labels": 15 if quick else 30, "prune": 1 if quick else 2, "prune_hard": 1,
+         "timing": 4 if quick else 8}
+    full = build_data(DataConfig(name="digits", image_size=IMAGE_SIZE, batch_size=64))
+    augmented = build_data(DataConfig(name="digits", image_size=IMAGE_SIZE, batch_size=64,
+                                      augment=True))
+    few = build_data(DataConfig(name="digits", image_size=IMAGE_SIZE, batch_size=64,
+                                limit_train=100))
+    started = time.perf_counter()
+    teacher = timm_model("resnet18", 1234)
+    fit(teacher, augmented, TrainConfig(epochs=e["teacher"], lr=0.05, warmup_epochs=1), 1234)
+    teacher.eval()
+    teacher_metrics = evaluate(teacher, full.test_loader(), CPU)
+    print(f"teacher resnet18: top1 {teacher_metrics['top1']:.2f}%, loss "
+          f"{teacher_metrics['loss']:.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
+
+    regimes = {
+        f"student, {e['student']} epochs": lambda s, kd: student_arm(teacher, full, s, e["student"], kd),
+        f"student, {e['few']} epochs": lambda s, kd: student_arm(teacher, full, s, e["few"], kd),
+        f"student, 100 images, {e['few_labels']} epochs":
+            lambda s, kd: student_arm(teacher, few, s, e["few_labels"], kd),
+        f"prune 95%, {e['prune']} epochs": lambda s, kd: prune_arm(teacher, full, s, 0.95, e["prune"], kd),
+        f"prune 99%, {e['prune_hard']} epoch": lambda s, kd: prune_arm(teacher, full, s, 0.99,
+                                                                        e["prune_hard"], kd),
+    }
+    rows = {}
+    for name, arm in regimes.items():
+        t0 = time.perf_counter()
+        runs = {kd: [arm(seed, kd) for seed in seeds] for kd in (False, True)}
+        rows[name] = {("kd" if kd else "ce"): {"runs": r, **{k: mean_std([x[k] for x in r])
+                                                            for k in ("top1", "loss", "agreement")}}
+                      for kd, r in runs.items()}
+        print(f"  {name}: done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    for name in rows:
+        if name.startswith("prune"):
+            sparsity = int(name.split("%")[0].removeprefix("prune ")) / 100
+            pruned = copy.deepcopy(teacher)
+            with torch.no_grad():
+                for n, m in magnitude_masks(pruned, sparsity).items():
+                    pruned.get_parameter(n).mul_(m)
+            rows[name]["before_retraining"] = evaluate(pruned, full.test_loader(), CPU)
+    timing = epoch_times(teacher, full, e["timing"])
+    return {
+        "benchmark": "distill", "quick": quick, "seeds": seeds, "epochs": e,
+        "image_size": IMAGE_SIZE, "kd": KD.model_dump(mode="json"),
+        "teacher": {"model": "resnet18", **teacher_metrics},
+        "regimes": rows, "epoch_time_s": timing,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
+        "wall_time_s": time.perf_counter() - started,
+    }
+
+
+def print_report(result: dict) -> None:
+    n = len(result["seeds"])
+    print(f"\nKD (T={result['kd']['temperature']:g}, alpha={result['kd']['alpha']:g}, "
+          f"gamma={result['kd']['gamma']:g}) vs plain CE; digits {result['image_size']}x"
+          f"{result['image_size']}, {n} seeds, mean +- std; teacher resnet18 top1 "
+          f"{result['teacher']['top1']:.2f}%")
+    print("| regime | CE top1 % | KD top1 % | diff | CE loss | KD loss | "
+          "agreement CE / KD % |")
+    print("|---|---|---|---|---|---|---|")
+    for name, row in result["regimes"].items():
+        ce, kd = row["ce"], row["kd"]
+        print(f"| {name} | {ce['top1']['mean']:.2f} +- {ce['top1']['std']:.2f} | "
+              f"{kd['top1']['mean']:.2f} +- {kd['top1']['std']:.2f} | "
+              f"{kd['top1']['mean'] - ce['top1']['mean']:+.2f} | "
+              f"{ce['loss']['mean']:.3f} +- {ce['loss']['std']:.3f} | "
+              f"{kd['loss']['mean']:.3f} +- {kd['loss']['std']:.3f} | "
+              f"{ce['agreement']['mean']:.1f} / {kd['agreement']['mean']:.1f} |")
+    for name, row in result["regimes"].items():
+        if "before_retraining" in row:
+            print(f"  {name.split(',')[0]} before retraining: top1 "
+                  f"{row['before_retraining']['top1']:.2f}%")
+    t = result["epoch_time_s"]
+    print("\n| epoch of the test_resnet student, 1 thread | CPU s | vs plain | wall s | vs plain |")
+    print("|---|---|---|---|---|")
+    for arm, label in (("plain", "plain CE"), ("kd", "KD, teacher every step"),
+                       ("kd_cached", "KD, cached teacher logits")):
+        print(f"| {label} | {t[arm]['cpu']:.3f} | {t[arm]['cpu'] / t['plain']['cpu']:.2f}x | "
+              f"{t[arm]['wall']:.3f} | {t[arm]['wall'] / t['plain']['wall']:.2f}x |")
+    print(f"\ntotal {result['wall_time_s']:.0f}s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 seeds, fewer epochs, a weaker 4-epoch teacher")
+    args = parser.parse_args()
+    result = run(args.quick)
+    print_report(result)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    path = RESULTS.with_name("distill_quick.json") if args.quick else RESULTS
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

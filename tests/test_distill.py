@@ -1,0 +1,268 @@
+"""Distillation: the KD loss by hand, the hook inside the one loop, teachers, the stage, errors."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_pipeline
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+import compresspipe
+from compresspipe.config import DataConfig, DistillConfig, TrainConfig
+from compresspipe.data import build_data
+from compresspipe.distill import DistillHook, kd_loss, load_teacher, resolve_teacher
+from compresspipe.errors import ConfigError
+from compresspipe.masks import MaskHook
+from compresspipe.training import Trainer
+
+CPU = torch.device("cpu")
+
+
+# -- the loss -------------------------------------------------------------------------------
+
+
+def _softmax(z: list[float], t: float) -> list[float]:
+    e = [math.exp(v / t) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def test_kd_loss_equals_hand_computed_value():
+    student = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
+    teacher = [[2.0, 1.0, 0.0], [0.5, 0.5, 2.5]]
+    t, alpha = 2.0, 0.7
+    # KL(p_t || p_s) = sum_k p_t,k (log p_t,k - log p_s,k), averaged over the 2 rows, times T^2
+    kl = [sum(pt * (math.log(pt) - math.log(ps))
+              for pt, ps in zip(_softmax(zt, t), _softmax(zs, t)))
+          for zs, zt in zip(student, teacher)]
+    expected = t * t * sum(kl) / len(kl)
+    got = kd_loss(torch.tensor(student), torch.tensor(teacher), t)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(0.354905, abs=1e-6)  # cross-checked with scipy rel_entr
+
+    class Fixed(nn.Module):  # a "teacher" that always answers the logits above
+        def __init__(self):
+            super().__init__()
+            self.logits = nn.Parameter(torch.tensor(teacher))
+
+        def forward(self, x):
+            return self.logits[: len(x)]
+
+    cfg = DistillConfig(teacher="x", temperature=t, alpha=alpha, gamma=0.3)
+    hook = DistillHook(Fixed(), cfg, nn.Identity(), (1, 2, 2))
+    terms = hook.extra_loss(nn.Identity(), torch.zeros(2, 1, 2, 2), torch.tensor(student),
+                            torch.tensor([0, 1]))
+    assert set(terms) == {"kd"}
+    assert terms["kd"].item() == pytest.approx(alpha * expected, rel=1e-6)
+    assert hook.ce_weight == 0.3
+    assert kd_loss(torch.tensor(teacher), torch.tensor(teacher), t).item() == pytest.approx(0, abs=1e-6)
+
+
+# -- the hook in the one training loop ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_data(DataConfig(name="digits", image_size=8, batch_size=64, limit_train=256))
+
+
+def _mlp(hidden: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def _fit(model, data, hooks, epochs=2, lr=0.05):
+    cfg = TrainConfig(epochs=epochs, lr=lr, schedule="constant")
+    return Trainer(model, data, cfg, device=CPU, seed=0, hooks=hooks).fit()
+
+
+def test_gamma_scales_the_task_loss(digits):
+    """The Trainer weights its CE term by the hook's ce_weight (gamma)."""
+    teacher = _mlp(48, seed=1)
+    plain = _fit(_mlp(16, seed=0), digits, [], epochs=1, lr=1e-9)
+    weighted = _fit(_mlp(16, seed=0), digits,
+                    [DistillHook(teacher, DistillConfig(teacher="x", alpha=0.0, gamma=0.25),
+                                 _mlp(16, 0), (1, 8, 8))], epochs=1, lr=1e-9)
+    assert weighted[0]["train_ce"] == pytest.approx(0.25 * plain[0]["train_ce"], rel=1e-5)
+    assert weighted[0]["train_kd"] == 0.0
+    assert weighted[0]["train_loss"] == pytest.approx(weighted[0]["train_ce"], rel=1e-6)
+
+
+def test_teacher_frozen_adapter_trained_masks_kept(digits):
+    teacher, student = _mlp(48, seed=1), _mlp(16, seed=0)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cfg = DistillConfig(teacher="x", features=[{"student": "2", "teacher": "2", "weight": 0.5}])
+    hook = DistillHook(teacher, cfg, student, (1, 8, 8))
+    adapter = hook.modules()["distill_feat_2"]
+    assert isinstance(adapter.proj, nn.Linear) and adapter.proj.weight.shape == (48, 16)
+    adapter_before = adapter.proj.weight.detach().clone()
+    mask = torch.rand_like(student[1].weight) > 0.5
+    history = _fit(student, digits, [hook, MaskHook({"1.weight": mask})])
+
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert not torch.equal(adapter.proj.weight, adapter_before)  # the one loop trained it
+    assert torch.count_nonzero(student[1].weight[~mask]) == 0
+    assert history[-1]["train_feat_2"] > 0 and history[-1]["train_kd"] > 0
+    assert history[-1]["train_feat_2"] < history[0]["train_feat_2"]
+    assert history[-1]["train_loss"] == pytest.approx(
+        history[-1]["train_ce"] + history[-1]["train_kd"] + history[-1]["train_feat_2"], rel=1e-6)
+    assert not student[2]._forward_hooks  # feature hooks are gone after the last epoch
+
+
+def test_logit_cache_runs_the_teacher_once_per_image(digits):
+    seen = []
+    teacher = _mlp(48, seed=1)
+    teacher.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    cached = DistillHook(teacher, DistillConfig(teacher="x", cache_teacher_logits=True),
+                         _mlp(16, 0), (1, 8, 8))
+    with_cache = _fit(_mlp(16, seed=0), digits, [cached], epochs=3)
+    assert sum(seen) == len(digits.train) == cached.cache.misses == len(cached.cache) == 256
+
+    seen.clear()
+    without = _fit(_mlp(16, seed=0), digits,
+                   [DistillHook(teacher, DistillConfig(teacher="x"), _mlp(16, 0), (1, 8, 8))],
+                   epochs=3)
+    assert sum(seen) == 3 * 256
+    for a, b in zip(with_cache, without):
+        assert a["train_kd"] == pytest.approx(b["train_kd"], rel=1e-4)
+
+
+def test_feature_distillation_rejects_cache():
+    with pytest.raises(compresspipe.errors.CompressPipeError, match="cache_teacher_logits"):
+        DistillHook(_mlp(8, 0), DistillConfig(teacher="x", cache_teacher_logits=True,
+                                              features=[{"student": "1", "teacher": "1"}]),
+                    _mlp(8, 0), (1, 8, 8))
+
+
+# -- the stage in a pipeline ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """dense -> a toy mask -> KD in place with a feature pair -> KD into a new, smaller student."""
+    out = tmp_path_factory.mktemp("distill") / "out"
+    cfg = tiny_pipeline(out)
+    cfg["stages"] = [
+        {"name": "dense", "train": {"epochs": 2, "lr": 0.05}},
+        {"name": "prune", "stages_for_tests:ZeroHalf": {}},
+        {"name": "kd", "distill": {
+            "teacher": "stage:dense", "features": [{"student": "layer3", "teacher": "layer3"}],
+            "train": {"epochs": 2, "lr": 0.02}}},
+        {"name": "small", "distill": {
+            "teacher": "stage:dense", "student": {"name": "test_efficientnet"},
+            "cache_teacher_logits": True, "train": {"epochs": 2, "lr": 0.05}}},
+    ]
+    summary = compresspipe.run(cfg)
+    client = MlflowClient(summary["tracking_uri"])
+    runs = {name: client.get_run(rid) for name, rid in summary["stage_runs"].items()}
+    return out, summary, client, runs
+
+
+def test_distill_stage_keeps_masks_and_logs(distilled):
+    out, summary, client, runs = distilled
+    art = compresspipe.load(out / "kd")
+    mask = art.masks["fc.weight"]
+    assert mask.sum() < mask.numel()
+    assert torch.count_nonzero(art.model.fc.weight[~mask]) == 0
+    metrics = runs["kd"].data.metrics
+    records = {r["name"]: r["metrics"] for r in summary["stages"]}
+    # the teacher is the dense stage's output, measured by the runner from its file
+    assert metrics["teacher_top1"] == pytest.approx(records["dense"]["top1"])
+    assert metrics["student_top1"] == pytest.approx(records["kd"]["top1"])
+    assert 0 <= metrics["agreement"] <= 100
+    # KD recovers part of what the mask destroyed
+    assert records["kd"]["top1"] > records["prune"]["top1"]
+    for curve in ("train_kd", "train_ce", "train_feat_layer3"):
+        history = client.get_metric_history(runs["kd"].info.run_id, curve)
+        assert [m.step for m in history] == [1, 2] and all(m.value > 0 for m in history), curve
+
+
+def test_new_student_replaces_the_model(distilled):
+    out, summary, _, runs = distilled
+    art = compresspipe.load(out / "small")  # reloads from its own spec
+    assert art.spec["name"] == "test_efficientnet" and not art.masks
+    records = {r["name"]: r["metrics"] for r in summary["stages"]}
+    assert records["small"]["params"] < records["dense"]["params"] / 3
+    assert records["small"]["model_bytes"] < records["dense"]["model_bytes"] / 3
+    assert records["small"]["top1"] > 70.0
+    metrics = runs["small"].data.metrics
+    assert metrics["teacher_cache_images"] == 1437  # every digits training image, once
+    assert metrics["agreement"] > 70.0
+
+
+def test_teacher_from_path_checkpoint_and_mlflow_uri(distilled, tmp_path):
+    from safetensors.torch import save_file
+
+    out, summary, _, _ = distilled
+    dense = compresspipe.load(out / "dense").model.state_dict()
+    pipeline = compresspipe.load_pipeline(tiny_pipeline(out), check_model=False).config
+    ckpt = tmp_path / "dense.safetensors"
+    save_file({k: v.contiguous() for k, v in dense.items()}, str(ckpt))
+    sources = [str(out / "dense"), str(ckpt), f"runs:/{summary['stage_runs']['dense']}/artifact"]
+    for source in sources:
+        teacher = load_teacher(DistillConfig(teacher=source), pipeline)
+        assert all(torch.equal(dense[k], v) for k, v in teacher.state_dict().items()), source
+    ctx = SimpleNamespace(pipeline=SimpleNamespace(config=pipeline),
+                          load_stage=lambda name: compresspipe.load(out / name))
+    teacher = resolve_teacher(DistillConfig(teacher="stage:dense"), ctx)
+    assert all(torch.equal(dense[k], v) for k, v in teacher.state_dict().items())
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+# -- validation -------------------------------------------------------------------------------
+
+
+def test_invalid_teachers_are_reported_before_training(tmp_path):
+    cfg = tiny_pipeline(tmp_path / "out")
+    cfg["data"]["augment"] = True
+    cfg["stages"] = [
+        {"name": "dense", "train": {"epochs": 1}},
+        {"distill": {"teacher": "resnt18"}},
+        {"distill": {"teacher": "test_resnet", "teacher_kwargs": {"num_classes": 5}}},
+        {"distill": {"teacher": "stage:dense",
+                     "features": [{"student": "layer9", "teacher": "layr3"}]}},
+        {"distill": {"teacher": "stage:dense", "cache_teacher_logits": True}},
+        {"distill": {"teacher": "missing/teacher.safetensors"}},
+        {"distill": {"teacher": "test_resnet", "teacher_kwargs": {"in_chans": 3}}},
+        {"distill": {"teacher": "stage:dense", "student": {"name": "test_efficentnet"}}},
+        {"distill": {"teacher": "runs:/0123abcd/artifact"}},
+    ]
+    with pytest.raises(ConfigError) as info:
+        compresspipe.load_pipeline(cfg)
+    problems = {p.path: p.message for p in info.value.problems}
+    assert "did you mean 'resnet18'" in problems["stages[1].distill.teacher"]
+    assert "outputs 5 classes, the student 10" in problems["stages[2].distill.teacher"]
+    assert "did you mean 'layer4'" in problems["stages[3].distill.features[0].student"]
+    assert "did you mean 'layer3'" in problems["stages[3].distill.features[0].teacher"]
+    assert "augmentation" in problems["stages[4].distill.cache_teacher_logits"]
+    assert "teacher not found" in problems["stages[5].distill.teacher"]
+    assert "cannot run on the data's 1x16x16" in problems["stages[6].distill.teacher"]
+    assert "did you mean 'test_efficientnet'" in problems["stages[7].distill.student.name"]
+    assert "no MLflow store" in problems["stages[8].distill.teacher"]
+    assert len(problems) == 9
+    assert not (tmp_path / "out").exists()  # validation wrote nothing
+
+    cfg["data"]["augment"] = False
+    cfg["stages"] = [{"distill": {"teacher": "stage:dense"}}, {"name": "dense", "train": {}}]
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.distill\.teacher: 'stage:dense' does "
+                                          "not name an earlier stage"):
+        compresspipe.load_pipeline(cfg)
+
+
+def test_stage_teacher_features_follow_an_earlier_student(tmp_path):
+    """stage:small is a test_efficientnet, so its layer names (not resnet's) are valid."""
+    cfg = tiny_pipeline(tmp_path / "out")
+    cfg["stages"] = [
+        {"name": "small", "distill": {"teacher": "test_resnet",
+                                      "student": {"name": "test_efficientnet"}}},
+        {"distill": {"teacher": "stage:small",
+                     "features": [{"student": "layer3", "teacher": "conv_head"}]}},
+    ]
+    compresspipe.load_pipeline(cfg)
+    cfg["stages"][1]["distill"]["features"][0]["teacher"] = "layer3"
+    with pytest.raises(ConfigError, match=r"features\[0\]\.teacher: the teacher has no module"):
+        compresspipe.load_pipeline(cfg)
