@@ -79,3 +79,98 @@ def check_masks(model: nn.Module, masks: dict[str, torch.Tensor], stage: str) ->
             raise MaskViolation(
                 f"stage {stage!r}: {revived} pruned weights of {name!r} are no longer zero"
             )
+
+
+# -- compute and speed ----------------------------------------------------------------------------
+
+
+def _sdpa_cpu_macs_formula():
+    """FlopCounterMode knows the CUDA attention kernels but not the CPU one; same formula."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    # keyed by the op packet, as FlopCounterMode looks ops up
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {op: flops} if op is not None else {}
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> dict[str, int]:
+    """Multiply-accumulates of one forward pass on an input of ``input_shape`` (batch included),
+    and the parameter count.
+
+    MACs are counted by torch's FlopCounterMode at the aten level (convolutions, matrix
+    products, attention); one MAC is two FLOPs. Norms, activations and additions are not MACs.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        x = torch.zeros(tuple(input_shape), device=device, dtype=dtype)
+        counter = FlopCounterMode(display=False, custom_mapping=_sdpa_cpu_macs_formula())
+        with counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return {"macs": int(counter.get_total_flops()) // 2,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, input_shape: tuple[int, ...] | list[int], batch: int = 1,
+                    repeats: int = 20, warmup: int = 3, threads: int | None = None) -> float:
+    """Median wall-clock seconds of one eval-mode forward pass on a batch of ``batch`` inputs of
+    per-sample shape ``input_shape[1:]`` (``input_shape[0]`` is ignored).
+
+    ``threads`` fixes torch's intra-op thread count for the measurement (restored after), so
+    numbers taken in one run are comparable. On a shared machine, interleave the models you
+    compare and repeat; the median discards most interference.
+    """
+    import statistics
+    import time
+
+    was_training = model.training
+    model.eval()
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        x = torch.randn((batch, *tuple(input_shape)[1:]), device=device)
+        for _ in range(max(warmup, 0)):
+            model(x)
+        times = []
+        for _ in range(max(repeats, 1)):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(previous_threads)
+        model.train(was_training)
+    return statistics.median(times)
+
+
+def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...] | list[int],
+                    batch: int = 1, repeats: int = 10, rounds: int = 3, warmup: int = 3,
+                    threads: int | None = 1) -> dict[str, float]:
+    """Median seconds per forward pass of each model, measured in interleaved rounds (A, B, A,
+    B, ...) so that load from other processes hits every model alike."""
+    import statistics
+
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(max(rounds, 1)):
+        for name, model in models.items():
+            samples[name].append(measure_latency(model, input_shape, batch=batch, repeats=repeats,
+                                                 warmup=warmup, threads=threads))
+    return {name: statistics.median(values) for name, values in samples.items()}

@@ -136,13 +136,6 @@ class ChannelGroup:
         offsets = torch.arange(self.unit)
         return sorted((units[:, None] * self.unit + offsets).flatten().tolist())
 
-    def keep_vector(self, removed_units: torch.Tensor) -> torch.Tensor:
-        """1.0 for kept root channels, 0.0 for removed ones."""
-        keep = torch.ones(self.size)
-        if removed_units.numel():
-            keep[self.channels_of(removed_units)] = 0.0
-        return keep
-
 
 class StructuredGraph:
     """A model's dependency graph and the channel groups structured pruning may shrink.
@@ -160,7 +153,14 @@ class StructuredGraph:
         self.ignore = list(ignore)
         self.names: dict[Any, str] = {m: n for n, m in model.named_modules()}
         self.names.update({p: n for n, p in model.named_parameters()})
-        self.attention, self.unsupported_attention = find_attention(model)
+        self.attention, unsupported = find_attention(model)
+        if unsupported:
+            name, kind = next(iter(unsupported.items()))
+            more = f" (and {len(unsupported) - 1} more)" if len(unsupported) > 1 else ""
+            raise CompressPipeError(
+                f"layer {name!r} ({kind}){more} is an attention layer whose head layout "
+                f"structured pruning cannot follow; supported are timm Attention layers "
+                f"(qkv + proj, no q/k norm) as in ViT")
         was_training = model.training
         try:
             self.dg = tp.DependencyGraph().build_dependency(
@@ -176,8 +176,10 @@ class StructuredGraph:
         self._collect_groups(need_gateable)
 
     def example_input(self) -> torch.Tensor:
+        """A fixed random input (its own generator: the global random state is left alone)."""
         param = next(self.model.parameters())
-        return torch.randn(self.input_shape, device=param.device, dtype=param.dtype)
+        x = torch.randn(self.input_shape, generator=torch.Generator().manual_seed(0))
+        return x.to(param.device, param.dtype)
 
     def is_out(self, fn: Callable) -> bool:
         return self.dg.is_out_channel_pruning_fn(fn)
@@ -272,18 +274,14 @@ class StructuredGraph:
             if isinstance(target, nn.Module) and not isinstance(
                     target, (*_CONV, nn.Linear, *_BATCHNORM, nn.LayerNorm)) and name != "?":
                 return f"{name} ({type(target).__name__}) cannot be narrowed"
-            owner = self._unsupported_owner(name)
-            if out and owner:
-                return (f"{name} is inside attention layer {owner} "
-                        f"({self.unsupported_attention[owner]}), whose heads cannot be narrowed")
+            extra = _extra_state(target)
+            if extra:
+                return f"{name} ({type(target).__name__}) has its own tensor {extra!r}"
             if need_gateable and isinstance(target, nn.LayerNorm):
                 return f"LayerNorm {name} mixes channels, so a gate is not a removal"
         if g.kind == "heads" and self.ignored(g.attention.name):
             return f"{g.attention.name} is ignored"
         return None
-
-    def _unsupported_owner(self, name: str) -> str | None:
-        return next((a for a in self.unsupported_attention if name.startswith(a + ".")), None)
 
     def ignored(self, name: str) -> bool:
         """A layer is ignored when it or one of its parents matches an ignore pattern."""
@@ -291,11 +289,14 @@ class StructuredGraph:
         prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
         return any(fnmatch.fnmatch(p, pat) for p in prefixes for pat in self.ignore)
 
-    # -- reporting --------------------------------------------------------------------------
 
-    def describe_groups(self) -> list[dict[str, Any]]:
-        return [{"name": g.name, "kind": g.kind, "units": g.units,
-                 "layers": sorted({n for n, _ in g.members})} for g in self.groups]
+def _extra_state(module: nn.Module) -> str | None:
+    """A parameter or buffer that Torch-Pruning's function for this layer type would not slice
+    (e.g. the per-channel gain of a weight-standardised convolution)."""
+    known = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    names = [n for n, _ in module.named_parameters(recurse=False)]
+    names += [n for n, _ in module.named_buffers(recurse=False)]
+    return next((n for n in names if n not in known), None)
 
 
 def _classifier(model: nn.Module) -> nn.Module | None:
@@ -407,12 +408,6 @@ class _Slot:
     def fixed(self) -> int:
         return self.total - sum(len(r) for _, r in self.segments)
 
-    def active(self, keeps: Sequence[torch.Tensor]) -> torch.Tensor:
-        total = torch.tensor(float(self.fixed))
-        for gi, roots in self.segments:
-            total = total + keeps[gi][roots].sum()
-        return total
-
 
 class CostModel:
     """Exact parameter and MAC counts of the network after removing channels, as a
@@ -440,7 +435,7 @@ class CostModel:
         measured = count_macs(graph.model, graph.input_shape)
         self.unmodelled_macs = measured["macs"] - sum(m for m, *_ in self.layers)
         self.dense_keeps = [torch.ones(g.size) for g in graph.groups]
-        self.channels_total = sum(g.size for g in graph.groups)
+        self._compile()
 
     # -- building -------------------------------------------------------------------------
 
@@ -503,41 +498,59 @@ class CostModel:
             spec.append((p.numel(), keys))
         return spec
 
-    # -- evaluation -----------------------------------------------------------------------
+    def _compile(self) -> None:
+        """Index tensors so that one evaluation is a handful of vector operations, in float64
+        (MAC counts reach 1e10; float32 would round them)."""
+        keys = list(self.slots)
+        index = {k: i for i, k in enumerate(keys)}
+        none = len(keys)  # a slot whose fraction is always 1
+        self._offsets = [0]
+        for g in self.graph.groups:
+            self._offsets.append(self._offsets[-1] + g.size)
+        flat, slot_of = [], []
+        for i, key in enumerate(keys):
+            for gi, roots in self.slots[key].segments:
+                flat.append(roots + self._offsets[gi])
+                slot_of.append(torch.full((len(roots),), i, dtype=torch.long))
+        self._entry_flat = torch.cat(flat) if flat else torch.empty(0, dtype=torch.long)
+        self._entry_slot = torch.cat(slot_of) if slot_of else torch.empty(0, dtype=torch.long)
+        f64 = torch.float64
+        self._fixed = torch.tensor([float(self.slots[k].fixed) for k in keys], dtype=f64)
+        self._total = torch.tensor([float(self.slots[k].total) for k in keys], dtype=f64)
+        self._layer_base = torch.tensor([float(m) for m, *_ in self.layers], dtype=f64)
+        uses_in = [kind != "depthwise" for *_, kind in self.layers]
+        uses_out = [kind != "attention" for *_, kind in self.layers]
+        self._layer_in = torch.tensor([index.get(k_in, none) if u else none for (_, k_in, _, _), u
+                                       in zip(self.layers, uses_in, strict=True)], dtype=torch.long)
+        self._layer_out = torch.tensor([index.get(k_out, none) if u else none
+                                        for (_, _, k_out, _), u
+                                        in zip(self.layers, uses_out, strict=True)],
+                                       dtype=torch.long)
+        self._param_numel = torch.tensor([float(n) for n, _ in self.params_spec], dtype=f64)
+        padded = [[index.get(k, none) for k in ks] + [none] * (2 - len(ks))
+                  for _, ks in self.params_spec]
+        self._param_slots = torch.tensor(padded, dtype=torch.long).view(-1, 2)
 
-    def _fraction(self, key, keeps, cache) -> torch.Tensor:
-        if key is None or key not in self.slots:
-            return torch.tensor(1.0)
-        if key not in cache:
-            slot = self.slots[key]
-            cache[key] = slot.active(keeps) / slot.total
-        return cache[key]
+    # -- evaluation -----------------------------------------------------------------------
 
     def evaluate(self, keeps: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """{"macs", "params", "channels"} with the given keep vectors (default: all kept)."""
         keeps = self.dense_keeps if keeps is None else keeps
-        cache: dict = {}
-        macs = torch.tensor(float(self.unmodelled_macs))
-        for base, key_in, key_out, kind in self.layers:
-            f_out = self._fraction(key_out, keeps, cache)
-            f_in = self._fraction(key_in, keeps, cache)
-            if kind == "depthwise":
-                macs = macs + base * f_out
-            elif kind == "attention":
-                macs = macs + base * f_in
-            else:
-                macs = macs + base * f_in * f_out
-        params = torch.tensor(0.0)
-        for numel, keys in self.params_spec:
-            factor = torch.tensor(1.0)
-            for key in keys:
-                factor = factor * self._fraction(key, keeps, cache)
-            params = params + numel * factor
-        channels = sum((k.sum() for k in keeps), torch.tensor(0.0))
-        return {"macs": macs, "params": params, "channels": channels}
+        flat = torch.cat([k.reshape(-1) for k in keeps]).to(torch.float64).cpu()
+        active = self._fixed.index_add(0, self._entry_slot, flat[self._entry_flat])
+        fraction = torch.cat([active / self._total, torch.ones(1, dtype=torch.float64)])
+        macs = self.unmodelled_macs + (self._layer_base * fraction[self._layer_in]
+                                       * fraction[self._layer_out]).sum()
+        params = (self._param_numel * fraction[self._param_slots[:, 0]]
+                  * fraction[self._param_slots[:, 1]]).sum()
+        return {"macs": macs, "params": params, "channels": flat.sum()}
 
     def evaluate_removals(self, removals: Sequence[torch.Tensor]) -> dict[str, float]:
-        keeps = [g.keep_vector(r) for g, r in zip(self.graph.groups, removals, strict=True)]
+        keep = torch.ones(self._offsets[-1], dtype=torch.float64)
+        for g, r, offset in zip(self.graph.groups, removals, self._offsets, strict=False):
+            if r.numel():
+                keep[torch.tensor(g.channels_of(r)) + offset] = 0.0
+        keeps = [keep[a:b] for a, b in zip(self._offsets, self._offsets[1:], strict=False)]
         return {k: float(v) for k, v in self.evaluate(keeps).items()}
 
 
@@ -693,8 +706,9 @@ def remove_units(graph: StructuredGraph, removals: Sequence[torch.Tensor],
     """Physically remove the given units group by group; return the masks sliced alike.
 
     Unstructured masks ride along as the gradients of their parameters, which Torch-Pruning
-    slices together with the weights, so every kept weight keeps its own mask bit. After each
-    group a forward pass checks the network still runs; a failure names the group.
+    slices together with the weights, so every kept weight keeps its own mask bit. A forward
+    pass afterwards checks that the network still runs with the same output shape; a failure
+    names the pruned groups instead of leaving a wrong model.
     """
     model = graph.model
     masks = masks or {}
@@ -707,6 +721,7 @@ def remove_units(graph: StructuredGraph, removals: Sequence[torch.Tensor],
         params[name].grad = mask.to(params[name].device, params[name].dtype).clone()
     x = graph.example_input()
     expected = _forward_shape(model, x)
+    pruned = []
     for g, units in zip(graph.groups, removals, strict=True):
         if units.numel() == 0:
             continue
@@ -714,16 +729,16 @@ def remove_units(graph: StructuredGraph, removals: Sequence[torch.Tensor],
         group.prune()
         if g.attention is not None:
             g.attention.set_heads(g.attention.heads - units.numel())
-        try:
-            shape = _forward_shape(model, x)
-        except Exception as exc:
-            raise CompressPipeError(
-                f"removing channels of group {g.name} (layers "
-                f"{', '.join(sorted({n for n, _ in g.members})[:6])}) breaks the forward pass: "
-                f"{type(exc).__name__}: {exc}") from exc
-        if shape != expected:
-            raise CompressPipeError(f"removing channels of group {g.name} changed the output "
-                                    f"shape from {expected} to {shape}")
+        pruned.append(g.name)
+    names = ", ".join(pruned[:8]) + (f" and {len(pruned) - 8} more" if len(pruned) > 8 else "")
+    try:
+        shape = _forward_shape(model, x)
+    except Exception as exc:
+        raise CompressPipeError(f"removing channels of groups {names} breaks the forward pass "
+                                f"of {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
+    if shape != expected:
+        raise CompressPipeError(f"removing channels of groups {names} changed the output shape "
+                                f"from {expected} to {shape}")
     params = dict(model.named_parameters())
     sliced = {name: params[name].grad.detach().bool().cpu() for name in masks}
     model.zero_grad(set_to_none=True)
@@ -775,9 +790,9 @@ def describe_structure(model: nn.Module, base: nn.Module) -> dict[str, Any]:
                 raise CompressPipeError(f"layer {name!r} is not in the base architecture")
             if now != then:
                 layers[name] = {k: v for k, v in now.items() if k != "groups"}
-        if hasattr(m, "num_heads") and name in base_modules:
-            if getattr(base_modules[name], "num_heads", None) != m.num_heads:
-                attention[name] = {"num_heads": int(m.num_heads)}
+        if (hasattr(m, "num_heads") and name in base_modules
+                and getattr(base_modules[name], "num_heads", None) != m.num_heads):
+            attention[name] = {"num_heads": int(m.num_heads)}
     base_params = dict(base.named_parameters())
     parameters = {n: list(p.shape) for n, p in model.named_parameters()
                   if n not in wrapped and n in base_params and p.shape != base_params[n].shape}

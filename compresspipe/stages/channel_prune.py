@@ -1,0 +1,168 @@
+"""``channel_prune``: remove whole channels, filters and heads through Torch-Pruning's dependency
+graph, to a channel, parameter or MACs budget, in one or several steps with fine-tuning."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
+
+from ..config import StrictModel, TrainConfig
+from ..registry import register_stage
+from .base import Stage, StageConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..artifact import Artifact
+    from ..config import PipelineConfig
+    from ..context import StageContext
+
+
+class LatencyConfig(StrictModel):
+    """CPU/GPU latency of the incoming and the pruned model, measured interleaved in one run."""
+
+    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1,
+                                   description="Batch sizes to time.")
+    repeats: int = Field(10, ge=1, le=10_000, description="Timed forward passes per round.")
+    rounds: int = Field(3, ge=1, le=100, description="Interleaved rounds (dense, pruned, ...).")
+    threads: int = Field(1, ge=1, le=512, description="torch intra-op threads while timing.")
+
+    @model_validator(mode="after")
+    def _positive(self) -> LatencyConfig:
+        if any(b < 1 for b in self.batch_sizes):
+            raise ValueError("batch sizes must be at least 1")
+        return self
+
+
+class SparsityConfig(StrictModel):
+    """Network slimming: train with an L1 penalty on the BatchNorm scales before pruning."""
+
+    l1: float = Field(1e-4, gt=0, le=1, description="lambda of lambda * sum|gamma|.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5))
+
+
+class ChannelPruneConfig(StageConfig):
+    criterion: Literal["l1", "l2", "bn_scale", "fpgm", "taylor"] = Field(
+        "l1", description="Channel importance: filter L1/L2 norm, BatchNorm scale (network "
+        "slimming), FPGM (geometric median), first-order Taylor.")
+    target: Literal["channels", "params", "macs"] = Field(
+        "macs", description="What 'ratio' removes a fraction of.")
+    ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of the target removed: 0.5 "
+                         "halves the MACs (2x), 0.75 quarters them (4x).")
+    scope: Literal["global", "uniform"] = Field(
+        "global", description="Rank channels across all layers, or remove the same fraction of "
+        "every layer.")
+    steps: int = Field(1, ge=1, le=100, description="Prune in this many equal steps, "
+                       "fine-tuning after each.")
+    train: TrainConfig | None = Field(None, description="Fine-tuning after every step.")
+    ignore: list[str] = Field(default_factory=list, description="Module-name patterns (fnmatch) "
+                              "whose output channels are kept; the classifier always is.")
+    max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="No layer loses more than this "
+                                   "fraction of its channels.")
+    round_to: int = Field(1, ge=1, le=1024, description="Keep channel counts at multiples of "
+                          "this (hardware-friendly widths).")
+    taylor_batches: int = Field(8, ge=1, le=100_000, description="'taylor': training batches "
+                                "whose gradients are summed.")
+    sparsity: SparsityConfig | None = Field(None, description="'bn_scale' only: L1 sparsity "
+                                            "training on BatchNorm scales before pruning.")
+    latency: LatencyConfig | None = Field(default_factory=LatencyConfig,
+                                          description="Measure latency (null: skip).")
+
+    @model_validator(mode="after")
+    def _sparsity_needs_bn_scale(self) -> ChannelPruneConfig:
+        if self.sparsity is not None and self.criterion != "bn_scale":
+            raise ValueError("'sparsity' trains the BatchNorm scales that only criterion "
+                             "'bn_scale' reads; set criterion: bn_scale or remove 'sparsity'")
+        return self
+
+
+@register_stage("channel_prune")
+class ChannelPruneStage(Stage):
+    """Physically remove channels (Torch-Pruning dependency graph) to a budget."""
+
+    Config = ChannelPruneConfig
+
+    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+        from ..errors import CompressPipeError
+        from ..pruning.structured import StructuredGraph, input_shape_of, unit_scores
+        from ..validation import unmatched_pattern_problems
+
+        cfg = self.config
+        problems = unmatched_pattern_problems(model, cfg.ignore, "ignore", kind="module")
+        if problems:
+            return problems
+        try:
+            graph = StructuredGraph(model, input_shape_of(pipeline.data), cfg.ignore)
+        except CompressPipeError as exc:  # names the layer the model cannot be pruned at
+            return [("ignore", str(exc))]
+        if not graph.groups:
+            return [("ignore", "no channel group of the model can be pruned: " +
+                     "; ".join(f"{k}: {v}" for k, v in graph.skipped.items()))]
+        if cfg.criterion == "bn_scale":
+            from ..pruning.structured import make_importance
+
+            if all(s is None for s in unit_scores(graph, make_importance("bn_scale"))):
+                return [("criterion", "'bn_scale' reads BatchNorm scales, and no prunable "
+                         "group of this model has a BatchNorm layer; use l1, l2, fpgm or taylor")]
+        return []
+
+    def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
+        import copy
+
+        from ..errors import CompressPipeError
+        from ..pruning import structured as S
+
+        cfg = self.config
+        S.require_unquantized(artifact, self.name)
+        model = artifact.model.to(ctx.device)
+        shape = S.input_shape_of(ctx.pipeline.config.data)
+        dense = copy.deepcopy(model).eval()
+        graph = S.StructuredGraph(model, shape, cfg.ignore)
+        if not graph.groups:
+            raise CompressPipeError(f"stage {self.name!r}: no channel group can be pruned: "
+                                    + "; ".join(f"{k}: {v}" for k, v in graph.skipped.items()))
+        if cfg.sparsity is not None:
+            hook = S.BatchNormL1(S.group_batchnorms(graph), cfg.sparsity.l1)
+            ctx.trainer(model, cfg.sparsity.train, hooks=[hook], masks=artifact.masks,
+                        key="sparsity").fit()
+        reference = float(S.CostModel(graph).evaluate()[cfg.target])
+        steps = []
+        for step in range(1, cfg.steps + 1):
+            if step > 1:
+                graph = S.StructuredGraph(model, shape, cfg.ignore)
+            goal = reference * (1 - cfg.ratio * step / cfg.steps)
+            steps.append(self._prune_step(graph, artifact, ctx, goal, step))
+            if cfg.train is not None and cfg.train.epochs > 0:
+                ctx.trainer(model, cfg.train, masks=artifact.masks, key=f"finetune{step}").fit()
+        info = {"method": "channel_prune", "criterion": cfg.criterion, "target": cfg.target,
+                "ratio": cfg.ratio, "scope": cfg.scope, "steps": steps,
+                "kept_groups": graph.skipped}
+        S.record_result(artifact, ctx, dense, shape, cfg.latency, info)
+        return artifact
+
+    def _prune_step(self, graph, artifact: Artifact, ctx: StageContext, goal: float,
+                    step: int) -> dict:
+        """Score, allocate and remove one step's channels; return what was predicted."""
+        from ..errors import CompressPipeError
+        from ..measure import count_macs
+        from ..pruning import structured as S
+
+        cfg = self.config
+        cost = S.CostModel(graph)
+        if cfg.criterion == "taylor":
+            S.accumulate_gradients(graph.model, ctx.data.train_loader(), ctx.device,
+                                   cfg.taylor_batches)
+        scores = S.unit_scores(graph, S.make_importance(cfg.criterion))
+        if all(s is None for s in scores):
+            raise CompressPipeError(f"stage {self.name!r}: criterion {cfg.criterion!r} finds "
+                                    "nothing to score in any prunable group")
+        allocation = S.allocate(graph, cost, scores, cfg.target, goal, cfg.scope,
+                                cfg.max_layer_ratio, cfg.round_to)
+        widths = [{"group": g.name, "kind": g.kind, "kept": g.units - len(r), "total": g.units}
+                  for g, r in zip(graph.groups, allocation.removals, strict=True)]
+        artifact.masks = S.remove_units(graph, allocation.removals, artifact.masks)
+        measured = count_macs(graph.model, graph.input_shape)
+        ctx.log_metrics({"step_macs": measured["macs"], "step_params": measured["params"]}, step)
+        return {"step": step, "goal": goal, "predicted": allocation.predicted,
+                "measured": measured, "group_widths": widths}

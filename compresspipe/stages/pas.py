@@ -1,0 +1,105 @@
+"""``pas``: Pruning-as-Search — learn every layer's width with binary gates under a MACs budget,
+then remove the gated-off channels physically and fine-tune."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
+from ..config import TrainConfig
+from ..registry import register_stage
+from .base import Stage, StageConfig
+from .channel_prune import LatencyConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..artifact import Artifact
+    from ..config import PipelineConfig
+    from ..context import StageContext
+
+
+class PaSConfig(StageConfig):
+    p: float = Field(0.3, gt=0, lt=1, description="Fraction of the dense MACs to remove "
+                     "(0.5: 2x fewer MACs).")
+    alpha: float = Field(0.1, ge=0, le=1000, description="Weight of the MACs term "
+                         "alpha * N/10 * ((MACs - (1-p) MACs_dense) / MACs_dense)^2, N gates.")
+    gate_scale: float | None = Field(
+        None, gt=0, le=1e4, description="Gates are stored divided by this: SGD moves them "
+        "gate_scale^2 times faster than weights (Adam gate_scale times). Default: set from the "
+        "search's length, learning rate and optimiser.")
+    search: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5),
+                                description="Search: weights and gates trained together.")
+    finetune: TrainConfig | None = Field(None, description="Fine-tuning after the removal.")
+    budget: Literal["exact", "search"] = Field(
+        "exact", description="'search': remove exactly the channels whose gate is off; "
+        "'exact': rank channels by gate value and meet the MACs budget within one channel.")
+    ignore: list[str] = Field(default_factory=list, description="Module-name patterns (fnmatch) "
+                              "whose output channels are not searched; the classifier never is.")
+    max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="'exact': no layer loses more "
+                                   "than this fraction of its channels.")
+    latency: LatencyConfig | None = Field(default_factory=LatencyConfig,
+                                          description="Measure latency (null: skip).")
+
+
+@register_stage("pas")
+class PaSStage(Stage):
+    """Differentiable width search with DBC gates, then physical channel removal."""
+
+    Config = PaSConfig
+
+    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+        from ..errors import CompressPipeError
+        from ..pruning.structured import StructuredGraph, input_shape_of
+        from ..validation import unmatched_pattern_problems
+
+        cfg = self.config
+        problems = unmatched_pattern_problems(model, cfg.ignore, "ignore", kind="module")
+        if problems:
+            return problems
+        try:
+            graph = StructuredGraph(model, input_shape_of(pipeline.data), cfg.ignore,
+                                    need_gateable=True)
+        except CompressPipeError as exc:
+            return [("ignore", str(exc))]
+        if not graph.groups:
+            return [("ignore", "no channel group of the model can be searched: " +
+                     "; ".join(f"{k}: {v}" for k, v in graph.skipped.items()))]
+        return []
+
+    def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
+        import copy
+
+        from ..errors import CompressPipeError
+        from ..pruning import structured as S
+        from ..pruning.pas import PaSHook
+
+        cfg = self.config
+        S.require_unquantized(artifact, self.name)
+        model = artifact.model.to(ctx.device)
+        shape = S.input_shape_of(ctx.pipeline.config.data)
+        dense = copy.deepcopy(model).eval()
+        graph = S.StructuredGraph(model, shape, cfg.ignore, need_gateable=True)
+        if not graph.groups:
+            raise CompressPipeError(f"stage {self.name!r}: no channel group can be searched: "
+                                    + "; ".join(f"{k}: {v}" for k, v in graph.skipped.items()))
+        cost = S.CostModel(graph)
+        search = PaSHook(graph, cost, cfg.p, cfg.alpha, cfg.gate_scale)
+        try:
+            ctx.trainer(model, cfg.search, hooks=[search], masks=artifact.masks,
+                        key="search").fit()
+        finally:
+            search.remove()
+        searched = search.searched_widths()
+        searched_ratio = float(search.macs_ratio().detach())
+        allocation = search.removals(cfg.budget, cfg.max_layer_ratio)
+        artifact.masks = S.remove_units(graph, allocation.removals, artifact.masks)
+        if cfg.finetune is not None and cfg.finetune.epochs > 0:
+            ctx.trainer(model, cfg.finetune, masks=artifact.masks, key="finetune").fit()
+        info = {"method": "pas", "p": cfg.p, "alpha": cfg.alpha, "budget": cfg.budget,
+                "gate_scale": search.gates[0].scale,
+                "searched_macs_ratio": searched_ratio, "searched_widths": searched,
+                "predicted": allocation.predicted, "kept_groups": graph.skipped}
+        S.record_result(artifact, ctx, dense, shape, cfg.latency, info)
+        return artifact
