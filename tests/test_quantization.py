@@ -1,6 +1,6 @@
 """int8 quantization: QAT and PTQ to an ONNX file that onnxruntime runs in int8.
 
-One pipeline (dense -> prune two tensors -> ptq -> qat with a stand-in distillation hook) is
+One pipeline (dense -> prune two tensors -> ptq -> qat distilling from the dense stage) is
 shared by most tests; its numbers are the runner's, measured on the files reloaded from disk.
 """
 
@@ -21,14 +21,15 @@ from mlflow.tracking import MlflowClient
 from onnx import numpy_helper
 
 import compresspipe
+import compresspipe.distill
 from compresspipe.config import DataConfig, load_pipeline
 from compresspipe.data import build_data
 from compresspipe.errors import CompressPipeError, ConfigError, MaskViolation
 from compresspipe.quantization.onnx_int8 import INT8_FILE, check_int8_masks
 from compresspipe.quantization.pt2e import example_batch
 from compresspipe.stages.base import Stage, StageConfig
-from compresspipe.training import TrainHook
 
+_REAL_DISTILL_HOOK = compresspipe.distill.distill_hook
 PRUNED = ("layer1.0.conv1.weight", "fc.weight")
 
 
@@ -59,16 +60,13 @@ class MagnitudePrune(Stage):
         return artifact
 
 
-class _RecordingDistill(TrainHook):
-    """Stands in for compresspipe.distill's hook: records what it was given, adds a term."""
+_HOOK_CALLS: list = []
 
-    calls: list = []
 
-    def __init__(self, cfg, ctx, student):
-        type(self).calls.append((cfg, ctx.spec.name, student))
-
-    def extra_loss(self, model, inputs, outputs, targets):
-        return {"kd": outputs.sum() * 0.0}
+def _recording_distill_hook(cfg, ctx, student):
+    """Wraps the real distillation hook and records what the qat stage handed it."""
+    _HOOK_CALLS.append((cfg, ctx.spec.name, student))
+    return _REAL_DISTILL_HOOK(cfg, ctx, student)
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +81,9 @@ def int8_run(tmp_path_factory):
         {"name": "qat", "qat": {"epochs": 1, "lr": 0.005, "freeze_bn_after": 0,
                                 "latency_repeats": 0, "distill": {"teacher": "stage:dense"}}},
     ]
-    fake = types.ModuleType("compresspipe.distill")
-    fake.distill_hook = _RecordingDistill
-    _RecordingDistill.calls = []
+    _HOOK_CALLS.clear()
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
-        mp.setitem(sys.modules, "compresspipe.distill", fake)
+        mp.setattr(compresspipe.distill, "distill_hook", _recording_distill_hook)
         warnings.simplefilter("always")
         summary = compresspipe.run(cfg)
     return out, summary, caught
@@ -204,7 +200,7 @@ def test_int8_metrics_are_tracked(int8_run):
 
 def test_qat_uses_the_distillation_hook(int8_run):
     _, summary, _ = int8_run
-    (cfg, stage, student), = _RecordingDistill.calls
+    (cfg, stage, student), = _HOOK_CALLS
     assert stage == "qat" and cfg.teacher == "stage:dense"
     # the student is the captured fake-quant graph, with the model's parameter names
     assert PRUNED[0] in dict(student.named_parameters())
