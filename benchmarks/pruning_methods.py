@@ -73,12 +73,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 sparsities, 1 seed")
     ap.add_argument("--model", default="resnet10t")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the runs here; a second call resumes them instead of starting over")
     args = ap.parse_args()
     sparsities = [0.9, 0.98] if args.quick else [0.9, 0.95, 0.98, 0.99]
     seeds = list(range(1 if args.quick else args.seeds))
     rows: dict[tuple[str, float], list[dict]] = {}
     started = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.workdir or scratch
         for seed in seeds:
             for s in sparsities:
                 for name, (stages, epochs) in methods(s).items():

@@ -34,13 +34,26 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def encode_state(artifact: Artifact, float_dtype: str = "float32") -> tuple[dict, dict[str, str]]:
-    """Coded tensors for every entry of the model's state, and how each was coded."""
+def _statistics_names(bn_folded: list[str]) -> set[str]:
+    from .batchnorm import STATISTICS
+
+    return {f"{bn}.{stat}" for bn in bn_folded for stat in STATISTICS}
+
+
+def encode_state(artifact: Artifact, float_dtype: str = "float32",
+                 bn_folded: list[str] = ()) -> tuple[dict, dict[str, str]]:
+    """Coded tensors for every entry of the model's state, and how each was coded.
+
+    The statistics of the BatchNorms in ``bn_folded`` (see compresspipe.batchnorm) are left
+    out: the decoder recreates them."""
     from .coding import encode_clustered, encode_raw
 
     layers = artifact.quant.get("cluster", {}).get("layers", {})
+    omitted = _statistics_names(list(bn_folded))
     tensors, how = {}, {}
     for name, value in artifact.model.state_dict().items():
+        if name in omitted:
+            continue
         if name in layers:
             info = layers[name]
             indices = artifact.extras[f"{CLUSTER_PREFIX}{name}.indices"].numpy()
@@ -57,14 +70,34 @@ def encode_state(artifact: Artifact, float_dtype: str = "float32") -> tuple[dict
     return tensors, how
 
 
-def write_model_cpz(artifact: Artifact, path: str | os.PathLike, float_dtype: str = "float32") -> int:
-    """Write the artifact's model as a .cpz file; return its size in bytes."""
+def write_model_cpz(artifact: Artifact, path: str | os.PathLike, float_dtype: str = "float32",
+                    bn_folded: list[str] = ()) -> int:
+    """Write the artifact's model as a .cpz file; return its size in bytes.
+
+    ``bn_folded`` names BatchNorms already folded with compresspipe.batchnorm.fold_statistics."""
     from .coding import write_cpz
 
-    tensors, how = encode_state(artifact, float_dtype)
+    tensors, how = encode_state(artifact, float_dtype, bn_folded)
     metadata = _json_safe({"spec": artifact.spec, "lineage": artifact.lineage,
-                           "masks": sorted(artifact.masks), "encoding": how})
+                           "masks": sorted(artifact.masks), "encoding": how,
+                           "bn_folded": sorted(bn_folded)})
     return write_cpz(path, tensors, metadata)
+
+
+def _folded_statistics(path, model: nn.Module, names: object) -> dict[str, torch.Tensor]:
+    """The statistics tensors of the BatchNorms the file says were folded, checked by name."""
+    from .batchnorm import foldable, folded_statistics
+
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ArtifactError(f"{path}: metadata 'bn_folded' must be a list of module names")
+    modules = dict(model.named_modules())
+    state = {}
+    for name in names:
+        if not foldable(modules.get(name)):
+            raise ArtifactError(f"{path}: metadata 'bn_folded' names {name[:80]!r}, which is "
+                                "not a BatchNorm of the model")
+        state.update({f"{name}.{k}": v for k, v in folded_statistics(modules[name]).items()})
+    return state
 
 
 def read_model_cpz(path: str | os.PathLike) -> Artifact:
@@ -80,8 +113,10 @@ def read_model_cpz(path: str | os.PathLike) -> Artifact:
         raise ArtifactError(f"{path}: metadata has no model spec")
     model = build_from_spec(metadata["spec"])
     own = model.state_dict()
-    if set(own) != set(tensors):
-        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    folded = _folded_statistics(path, model, metadata.get("bn_folded", []))
+    missing = sorted(set(own) - set(tensors) - set(folded))
+    extra = sorted((set(tensors) - set(own)) | (set(tensors) & set(folded)))
+    if missing or extra:
         raise ArtifactError(f"{path}: tensors do not match the model (missing {missing[:3]}, "
                             f"unexpected {extra[:3]})")
     state = {}
@@ -91,7 +126,7 @@ def read_model_cpz(path: str | os.PathLike) -> Artifact:
             raise ArtifactError(f"{path}: tensor {name!r} has shape {list(dense.shape)}, "
                                 f"the model expects {list(own[name].shape)}")
         state[name] = dense.to(own[name].dtype)
-    model.load_state_dict(state)
+    model.load_state_dict({**state, **folded})
     return Artifact(model=model.eval(), spec=metadata["spec"], lineage=metadata.get("lineage", []))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,3 +74,57 @@ def test_corrupt_cpz_is_one_clear_error(chain, tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="bad.cpz"):
         read_model_cpz(bad)
+
+
+def test_batchnorm_statistics_are_folded_out_of_the_file(chain):
+    from compresspipe.coding import read_cpz
+
+    out, summary = chain
+    tensors, metadata = read_cpz(out / "huffman" / "model.cpz")
+    model = compresspipe.load(out / "huffman").model
+    bns = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert sorted(metadata["bn_folded"]) == sorted(bns) and bns
+    assert not [n for n in tensors if n.endswith(("running_mean", "running_var",
+                                                  "num_batches_tracked"))]
+    assert all(f"{bn}.weight" in tensors and f"{bn}.bias" in tensors for bn in bns)
+
+
+def test_hostile_bn_folded_metadata_is_rejected(chain, tmp_path):
+    from compresspipe.coding import read_cpz, write_cpz
+
+    out, _ = chain
+    tensors, metadata = read_cpz(out / "huffman" / "model.cpz")
+    from compresspipe.coding import encode_raw
+
+    raw = {n: encode_raw(np.asarray(t.to_dense())) for n, t in tensors.items()}
+    for bad in (["fc"], ["../../etc"], "bn1", [3]):
+        path = tmp_path / "bad.cpz"
+        write_cpz(path, raw, {**metadata, "bn_folded": bad})
+        with pytest.raises(ArtifactError, match="bn_folded"):
+            read_model_cpz(path)
+
+
+def test_fold_statistics_keeps_outputs_and_shrinks_the_file(tmp_path):
+    import timm
+
+    from compresspipe.artifact import Artifact
+    from compresspipe.batchnorm import fold_statistics, folded_variance
+    from compresspipe.cpz_model import write_model_cpz
+
+    for eps in (1e-5, 1e-3, 0.1):
+        assert np.float32(folded_variance(eps)) + np.float32(eps) == np.float32(1.0)
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    with torch.no_grad():  # non-trivial running statistics
+        model.train()(torch.randn(16, 1, 16, 16) * 3 + 1)
+    x = torch.randn(8, 1, 16, 16)
+    artifact = Artifact(model=model.eval(), spec={"source": "timm", "name": "test_resnet", "kwargs": {
+        "num_classes": 10, "in_chans": 1}})
+    before = model(x)
+    plain = write_model_cpz(artifact, tmp_path / "plain.cpz")
+    folded = fold_statistics(model)
+    assert folded and torch.allclose(model(x), before, atol=1e-5, rtol=1e-5)
+    smaller = write_model_cpz(artifact, tmp_path / "folded.cpz", bn_folded=folded)
+    assert smaller < plain
+    decoded = read_model_cpz(tmp_path / "folded.cpz").model
+    assert torch.equal(decoded(x), model(x))
