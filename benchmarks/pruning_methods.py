@@ -73,11 +73,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 sparsities, 1 seed")
     ap.add_argument("--model", default="resnet10t")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--only-seed", type=int, default=None,
+                    help="run just this seed (parallel workers sharing --workdir; a final call "
+                    "without it resumes them all and writes the table)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="keep the runs here; a second call resumes them instead of starting over")
     args = ap.parse_args()
     sparsities = [0.9, 0.98] if args.quick else [0.9, 0.95, 0.98, 0.99]
     seeds = list(range(1 if args.quick else args.seeds))
+    if args.only_seed is not None:
+        seeds = [args.only_seed]
     rows: dict[tuple[str, float], list[dict]] = {}
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
