@@ -915,6 +915,25 @@ def input_shape_of(data_cfg) -> tuple[int, int, int, int]:
     return (1, data_cfg.dataset_channels(), data_cfg.image_size, data_cfg.image_size)
 
 
+def check_graph(model: nn.Module, data_cfg, ignore: Sequence[str], what: str = "pruned",
+                **graph_kwargs) -> tuple[StructuredGraph | None, list[tuple[str, str]]]:
+    """The dependency graph a structured stage would work on, or the validation problems
+    (``ignore`` patterns that match nothing, a layer the graph cannot handle, no group left)."""
+    from ..validation import unmatched_pattern_problems
+
+    problems = unmatched_pattern_problems(model, ignore, "ignore", kind="module")
+    if problems:
+        return None, problems
+    try:
+        graph = StructuredGraph(model, input_shape_of(data_cfg), ignore, **graph_kwargs)
+    except CompressPipeError as exc:  # names the layer the model cannot be pruned at
+        return None, [("ignore", str(exc))]
+    if not graph.groups:
+        return None, [("ignore", f"no channel group of the model can be {what}: " +
+                       "; ".join(f"{k}: {v}" for k, v in graph.skipped.items()))]
+    return graph, []
+
+
 def require_unquantized(artifact, stage: str) -> None:
     """Structured pruning narrows float layers; a quantized artifact must be pruned earlier."""
     if artifact.quant:

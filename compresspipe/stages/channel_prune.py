@@ -84,21 +84,12 @@ class ChannelPruneStage(Stage):
     Config = ChannelPruneConfig
 
     def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
-        from ..errors import CompressPipeError
-        from ..pruning.structured import StructuredGraph, input_shape_of, unit_scores
-        from ..validation import unmatched_pattern_problems
+        from ..pruning.structured import check_graph, unit_scores
 
         cfg = self.config
-        problems = unmatched_pattern_problems(model, cfg.ignore, "ignore", kind="module")
+        graph, problems = check_graph(model, pipeline.data, cfg.ignore)
         if problems:
             return problems
-        try:
-            graph = StructuredGraph(model, input_shape_of(pipeline.data), cfg.ignore)
-        except CompressPipeError as exc:  # names the layer the model cannot be pruned at
-            return [("ignore", str(exc))]
-        if not graph.groups:
-            return [("ignore", "no channel group of the model can be pruned: " +
-                     "; ".join(f"{k}: {v}" for k, v in graph.skipped.items()))]
         if cfg.criterion == "bn_scale":
             from ..pruning.structured import make_importance
 

@@ -50,23 +50,10 @@ class PaSStage(Stage):
     Config = PaSConfig
 
     def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
-        from ..errors import CompressPipeError
-        from ..pruning.structured import StructuredGraph, input_shape_of
-        from ..validation import unmatched_pattern_problems
+        from ..pruning.structured import check_graph
 
-        cfg = self.config
-        problems = unmatched_pattern_problems(model, cfg.ignore, "ignore", kind="module")
-        if problems:
-            return problems
-        try:
-            graph = StructuredGraph(model, input_shape_of(pipeline.data), cfg.ignore,
-                                    need_gateable=True)
-        except CompressPipeError as exc:
-            return [("ignore", str(exc))]
-        if not graph.groups:
-            return [("ignore", "no channel group of the model can be searched: " +
-                     "; ".join(f"{k}: {v}" for k, v in graph.skipped.items()))]
-        return []
+        return check_graph(model, pipeline.data, self.config.ignore, "searched",
+                           need_gateable=True)[1]
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
         import copy
