@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import TrainConfig
 from ..registry import register_stage
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..artifact import Artifact
     from ..config import PipelineConfig
     from ..context import StageContext
+
 
 def _default_finetune() -> TrainConfig:
     return TrainConfig(epochs=2, lr=0.0005, schedule="cosine", weight_decay=0.0)
@@ -39,6 +40,16 @@ class ClusterConfig(StageConfig):
     finetune: TrainConfig = Field(
         default_factory=_default_finetune,
         description="Centroid fine-tuning with the training loop (epochs: 0 skips it).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finetune_over_defaults(cls, data):
+        # `finetune: {epochs: 3}` keeps the small centroid learning rate and no weight decay:
+        # the generic training defaults (lr 0.05, decay 5e-4) wreck summed centroid gradients
+        if isinstance(data, dict) and isinstance(data.get("finetune"), dict):
+            defaults = _default_finetune().model_dump(exclude_unset=True)
+            data = {**data, "finetune": {**defaults, **data["finetune"]}}
+        return data
 
     @field_validator("overrides")
     @classmethod
