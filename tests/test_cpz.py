@@ -665,3 +665,82 @@ def test_read_missing_file_is_an_os_error(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         read_cpz(tmp_path / "nope.cpz")
     assert not os.path.exists(tmp_path / "nope.cpz")
+
+
+# --------------------------------------------------------------------------- all streams in one pass
+
+
+@pytest.fixture(scope="module")
+def multi_block_file() -> bytes:
+    """Three clustered tensors whose positions and values streams all span several blocks."""
+    rng = np.random.default_rng(RNG_SEED + 3)
+    tensors = {}
+    for name in ("a.weight", "b.weight", "c.weight"):
+        idx, book = _pruned_clustered(rng, (96, 64, 3, 3), 0.1)
+        tensors[name] = encode_clustered(idx, book)
+    tensors["c.bias"] = encode_raw(rng.normal(size=96).astype(np.float32))
+    return pack_cpz(tensors, {})
+
+
+def _shift_block_boundary(sample: bytes, name: str, stream: str) -> bytes:
+    """Start block 1 of a tensor's stream one bit late, every checksum kept valid."""
+    meta, table, payload = _split(sample)
+    entry = next(e for e in table["tensors"] if e["name"] == name)
+    spec = entry[stream]["stream"] if stream == "positions" else entry[stream]
+    ref = spec["blob"]
+    blob = bytearray(payload[ref["offset"] : ref["offset"] + ref["length"]])
+    start = spec["alphabet"] ** spec["group"]
+    spans = np.frombuffer(blob[start:], dtype=f"<u{spec['width']}", count=2).copy()
+    spans += np.array([1, -1]).astype(spans.dtype)
+    blob[start : start + spans.nbytes] = spans.tobytes()
+    return _assemble(meta, table, _with_blob(payload, ref, bytes(blob)))
+
+
+def test_all_streams_are_decoded_in_one_call(
+    multi_block_file: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    decode_many = huffman.decode_many
+    monkeypatch.setattr(huffman, "decode_many", lambda s: calls.append(len(s)) or decode_many(s))
+    monkeypatch.setattr(huffman, "decode", None)  # the per-stream path is not used at all
+    tensors, _ = unpack_cpz(multi_block_file)
+    assert calls == [6]  # positions and values of three tensors
+    for name in ("a.weight", "b.weight", "c.weight"):
+        assert tensors[name].indices.shape == (96, 64, 3, 3)
+        assert np.count_nonzero(tensors[name].indices) == pytest.approx(0.1 * 96 * 64 * 9, abs=1)
+
+
+@pytest.mark.parametrize("name", ["a.weight", "b.weight", "c.weight"])
+@pytest.mark.parametrize("stream", ["positions", "values"])
+def test_corrupt_block_names_its_tensor(multi_block_file: bytes, name: str, stream: str) -> None:
+    _expect_error(
+        _shift_block_boundary(multi_block_file, name, stream),
+        f"^tensor '{name}': {stream} stream: block 0: bitstream does not decode to its recorded"
+        " length$",
+    )
+
+
+def test_first_tensor_with_an_error_is_reported(multi_block_file: bytes) -> None:
+    """Streams are decoded together, yet the error is still the first tensor's in the file."""
+    late_block = _shift_block_boundary(multi_block_file, "c.weight", "values")
+    # A crc checked before decoding (b) wins over a bad block of a later tensor (c) ...
+    meta, table, payload = _split(late_block)
+    entry = next(e for e in table["tensors"] if e["name"] == "b.weight")
+    entry["codebook"]["blob"]["crc32"] ^= 1
+    _expect_error(_assemble(meta, table, payload), "^tensor 'b.weight': codebook: checksum")
+    # ... and loses to a bad block of an earlier tensor (a).
+    early_block = _shift_block_boundary(multi_block_file, "a.weight", "positions")
+    meta, table, payload = _split(early_block)
+    entry = next(e for e in table["tensors"] if e["name"] == "b.weight")
+    entry["values"]["blob"]["crc32"] ^= 1
+    _expect_error(_assemble(meta, table, payload), "^tensor 'a.weight': positions stream: block 0")
+    # A check after decoding (a's codebook zero entry) wins over a bad block of b.
+    meta, table, payload = _split(_shift_block_boundary(multi_block_file, "b.weight", "values"))
+    entry = next(e for e in table["tensors"] if e["name"] == "a.weight")
+    ref = entry["codebook"]["blob"]
+    book = np.frombuffer(payload[ref["offset"] : ref["offset"] + ref["length"]], "<f4").copy()
+    book[0] = 1.0
+    _expect_error(
+        _assemble(meta, table, _with_blob(payload, ref, book.tobytes())),
+        r"^tensor 'a.weight': codebook: entry 0 \(zero_index\) is not 0$",
+    )

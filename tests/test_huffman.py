@@ -269,3 +269,149 @@ def test_decode_of_random_bits_never_crashes(seed: int) -> None:
     except HuffmanError:
         return
     assert out.size == n and int(out.max()) < lengths.size
+
+
+# --------------------------------------------------------------------------- many streams at once
+
+
+def _random_stream(rng: np.random.Generator) -> tuple[np.ndarray, tuple]:
+    """Symbols and decode() arguments of a stream of random size, alphabet, skew and block size."""
+    block_size = int(rng.choice([16, 32, 64, 1024]))
+    n = int(
+        rng.choice([0, 1, 2, block_size - 1, block_size, block_size + 1, 3 * block_size])
+        if rng.random() < 0.5
+        else rng.integers(1, 6 * block_size)
+    )
+    alphabet = int(rng.choice([1, 2, 5, 16, 300, 70_000]))  # uint8, uint16 and uint32 output
+    used = rng.choice(alphabet, min(alphabet, int(rng.integers(1, 60))), replace=False)
+    kind = rng.integers(3)
+    if kind == 0:  # one distinct symbol
+        symbols = np.full(n, used[0])
+    elif kind == 1:
+        symbols = rng.choice(used, n)
+    else:  # geometric skew: long codes for rare symbols
+        p = 0.5 ** np.arange(used.size)
+        symbols = rng.choice(used, n, p=p / p.sum())
+    lengths = huffman.code_lengths(np.bincount(symbols, minlength=alphabet))
+    data, offsets = huffman.encode(symbols, lengths, block_size)
+    return symbols, (data, lengths, n, offsets, block_size)
+
+
+def _fibonacci_stream() -> tuple[np.ndarray, tuple]:
+    """Codes up to 24 bits long: decoded on its own with the long-code resolver."""
+    counts = np.array(FIB[:25])
+    symbols = np.repeat(np.arange(25), np.minimum(counts, 300))
+    np.random.default_rng(0).shuffle(symbols)
+    lengths = huffman.code_lengths(counts)
+    data, offsets = huffman.encode(symbols, lengths, 64)
+    return symbols, (data, lengths, symbols.size, offsets, 64)
+
+
+@pytest.mark.parametrize("table_budget", [None, 1 << 10])
+@pytest.mark.parametrize("seed", range(4))
+def test_decode_many_equals_decode(
+    seed: int, table_budget: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if table_budget is not None:  # small shared-table budget: some streams go on their own
+        monkeypatch.setattr(huffman, "_SHARED_TABLE_MAX", table_budget)
+    rng = np.random.default_rng(seed)
+    streams = [_random_stream(rng) for _ in range(30)]
+    streams.insert(int(rng.integers(0, 30)), _fibonacci_stream())
+    out = huffman.decode_many([args for _, args in streams])
+    assert len(out) == len(streams)
+    for (symbols, args), got in zip(streams, out, strict=True):
+        alone = huffman.decode(*args)
+        assert got.dtype == alone.dtype
+        np.testing.assert_array_equal(got, symbols)
+        np.testing.assert_array_equal(got, alone)
+    assert huffman.decode_many([]) == []
+
+
+def test_decode_many_is_one_lock_step_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = []
+    lock_step = huffman._lock_step
+    monkeypatch.setattr(
+        huffman, "_lock_step", lambda *a: rows.append(a[2].shape[0]) or lock_step(*a)
+    )
+    rng = np.random.default_rng(1)
+    streams = [args for _, args in (_random_stream(rng) for _ in range(20))]
+    huffman.decode_many(streams)
+    # One row per symbol of the longest block, not one per symbol of every stream's blocks.
+    assert sum(rows) == max(min(n, block_size) for _, _, n, _, block_size in streams)
+
+
+def _shift_boundary(args: tuple, block: int) -> tuple:
+    """Move the start of ``block`` one bit later: block - 1 then ends before its recorded end."""
+    data, lengths, n, offsets, block_size = args
+    shifted = offsets.copy()
+    shifted[block] += 1
+    return data, lengths, n, shifted, block_size
+
+
+def _skewed_streams(count: int) -> list[tuple]:
+    rng = np.random.default_rng(5)
+    streams = []
+    for _ in range(count):
+        symbols = rng.choice(6, 500, p=[0.5, 0.2, 0.1, 0.1, 0.05, 0.05])
+        lengths = huffman.code_lengths(np.bincount(symbols, minlength=6))
+        data, offsets = huffman.encode(symbols, lengths, 64)
+        streams.append((data, lengths, symbols.size, offsets, 64))
+    return streams
+
+
+def test_corrupt_block_names_its_stream() -> None:
+    streams = _skewed_streams(6)
+    streams[4] = _shift_boundary(streams[4], 3)
+    message = "block 2: bitstream does not decode to its recorded length"
+    with pytest.raises(HuffmanError, match=f"^{message}$"):
+        huffman.decode(*streams[4])
+    with pytest.raises(huffman.StreamError, match=f"^stream 4: {message}$") as info:
+        huffman.decode_many(streams)
+    assert info.value.index == 4 and str(info.value.error) == message
+
+
+def test_first_failing_stream_is_reported() -> None:
+    streams = _skewed_streams(6)
+    streams[1] = _shift_boundary(streams[1], 5)
+    streams[3] = _shift_boundary(streams[3], 1)
+    truncated = (streams[4][0][:-1], *streams[4][1:])
+    with pytest.raises(huffman.StreamError, match="^stream 1: block 4: ") as info:
+        huffman.decode_many(streams)
+    assert info.value.index == 1
+    # A check failing before decoding (truncated data) loses to a bad block in an earlier stream,
+    with pytest.raises(huffman.StreamError, match="^stream 1: block 0: "):
+        huffman.decode_many([*streams[2:4], truncated])
+    # and wins over one in a later stream.
+    with pytest.raises(huffman.StreamError, match="^stream 0: stream of .* bits does not fill"):
+        huffman.decode_many([truncated, *streams[1:4]])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_decode_many_fails_like_the_first_failing_decode(seed: int) -> None:
+    """Random corruption of some streams: decode_many raises what the first failing decode does."""
+    rng = np.random.default_rng(100 + seed)
+    streams = [args for _, args in (_random_stream(rng) for _ in range(8))]
+    streams.insert(int(rng.integers(0, 9)), _fibonacci_stream()[1])
+    for i in rng.choice(len(streams), int(rng.integers(1, 4)), replace=False):
+        data, lengths, n, offsets, block_size = streams[i]
+        if not data:
+            continue
+        raw = bytearray(data)
+        for pos in rng.integers(0, 8 * len(raw), int(rng.integers(1, 4))):
+            raw[pos // 8] ^= 1 << (pos % 8)
+        streams[i] = (bytes(raw), lengths, n, offsets, block_size)
+    expected = None
+    for i, args in enumerate(streams):
+        try:
+            huffman.decode(*args)
+        except HuffmanError as exc:
+            expected = (i, str(exc))
+            break
+    if expected is None:
+        out = huffman.decode_many(streams)
+        for args, got in zip(streams, out, strict=True):
+            np.testing.assert_array_equal(got, huffman.decode(*args))
+        return
+    with pytest.raises(huffman.StreamError) as info:
+        huffman.decode_many(streams)
+    assert (info.value.index, str(info.value.error)) == expected

@@ -1093,17 +1093,36 @@ def _read_array(payload: memoryview, spec: _ArraySpec, where: str) -> np.ndarray
     return arr.astype(spec.dtype.newbyteorder("="))  # native byte order, and a writable copy
 
 
-def _read_stream(payload: memoryview, spec: _StreamSpec, where: str) -> np.ndarray:
+@dataclass(frozen=True)
+class _StreamJob:
+    """A Huffman stream whose blob and code tables passed their checks, ready to decode."""
+
+    spec: _StreamSpec
+    where: str
+    args: tuple  # huffman.decode's arguments
+
+
+def _stream_job(payload: memoryview, spec: _StreamSpec, where: str) -> _StreamJob:
     raw = _read_blob(payload, spec.blob, where)
     with _section(where):
         n_codes = spec.alphabet**spec.group
         lengths = huffman.validate_lengths(np.frombuffer(raw[:n_codes], dtype=np.uint8))
         spans = np.frombuffer(raw[n_codes : spec.table_bytes], dtype=f"<u{spec.width}")
         offsets = np.concatenate([[0], np.cumsum(spans, dtype=np.int64)])
-        coded = huffman.decode(
-            raw[spec.table_bytes :], lengths, spec.coded, offsets, spec.block_size
-        )
-        return _ungrouped(coded, spec.alphabet, spec.group, spec.count)
+    args = (raw[spec.table_bytes :], lengths, spec.coded, offsets, spec.block_size)
+    return _StreamJob(spec, where, args)
+
+
+def _ungroup(job: _StreamJob, coded: np.ndarray) -> np.ndarray:
+    with _section(job.where):
+        return _ungrouped(coded, job.spec.alphabet, job.spec.group, job.spec.count)
+
+
+def _read_stream(payload: memoryview, spec: _StreamSpec, where: str) -> np.ndarray:
+    job = _stream_job(payload, spec, where)
+    with _section(where):
+        coded = huffman.decode(*job.args)
+    return _ungroup(job, coded)
 
 
 def _read_positions(payload: memoryview, spec: _PositionsSpec, size: int, where: str) -> np.ndarray:
@@ -1116,35 +1135,76 @@ def _read_positions(payload: memoryview, spec: _PositionsSpec, size: int, where:
         return _positions_from_symbols(spec.method, symbols, spec.bits, spec.count, size)
 
 
-def _scatter(
-    entry: _Entry, payload: memoryview, symbols: np.ndarray, fill: Any, where: str
-) -> np.ndarray:
-    """The tensor: ``symbols`` as is when dense, else ``fill`` with symbols at the nonzero positions."""
-    if entry.positions is None:
-        return symbols.reshape(entry.shape)
-    positions = _read_positions(payload, entry.positions, entry.size, f"{where}: positions stream")
-    out = np.empty(entry.shape, dtype=symbols.dtype)
-    out[...] = fill
-    out.reshape(-1)[positions] = symbols
-    return out
+@dataclass(frozen=True)
+class _Pending:
+    """A tensor read up to its Huffman streams, which are decoded with those of the whole file."""
+
+    entry: _Entry
+    arrays: dict[str, np.ndarray]
+    jobs: list[_StreamJob]  # the values stream, then the positions stream if any
+    bitmap: memoryview | None = None
+    tensor: CpzTensor | None = None  # raw tensors are complete at once
 
 
-def _decode_entry(entry: _Entry, payload: memoryview) -> CpzTensor:
+def _read_entry(entry: _Entry, payload: memoryview) -> _Pending:
+    """Check an entry's blobs and code tables; the Huffman decoding is left to the caller."""
     where = f"tensor {entry.name!r}"
     if entry.kind == "raw":
         raw = _read_blob(payload, entry.values, f"{where}: values")
         array = np.frombuffer(raw, dtype=entry.dtype).reshape(entry.shape)
         if entry.dtype.kind == "b" and raw and np.frombuffer(raw, np.uint8).max() > 1:
             raise _fail(f"{where}: values", "bool bytes must be 0 or 1")
-        return RawTensor(array.astype(entry.dtype.newbyteorder("=")))
+        return _Pending(
+            entry, {}, [], tensor=RawTensor(array.astype(entry.dtype.newbyteorder("=")))
+        )
     arrays = {k: _read_array(payload, s, f"{where}: {k}") for k, s in entry.arrays.items()}
-    symbols = _read_stream(payload, entry.values, f"{where}: values stream")
+    jobs = [_stream_job(payload, entry.values, f"{where}: values stream")]
+    pos, bitmap = entry.positions, None
+    if pos is not None and pos.stream is None:
+        bitmap = _read_blob(payload, pos.blob, f"{where}: positions stream")
+    elif pos is not None:
+        jobs.append(_stream_job(payload, pos.stream, f"{where}: positions stream"))
+    return _Pending(entry, arrays, jobs, bitmap)
+
+
+def _positions(pending: _Pending, coded: list[np.ndarray]) -> np.ndarray:
+    spec, size = pending.entry.positions, pending.entry.size
+    where = f"tensor {pending.entry.name!r}: positions stream"
+    if spec.stream is None:
+        with _section(where):
+            return _positions_from_bitmap(pending.bitmap, spec.count, size)
+    symbols = _ungroup(pending.jobs[1], coded[1])
+    with _section(where):
+        return _positions_from_symbols(spec.method, symbols, spec.bits, spec.count, size)
+
+
+def _scatter(
+    pending: _Pending, coded: list[np.ndarray], symbols: np.ndarray, fill: Any
+) -> np.ndarray:
+    """The tensor: ``symbols`` as is when dense, else ``fill`` with symbols at the nonzero positions."""
+    entry = pending.entry
+    if entry.positions is None:
+        return symbols.reshape(entry.shape)
+    positions = _positions(pending, coded)
+    out = np.empty(entry.shape, dtype=symbols.dtype)
+    out[...] = fill
+    out.reshape(-1)[positions] = symbols
+    return out
+
+
+def _assemble(pending: _Pending, coded: list[np.ndarray]) -> CpzTensor:
+    """The tensor of an entry from its decoded streams (``coded`` in the order of its jobs)."""
+    if pending.tensor is not None:
+        return pending.tensor
+    entry, arrays = pending.entry, pending.arrays
+    where = f"tensor {entry.name!r}"
+    symbols = _ungroup(pending.jobs[0], coded[0])
     native = entry.dtype.newbyteorder("=")
     if entry.kind == "clustered":
         codebook = arrays["codebook"]
         if entry.zero_index is not None and codebook[entry.zero_index] != 0:
             raise _fail(f"{where}: codebook", f"entry {entry.zero_index} (zero_index) is not 0")
-        indices = _scatter(entry, payload, symbols.astype(native), entry.zero_index, where)
+        indices = _scatter(pending, coded, symbols.astype(native), entry.zero_index)
         return ClusteredTensor(indices, codebook, entry.zero_index)
     zero_point = arrays["zero_point"]
     if entry.positions is not None and (
@@ -1153,8 +1213,34 @@ def _decode_entry(entry: _Entry, payload: memoryview) -> CpzTensor:
         raise _fail(f"{where}: zero_point", "outside the int8 range, so no entry can be pruned")
     q_symbols = (symbols ^ np.uint8(0x80)).view(np.int8)
     fill = _broadcast_channel(zero_point.astype(np.int8), entry.shape, entry.axis)
-    q = _scatter(entry, payload, q_symbols, fill, where)
+    q = _scatter(pending, coded, q_symbols, fill)
     return Int8Tensor(q, arrays["scale"], zero_point, entry.axis)
+
+
+def _decode_streams(
+    pending: list[_Pending], failure: CpzFormatError | None
+) -> tuple[list[list[np.ndarray]], CpzFormatError | None]:
+    """Decode the streams of all pending entries in one lock-step pass.
+
+    ``failure`` is the error of the entry that follows the pending ones, if any. Returns
+    the coded symbols of the entries up to the first one that fails, and the error to
+    raise: that of a stream that fails to decode, or else ``failure``.
+    """
+    jobs = [(i, job) for i, p in enumerate(pending) for job in p.jobs]
+    try:
+        coded = huffman.decode_many([job.args for _, job in jobs])
+    except huffman.StreamError as exc:
+        # decode_many names the first failing stream: the ones before it decode fine.
+        bad, job = jobs[exc.index]
+        failure = _fail(job.where, str(exc.error))
+        failure.__cause__ = exc
+        jobs = [(i, j) for i, j in jobs if i < bad]
+        pending = pending[:bad]
+        coded = huffman.decode_many([job.args for _, job in jobs])
+    per_entry: list[list[np.ndarray]] = [[] for _ in pending]
+    for (i, _), symbols in zip(jobs, coded, strict=True):
+        per_entry[i].append(symbols)
+    return per_entry, failure
 
 
 def unpack_cpz(
@@ -1162,11 +1248,27 @@ def unpack_cpz(
 ) -> tuple[dict[str, CpzTensor], dict[str, Any]]:
     """Decode .cpz bytes into ``({name: tensor}, metadata)``; raises CpzFormatError only."""
     parsed = _guarded(lambda: _parse(data, max_elements))
-    tensors = {}
+    # Every tensor is checked up to its Huffman streams, then all streams are decoded in
+    # one pass (one numpy call per row decodes a symbol of every block of the file). The
+    # error reported is still the one of the first tensor in the file that has one.
+    pending: list[_Pending] = []
+    failure = None
     for entry in parsed.entries:
-        tensors[entry.name] = _guarded(
-            lambda e=entry: _decode_entry(e, parsed.payload), f"tensor {entry.name!r}"
+        try:
+            pending.append(
+                _guarded(lambda e=entry: _read_entry(e, parsed.payload), f"tensor {entry.name!r}")
+            )
+        except CpzFormatError as exc:
+            failure = exc
+            break
+    coded, failure = _guarded(lambda: _decode_streams(pending, failure))
+    tensors = {}
+    for p, c in zip(pending, coded, strict=False):  # only the entries before a failure
+        tensors[p.entry.name] = _guarded(
+            lambda p=p, c=c: _assemble(p, c), f"tensor {p.entry.name!r}"
         )
+    if failure is not None:
+        raise failure
     return tensors, parsed.metadata
 
 
