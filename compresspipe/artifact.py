@@ -10,6 +10,7 @@ half-written artifact.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -96,7 +97,8 @@ class Artifact:
                       str(tmp / EXTRAS_FILE))
         write_json(tmp / META_FILE, self.to_json())
         for name, write in self.outputs.items():
-            if Path(name).name != name or name in (META_FILE, MODEL_FILE, MASKS_FILE, EXTRAS_FILE):
+            if not _plain_file_name(name) or name in (META_FILE, MODEL_FILE, MASKS_FILE,
+                                                      EXTRAS_FILE):
                 raise ArtifactError(f"invalid artifact output file name {name!r}")
             write(tmp / name)
         for p in tmp.iterdir():
@@ -124,7 +126,7 @@ class Artifact:
         """Rebuild the model from its spec and load its tensors; no pickle involved."""
         from safetensors.torch import load_file, load_model
 
-        from .models import build_from_spec
+        from .models import build_from_saved_spec
 
         directory = Path(directory)
         meta_path = directory / META_FILE
@@ -134,11 +136,21 @@ class Artifact:
             info = json.loads(meta_path.read_text())
         except (OSError, ValueError) as exc:
             raise ArtifactError(f"{meta_path}: unreadable ({exc})") from exc
+        if not isinstance(info, dict):
+            raise ArtifactError(f"{meta_path}: not a JSON object")
         version = info.get("format_version")
         if version != FORMAT_VERSION:
             raise ArtifactError(f"{meta_path}: format version {version!r}, "
                                 f"this compresspipe reads {FORMAT_VERSION}")
-        model = build_from_spec(info["spec"])
+        deploy = info.get("deploy")
+        if deploy is not None and not (
+                isinstance(deploy, dict) and isinstance(deploy.get("format"), str)
+                and isinstance(deploy.get("files"), list) and deploy["files"]
+                and all(_plain_file_name(f) for f in deploy["files"])):
+            # the deployable files are read from this directory, never from elsewhere
+            raise ArtifactError(f"{meta_path}: invalid 'deploy' entry {str(deploy)[:120]}")
+        model = build_from_saved_spec(info.get("spec"), str(meta_path),
+                                      file_elements=_file_elements(directory / MODEL_FILE))
         try:
             missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
         except (OSError, RuntimeError, ValueError) as exc:
@@ -156,7 +168,7 @@ class Artifact:
         return cls(
             model=model, spec=info["spec"], masks=masks, quant=info.get("quant", {}),
             extras=_load_optional(load_file, directory / EXTRAS_FILE),
-            meta=info.get("meta", {}), lineage=lineage, deploy=info.get("deploy"),
+            meta=info.get("meta", {}), lineage=lineage, deploy=deploy,
         )
 
 
@@ -175,6 +187,23 @@ def register_deploy_format(name: str):
 
 def _load_optional(load_file, path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path)) if path.is_file() else {}
+
+
+def _file_elements(path: Path) -> int | None:
+    """Tensor elements a safetensors file holds, from its header alone (None if unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    except Exception:  # noqa: BLE001 - the weights load below reports what is wrong
+        return None
+
+
+def _plain_file_name(name: object) -> bool:
+    """A file directly inside the artifact directory: no separators, not '', '.' or '..'."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+            and "\\" not in name and Path(name).name == name)
 
 
 def write_json(path: Path, data: Any) -> None:

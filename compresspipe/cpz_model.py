@@ -78,10 +78,25 @@ def write_model_cpz(artifact: Artifact, path: str | os.PathLike, float_dtype: st
     from .coding import write_cpz
 
     tensors, how = encode_state(artifact, float_dtype, bn_folded)
-    metadata = _json_safe({"spec": artifact.spec, "lineage": artifact.lineage,
+    metadata = _json_safe({"spec": artifact.spec, "lineage": _stable_lineage(artifact.lineage),
                            "masks": sorted(artifact.masks), "encoding": how,
                            "bn_folded": sorted(bn_folded)})
     return write_cpz(path, tensors, metadata)
+
+
+def _stable_lineage(lineage: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The lineage without wall-clock numbers (timings, and artifact sizes that embed them), so
+    the same model always makes the same file: model_bytes must not depend on machine load."""
+    def volatile(key: str) -> bool:
+        return key == "artifact_bytes" or key.endswith(("_s", "_ms")) or "latency" in key
+
+    out = []
+    for entry in lineage:
+        if isinstance(entry, dict) and isinstance(entry.get("metrics"), dict):
+            entry = {**entry, "metrics": {k: v for k, v in entry["metrics"].items()
+                                          if not volatile(k)}}
+        out.append(entry)
+    return out
 
 
 def _folded_statistics(path, model: nn.Module, names: object) -> dict[str, torch.Tensor]:
@@ -100,10 +115,18 @@ def _folded_statistics(path, model: nn.Module, names: object) -> dict[str, torch
     return state
 
 
+def _stored_elements(coded: Any) -> int:
+    """Elements of a decoded tensor (clustered, int8 or raw), without densifying it."""
+    for attr in ("indices", "q", "array"):
+        if hasattr(coded, attr):
+            return int(getattr(coded, attr).size)
+    return 0
+
+
 def read_model_cpz(path: str | os.PathLike) -> Artifact:
     """Decode a .cpz into a runnable model (rebuilt from its spec; nothing unpickled)."""
     from .coding import CpzFormatError, read_cpz
-    from .models import build_from_spec
+    from .models import build_from_saved_spec
 
     try:
         tensors, metadata = read_cpz(path)
@@ -111,7 +134,8 @@ def read_model_cpz(path: str | os.PathLike) -> Artifact:
         raise ArtifactError(f"{path}: {exc}") from exc
     if not isinstance(metadata.get("spec"), dict):
         raise ArtifactError(f"{path}: metadata has no model spec")
-    model = build_from_spec(metadata["spec"])
+    elements = sum(_stored_elements(t) for t in tensors.values())
+    model = build_from_saved_spec(metadata["spec"], str(path), file_elements=elements)
     own = model.state_dict()
     folded = _folded_statistics(path, model, metadata.get("bn_folded", []))
     missing = sorted(set(own) - set(tensors) - set(folded))
@@ -127,7 +151,9 @@ def read_model_cpz(path: str | os.PathLike) -> Artifact:
                                 f"the model expects {list(own[name].shape)}")
         state[name] = dense.to(own[name].dtype)
     model.load_state_dict({**state, **folded})
-    return Artifact(model=model.eval(), spec=metadata["spec"], lineage=metadata.get("lineage", []))
+    lineage = metadata.get("lineage")
+    return Artifact(model=model.eval(), spec=metadata["spec"],
+                    lineage=lineage if isinstance(lineage, list) else [])
 
 
 @register_deploy_format("cpz")

@@ -47,3 +47,12 @@ class ArtifactError(CompressPipeError):
 
 class MaskViolation(CompressPipeError):
     """A stage revived weights that an earlier pruning stage had set to zero."""
+
+
+class TrackingError(CompressPipeError):
+    """The MLflow tracking store refused a call, or stayed unreachable past the retry budget."""
+
+    def __init__(self, message: str, uri: str = "", transient: bool = False,
+                 error_code: str | None = None):
+        super().__init__(message)
+        self.uri, self.transient, self.error_code = uri, transient, error_code

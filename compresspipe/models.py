@@ -17,6 +17,29 @@ from torch import nn
 from .config import DataConfig, ModelConfig
 from .errors import CompressPipeError
 
+# Factories a pipeline file (or the caller, through allow_factory) named in this process. A spec
+# read back from artifact.json or .cpz metadata may only use these: metadata must never choose
+# code to import.
+_NAMED_FACTORIES: set[str] = set()
+
+
+def allow_factory(path: str) -> None:
+    """Trust the model factory ``'pkg.mod:fn'``: specs naming it may now import and call it."""
+    _NAMED_FACTORIES.add(path)
+
+
+def allow_named_factories(raw: Any) -> None:
+    """Trust every ``factory:`` a pipeline file names (the model's, a student's)."""
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            if key == "factory" and isinstance(value, str):
+                allow_factory(value)
+            else:
+                allow_named_factories(value)
+    elif isinstance(raw, list):
+        for value in raw:
+            allow_named_factories(value)
+
 
 def model_spec(model_cfg: ModelConfig, data_cfg: DataConfig) -> dict[str, Any]:
     """The spec for ``model_cfg``, with in_chans/num_classes defaulted from the dataset."""
@@ -29,6 +52,7 @@ def model_spec(model_cfg: ModelConfig, data_cfg: DataConfig) -> dict[str, Any]:
         kwargs.setdefault("num_classes", classes)
     if model_cfg.name is not None:
         return {"source": "timm", "name": model_cfg.name, "kwargs": kwargs}
+    allow_factory(model_cfg.factory)  # a ModelConfig is what a pipeline file says
     return {"source": "factory", "factory": model_cfg.factory, "kwargs": kwargs}
 
 
@@ -50,6 +74,46 @@ def build_from_spec(spec: dict[str, Any], pretrained: bool = False) -> nn.Module
     return model
 
 
+# timm.create_model arguments that read files or fetch weights
+_LOADING_KWARGS = frozenset({"checkpoint_path", "pretrained", "pretrained_cfg",
+                             "pretrained_cfg_overlay", "cache_dir"})
+
+
+def build_from_saved_spec(spec: Any, where: str, file_elements: int | None = None) -> nn.Module:
+    """``build_from_spec`` for a spec read back from a file (artifact.json, .cpz metadata):
+    whatever is wrong with it is an ArtifactError naming ``where``.
+
+    ``file_elements`` (the tensor elements the file holds) bounds the model: it is first built
+    on the meta device, so a spec asking for billions of parameters allocates nothing."""
+    from .errors import ArtifactError
+
+    if not (isinstance(spec, dict) and spec.get("source") in ("timm", "factory")
+            and isinstance(spec.get("kwargs", {}), dict)
+            and all(isinstance(k, str) for k in spec.get("kwargs", {}))):
+        raise ArtifactError(f"{where}: invalid model spec {str(spec)[:120]}")
+    loaders = sorted(set(spec.get("kwargs", {})) & _LOADING_KWARGS)
+    if loaders:  # the weights come from this file, never from one its metadata names
+        raise ArtifactError(f"{where}: the model spec may not set {', '.join(loaders)}")
+    if file_elements is not None:
+        try:
+            with torch.device("meta"):
+                needed = sum(t.numel() for t in build_from_spec(spec).state_dict().values())
+        except Exception:  # noqa: BLE001 - some models cannot be built on meta; the real build decides
+            needed = 0
+        # the model's state is in the file, but for a few vectors a decoder may recreate
+        if needed > 2 * file_elements + 1_000_000:
+            raise ArtifactError(f"{where}: the model spec describes {needed:,} parameters and "
+                                f"buffers, the file holds {file_elements:,}")
+    try:
+        return build_from_spec(spec)
+    except CompressPipeError as exc:
+        raise ArtifactError(f"{where}: {exc}") from exc
+    except (TypeError, ValueError, RuntimeError, AssertionError, KeyError, AttributeError,
+            IndexError, OverflowError, MemoryError) as exc:
+        raise ArtifactError(f"{where}: cannot rebuild the model from its spec "
+                            f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
 def _build_base(spec: dict[str, Any], pretrained: bool) -> nn.Module:
     kwargs = dict(spec.get("kwargs", {}))
     if spec["source"] == "timm":
@@ -57,6 +121,11 @@ def _build_base(spec: dict[str, Any], pretrained: bool) -> nn.Module:
 
         return timm.create_model(spec["name"], pretrained=pretrained, **kwargs)
     if spec["source"] == "factory":
+        if spec.get("factory") not in _NAMED_FACTORIES:
+            raise CompressPipeError(
+                f"the model spec names the Python factory {spec.get('factory')!r}, which no "
+                "pipeline file in this process names; code named by saved metadata is never "
+                "imported (call compresspipe.models.allow_factory() with it if you trust it)")
         fn = import_factory(spec["factory"])
         model = fn(**kwargs)
         if not isinstance(model, nn.Module):

@@ -92,3 +92,41 @@ def test_sigterm_marks_runs_killed(tmp_path):
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert {r.info.status for r in runs} == {"KILLED"} and len(runs) == 2
+
+
+def test_resume_after_a_stage_with_a_deploy_form(tmp_path):
+    """A resumed stage starts from the reloaded artifact exactly as an uninterrupted run starts
+    from the saved one: the earlier stage's deployable form (here cluster's codebook file) is
+    not carried into the next stage's output."""
+    import compresspipe
+
+    def pipeline(out, lr):
+        cfg = tiny_pipeline(out, epochs=1, tracking={"enabled": False})
+        cfg["stages"] = [
+            {"name": "dense", "train": {"epochs": 1}},
+            {"name": "cl", "cluster": {"finetune": {"epochs": 0}, "kmeans_iters": 3}},
+            {"name": "ft", "train": {"epochs": 1, "lr": lr, "schedule": "constant"}}]
+        return cfg
+
+    compresspipe.run(pipeline(tmp_path / "a", 0.01))
+    resumed = compresspipe.run(pipeline(tmp_path / "a", 0.02), resume=True)  # reruns ft only
+    fresh = compresspipe.run(pipeline(tmp_path / "b", 0.02))
+    assert resumed["stages"][-1]["model_files"] == ["model.safetensors"]
+    assert _metrics(resumed) == _metrics(fresh)
+
+
+def test_cpz_bytes_do_not_depend_on_timings(tmp_path):
+    """A resumed run re-times its stages; the deployed file, and so model_bytes, must not change."""
+    import timm
+
+    from compresspipe.artifact import Artifact
+    from compresspipe.cpz_model import read_model_cpz, write_model_cpz
+
+    spec = {"source": "timm", "name": "test_resnet", "kwargs": {"in_chans": 1, "num_classes": 10}}
+    model = timm.create_model("test_resnet", **spec["kwargs"])
+    for i, wall in enumerate((0.5, 1234.56789)):
+        lineage = [{"name": "dense", "type": "train", "config": {},
+                    "metrics": {"top1": 90.0, "wall_time_s": wall, "artifact_bytes": 1000 + i}}]
+        write_model_cpz(Artifact(model=model, spec=spec, lineage=lineage), tmp_path / f"{i}.cpz")
+    assert (tmp_path / "0.cpz").read_bytes() == (tmp_path / "1.cpz").read_bytes()
+    assert read_model_cpz(tmp_path / "1.cpz").lineage[0]["metrics"] == {"top1": 90.0}
