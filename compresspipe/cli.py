@@ -96,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     from .config import load_pipeline
+    from .distributed import is_main
     from .report import summary_table
     from .runner import run_pipeline
 
     pipeline = load_pipeline(args.file or quickstart_path(), args.overrides)
     summary = run_pipeline(pipeline, resume=args.resume)
+    if not is_main():
+        return 0  # under torchrun the table is rank 0's to print
     print()
     print(summary_table(summary))
     print(f"\nsummary: {pipeline.output_dir / 'summary.json'}")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset, TensorDataset
 
 from .config import DataConfig
+from .distributed import rank, world_size
 from .errors import CompressPipeError
 
 # Fixed so that every run, on every machine, evaluates on the same 360 digits.
@@ -28,19 +31,61 @@ class DataBundle:
     image_size: int
     config: DataConfig
 
-    def train_loader(self, generator: torch.Generator | None = None) -> DataLoader:
-        """Shuffled loader; reseed ``generator`` each epoch for reproducible order."""
+    def train_loader(self, generator: torch.Generator | None = None,
+                     shard: bool = True) -> DataLoader:
+        """Shuffled loader; reseed ``generator`` each epoch for reproducible order.
+
+        Under torchrun (and ``shard``) each process gets its share of every epoch, so
+        ``len()`` is the number of steps per epoch of one process; ``shard=False`` gives every
+        process the same batches (for decisions that must come out identical on every rank).
+        """
+        world = world_size()
+        if not shard or world == 1:
+            return DataLoader(
+                self.train, batch_size=self.config.batch_size, shuffle=True, drop_last=False,
+                num_workers=self.config.workers, generator=generator,
+                persistent_workers=False,
+            )
+        sampler = ShardSampler(RandomSampler(self.train, generator=generator), rank(), world)
         return DataLoader(
-            self.train, batch_size=self.config.batch_size, shuffle=True, drop_last=False,
-            num_workers=self.config.workers, generator=generator,
-            persistent_workers=False,
+            self.train, batch_size=self.config.batch_size, sampler=sampler, drop_last=False,
+            num_workers=self.config.workers, generator=generator, persistent_workers=False,
         )
 
-    def test_loader(self) -> DataLoader:
+    def test_loader(self, shard: bool = False) -> DataLoader:
+        """The whole test set in order; with ``shard`` under torchrun, this process's share
+        (every world-th sample, no padding: shards add up to the set exactly once)."""
+        test, world = self.test, world_size()
+        if shard and 1 < world <= len(test):
+            test = Subset(test, range(rank(), len(test), world))
         return DataLoader(
-            self.test, batch_size=self.config.eval_batch_size or max(self.config.batch_size, 256),
+            test, batch_size=self.config.eval_batch_size or max(self.config.batch_size, 256),
             shuffle=False, num_workers=self.config.workers,
         )
+
+
+class ShardSampler(Sampler[int]):
+    """One process's share of ``base``'s order: every ``world``-th index from ``rank``.
+
+    Not DistributedSampler + set_epoch: the training loop reseeds the loader's generator at every
+    epoch (which makes a resumed run see the same batches), and sharding the order drawn from
+    that generator keeps this, with the shards of one epoch together being exactly the
+    single-process epoch. The order is padded by wrapping around to a multiple of ``world``, as
+    DistributedSampler does, so every process runs the same number of steps (DDP needs that).
+    """
+
+    def __init__(self, base: Sampler[int], rank: int, world: int):
+        self.base, self.rank, self.world = base, rank, world
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.base) / self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.base)
+        total = len(self) * self.world
+        while order and len(order) < total:
+            order += order[: total - len(order)]
+        return iter(order[self.rank: total: self.world])
 
 
 def build_data(cfg: DataConfig) -> DataBundle:

@@ -5,6 +5,13 @@ the LR schedule (rewinding, ALLR). Each epoch ends with an atomic checkpoint of 
 to continue bit-exactly: weights, optimizer state, history and the hooks' trainable modules.
 Randomness (shuffling, augmentation, dropout) is reseeded from (seed, epoch) at every epoch start,
 so a resumed run sees exactly the batches an uninterrupted one would have.
+
+Under torchrun the model is wrapped in DistributedDataParallel for the forward pass and each
+process trains on its shard of every epoch; hooks still get the underlying module (parameter
+names without "module."). At the start of ``fit`` every rank takes rank 0's weights, hook
+modules and pruning masks; the gradients of the hooks' modules are averaged by hand; epoch
+metrics and the (sharded) evaluation are reduced over all ranks; only rank 0 logs and writes
+checkpoints, and a resume reads rank 0's checkpoint on every rank.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as dist
 from .config import TrainConfig
 from .data import DataBundle
 from .errors import CompressPipeError
@@ -119,6 +127,7 @@ class Trainer:
         self.optimizer = self._optimizer(params)
         self.history: list[dict[str, float]] = []
         self.start_epoch = 0
+        self._ddp: nn.Module | None = None  # the DistributedDataParallel wrapper during fit
 
     def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         c = self.cfg
@@ -132,11 +141,13 @@ class Trainer:
     def fit(self) -> list[dict[str, float]]:
         """Train (resuming from the last epoch checkpoint if one matches) and return history."""
         self._maybe_resume()
+        self._replicate()
         for hook in self.hooks:
             hook.on_train_start(self)
         generator = torch.Generator()
         loader = self.data.train_loader(generator)
-        test_loader = self.data.test_loader()
+        test_loader = self.data.test_loader(shard=True)
+        main = dist.is_main()
         for epoch in range(self.start_epoch, self.cfg.epochs):
             torch.manual_seed(epoch_seed(self.seed, epoch))
             generator.manual_seed(epoch_seed(self.seed + 1, epoch))
@@ -144,16 +155,49 @@ class Trainer:
             metrics = self._train_epoch(loader, epoch)
             last = epoch + 1 == self.cfg.epochs
             if last or (epoch + 1) % self.cfg.eval_every == 0:
-                metrics.update({f"val_{k}": v for k, v in
-                                evaluate(self.model, test_loader, self.device).items()})
+                metrics.update({f"val_{k}": v for k, v in self._evaluate(test_loader).items()})
             metrics["epoch_time_s"] = time.perf_counter() - started
             self.history.append({"epoch": epoch + 1, **metrics})
             for hook in self.hooks:
                 hook.on_epoch_end(epoch, metrics)
-            self._save_checkpoint(epoch + 1)
-            self.log(metrics, epoch + 1)
-            _print_epoch(self.desc, epoch + 1, self.cfg.epochs, metrics)
+            if main:  # one writer and one logger: rank 0
+                self._save_checkpoint(epoch + 1)
+                self.log(metrics, epoch + 1)
+                _print_epoch(self.desc, epoch + 1, self.cfg.epochs, metrics)
+        self._ddp = None  # later code (scoring, the next phase) sees the plain module
+        # BatchNorm statistics are updated per rank: leave with rank 0's everywhere
+        dist.broadcast_module(self.model)
+        dist.broadcast_module(self.extra)
         return self.history
+
+    def _replicate(self) -> None:
+        """Under torchrun: rank 0's weights, hook modules and masks on every rank, and the
+        model wrapped in DistributedDataParallel (which averages its gradients)."""
+        if dist.world_size() == 1:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        from .masks import MaskHook
+
+        dist.check_same_structure(self.model, self.desc)
+        dist.broadcast_module(self.extra)
+        for hook in self.hooks:
+            if isinstance(hook, MaskHook):
+                # masks scored on rank-local data differ: all ranks must train rank 0's
+                dist.broadcast_tensors(hook.masks)
+        if any(p.requires_grad for p in self.model.parameters()):
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(self.model, device_ids=ids)
+        else:
+            dist.broadcast_module(self.model)
+
+    def _evaluate(self, loader) -> dict[str, float]:
+        """Metrics on the test set; under torchrun each rank evaluates its shard."""
+        if dist.world_size() == 1:
+            return evaluate(self.model, loader, self.device)
+        dist.broadcast_module(self.model)  # the same BatchNorm statistics on every shard
+        return dist.all_reduce_mean(evaluate(self.model, loader, self.device),
+                                    len(loader.dataset))
 
     def _train_epoch(self, loader, epoch: int) -> dict[str, float]:
         from tqdm.auto import tqdm
@@ -165,26 +209,31 @@ class Trainer:
         step = epoch * self.steps_per_epoch
         ce_weight = math.prod(getattr(h, "ce_weight", 1.0) for h in self.hooks)
         bar = tqdm(loader, desc=f"{self.desc} {epoch + 1}/{self.cfg.epochs}", leave=False,
-                   disable=None)
+                   disable=None if dist.is_main() else True)
+        forward = self._ddp or self.model
         for x, y in bar:
             x, y = x.to(self.device), y.to(self.device)
             lr = self.lr_fn(step, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            out = self.model(x)
+            out = forward(x)
             terms = {"ce": F.cross_entropy(out, y, label_smoothing=self.cfg.label_smoothing)}
             if ce_weight != 1.0:
                 terms["ce"] = ce_weight * terms["ce"]
             for hook in self.hooks:
                 terms.update(hook.extra_loss(self.model, x, out, y))
             loss = sum(terms.values())
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            # every rank must raise together, or the others would wait for it forever
+            if not dist.all_ranks_true(finite):
+                value = loss.item() if not finite else "non-finite on another process"
                 raise CompressPipeError(
-                    f"{self.desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step}; "
+                    f"{self.desc}: loss became {value} at epoch {epoch + 1}, step {step}; "
                     f"lower the learning rate (lr={lr:.3g}) or enable grad_clip"
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            dist.average_gradients(list(self.extra.parameters()))  # DDP covers the model's
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
@@ -196,6 +245,10 @@ class Trainer:
             correct += (out.argmax(1) == y).sum().item()
             for k, v in {"loss": loss, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + v.item() * n
+        if dist.world_size() > 1:  # the epoch's metrics over every rank's shard
+            keys = sorted(sums)
+            totals = dist.all_reduce_sum([seen, correct, *(sums[k] for k in keys)])
+            seen, correct, sums = totals[0], totals[1], dict(zip(keys, totals[2:], strict=True))
         metrics = {f"train_{k}": v / max(seen, 1) for k, v in sums.items()}
         metrics["train_top1"] = 100.0 * correct / max(seen, 1)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -229,23 +282,39 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         path = (self.checkpoint_dir / CHECKPOINT_FILE) if self.checkpoint_dir else None
-        if path is None or not path.is_file():
-            return
         from safetensors import safe_open
-        from safetensors.torch import load_file
+        from safetensors.torch import load, load_file
 
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("compresspipe", "{}"))
+        if dist.world_size() > 1:
+            # rank 0 wrote it, possibly on another node: every rank resumes from its bytes
+            exists = dist.is_main() and path is not None and path.is_file()
+            data = dist.broadcast_bytes(path.read_bytes() if exists else None)
+            if not data:
+                return
+            meta, source = _checkpoint_meta(data), data
+        else:
+            if path is None or not path.is_file():
+                return
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("compresspipe", "{}"))
+            source = str(path)
         if meta.get("fingerprint") != self.fingerprint:
             print(f"[{self.desc}] ignoring a checkpoint from a different configuration: {path}")
             return
-        tensors = load_file(str(path))
+        tensors = load(source) if isinstance(source, bytes) else load_file(source)
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.extra.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
         self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
         self.history = meta["history"]
         self.start_epoch = meta["epochs_done"]
         print(f"[{self.desc}] resumed after epoch {self.start_epoch} from {path}")
+
+
+def _checkpoint_meta(data: bytes) -> dict[str, Any]:
+    """Our metadata from a safetensors file's bytes (8-byte header length, JSON header)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + size])
+    return json.loads(header.get("__metadata__", {}).get("compresspipe", "{}"))
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

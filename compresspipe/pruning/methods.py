@@ -64,7 +64,7 @@ class Pruner:
         batches = []
         if self.cfg.criterion in NEEDS_DATA:
             g = torch.Generator().manual_seed(self.ctx.seed)
-            loader = self.ctx.data.train_loader(g)
+            loader = self.ctx.data.train_loader(g, shard=False)
             for i, batch in enumerate(loader):
                 if i >= self.cfg.score_batches:
                     break

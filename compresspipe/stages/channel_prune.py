@@ -142,7 +142,7 @@ class ChannelPruneStage(Stage):
         cfg = self.config
         cost = S.CostModel(graph)
         if cfg.criterion == "taylor":
-            S.accumulate_gradients(graph.model, ctx.data.train_loader(), ctx.device,
+            S.accumulate_gradients(graph.model, ctx.data.train_loader(shard=False), ctx.device,
                                    cfg.taylor_batches)
         scores = S.unit_scores(graph, S.make_importance(cfg.criterion))
         if all(s is None for s in scores):
