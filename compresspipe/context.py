@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +30,8 @@ class StageContext:
     log_metrics: Callable[[dict[str, float], int | None], None]
     load_stage: Callable[[str], Artifact]  # output of an earlier stage by name
     notes: dict = field(default_factory=dict)
+    # (ONNX file, input example) -> the MLflow model URI of this stage's run; None untracked
+    log_model: Callable[[Path, np.ndarray], str | None] = lambda path, example: None
 
     def trainer(self, model: nn.Module, cfg: TrainConfig, hooks: Sequence[TrainHook] = (),
                 lr_fn: LrFn | None = None, masks: dict[str, torch.Tensor] | None = None,

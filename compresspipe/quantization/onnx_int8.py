@@ -43,8 +43,10 @@ SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 # -- export ------------------------------------------------------------------------------------
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    """Export ``module`` (an int8 QDQ graph or an fp32 model) to one self-contained file."""
+def export_onnx(module: nn.Module, example: torch.Tensor, path: Path,
+                opset: int | None = None) -> Path:
+    """Export ``module`` (an int8 QDQ graph or an fp32 model) to one self-contained file
+    (``opset``: None for the exporter's default)."""
     import onnx
 
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -53,8 +55,9 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
         # the exporter narrates its progress on stdout; a pipeline's output stays readable
         with contextlib.redirect_stdout(io.StringIO()):
             program = torch.onnx.export(
-                module, (example.cpu(),), dynamo=True, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False)
+                module, (example.cpu(),), dynamo=True, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},), verbose=False)
     except Exception as exc:  # the exporter raises many types; its message is what helps
         raise CompressPipeError(f"ONNX export of the model failed: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0]}") from exc
