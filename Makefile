@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean bench bench-quick bench-report soak
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,23 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check compresspipe tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# every benchmarks/*.py in full (long), then benchmarks/REPORT.md from benchmarks/results/
+bench: $(STAMP)
+	$(BIN)/python benchmarks/report.py --run
+
+# the same with --quick where a benchmark has it
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/report.py --run --quick
+
+# only REPORT.md, from the results already saved
+bench-report: $(STAMP)
+	$(BIN)/python benchmarks/report.py
+
+# not CI: 4 pipelines at once on one mlflow server, 10 SIGKILL + --resume rounds, 5000 fuzz
+# cases per reader -> benchmarks/results/soak.{json,md}
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check compresspipe tests benchmarks

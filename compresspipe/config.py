@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -32,6 +33,24 @@ from .registry import get_stage, is_dotted_path, list_stages, suggest
 from .yaml_source import PathKey, SourceMap, apply_override, format_path, parse_yaml
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def _usable_path(value: Path) -> Path:
+    """A path the file system can look up: checking one with a NUL byte, an unencodable
+    character or an over-long name raises instead of answering 'no such file'."""
+    text = str(value)
+    if "\x00" in text:
+        raise ValueError("a path cannot contain a NUL character")
+    try:
+        parts = [os.fsencode(part) for part in value.parts]
+    except UnicodeEncodeError:
+        raise ValueError("the path has characters this file system cannot encode") from None
+    if sum(map(len, parts)) > 4000 or any(len(part) > 255 for part in parts):
+        raise ValueError("path too long (at most 255 bytes per name, 4000 in all)")
+    return value
+
+
+UsablePath = Annotated[Path, AfterValidator(_usable_path)]
 
 
 class StrictModel(BaseModel):
@@ -55,7 +74,7 @@ class ModelConfig(StrictModel):
         "(in_chans and num_classes default to the dataset's).",
     )
     pretrained: bool = Field(False, description="Load timm hub weights (needs internet).")
-    checkpoint: Path | None = Field(
+    checkpoint: UsablePath | None = Field(
         None, description="Weights to start from: .safetensors, or a state dict (weights_only)."
     )
 
@@ -75,7 +94,8 @@ class DataConfig(StrictModel):
     """The dataset, its preprocessing and loaders."""
 
     name: DatasetName = Field("digits", description="Built-in dataset or 'imagefolder'.")
-    root: Path | None = Field(None, description="Dataset directory (imagefolder, torchvision sets).")
+    root: UsablePath | None = Field(None,
+                                   description="Dataset directory (imagefolder, torchvision sets).")
     download: bool = Field(False, description="Let torchvision download the dataset into root.")
     image_size: int = Field(32, ge=4, le=2048, description="Images are resized to this side.")
     channels: int | None = Field(
@@ -123,6 +143,21 @@ class TrackingConfig(StrictModel):
     experiment: str | None = Field(None, description="Experiment name; default: pipeline name.")
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    retries: int = Field(
+        8, ge=0, le=1000,
+        description="Retries of a call that failed transiently (server down or overloaded, "
+        "timeout, HTTP 408/429/5xx, database locked), with exponential backoff and jitter.",
+    )
+    retry_timeout_s: float = Field(
+        120.0, gt=0, le=86400,
+        description="No retry starts later than this many seconds after a call's first try; "
+        "then the run fails with a clear error and --resume continues it.",
+    )
+    retry_backoff_s: float = Field(0.5, gt=0, le=60,
+                                   description="First backoff delay; doubles per retry (cap 10 s).")
+    request_timeout_s: float = Field(120.0, gt=0, le=3600,
+                                     description="Timeout of one HTTP request to the server "
+                                     "(connecting, or waiting for its answer).")
 
 
 class TrainConfig(StrictModel):
@@ -173,7 +208,13 @@ class DistillConfig(StrictModel):
         description="'stage:NAME' (an earlier stage's output), a timm model name, a checkpoint "
         "or artifact path, or an MLflow artifact URI (runs:/..., models:/...)."
     )
-    teacher_checkpoint: Path | None = Field(
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_usable(cls, value: str) -> str:
+        _usable_path(Path(value))  # it may be looked up as a file
+        return value
+    teacher_checkpoint: UsablePath | None = Field(
         None, description="Weights for a timm-name teacher (.safetensors or a state dict)."
     )
     teacher_kwargs: dict[str, Any] = Field(default_factory=dict,
@@ -192,7 +233,7 @@ class PipelineConfig(StrictModel):
 
     name: str = Field(pattern=NAME_PATTERN, description="Pipeline name (also the default run name).")
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    output_dir: Path | None = Field(None, description="Default: runs/<name>.")
+    output_dir: UsablePath | None = Field(None, description="Default: runs/<name>.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
@@ -226,7 +267,8 @@ class StageSpec:
 
 @dataclass
 class Pipeline:
-    """A loaded, validated pipeline file."""
+    """A loaded, validated pipeline: ``Pipeline.from_yaml(path)`` or ``Pipeline.from_dict(d)``,
+    then ``.stages`` (name, type and typed config of each), ``.validate()``, ``.run()``."""
 
     config: PipelineConfig
     stages: list[StageSpec]
@@ -234,9 +276,46 @@ class Pipeline:
     raw: dict[str, Any]
     source_map: SourceMap
 
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+                  check_model: bool = True) -> Pipeline:
+        """Read and validate a pipeline file; ``overrides`` like ``["stages.0.train.epochs=2"]``."""
+        return load_pipeline(path, overrides, check_model)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+                  check_model: bool = True) -> Pipeline:
+        """Validate a pipeline given as a dict; stage parameters may be stage ``Config``
+        objects, e.g. ``{"train": TrainStage.Config(epochs=2)}``."""
+        if not isinstance(data, dict):
+            raise ConfigError("<dict>", [Problem("", f"expected a dict, found {_short(data)}")])
+        return load_pipeline(_plain(data), overrides, check_model)
+
+    def validate(self, check_model: bool = True) -> Pipeline:
+        """Check again after stage configs were edited in place: stage references, input
+        paths and (``check_model``) module names against the real model. Returns self."""
+        problems = _check_references(self.stages) + _check_paths(self.config)
+        if check_model and not problems:
+            from .validation import check_against_model
+
+            problems += check_against_model(self.config, self.stages)
+        if problems:
+            raise ConfigError(self.file, _locate(problems, self.source_map))
+        return self
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Run every stage (``resume``: continue an interrupted run); return the summary."""
+        from .runner import run_pipeline
+
+        return run_pipeline(self.validate(check_model=False), resume=resume)
+
     @property
     def output_dir(self) -> Path:
         return self.config.resolved_output_dir()
+
+    def __repr__(self) -> str:
+        stages = ", ".join(f"{s.name} ({s.type})" for s in self.stages)
+        return f"Pipeline({self.config.name!r}, file={self.file!r}, stages=[{stages}])"
 
     def resolved_yaml(self) -> str:
         """The pipeline with overrides applied and every default filled in."""
@@ -343,8 +422,12 @@ def _read(source: str | os.PathLike | dict) -> tuple[str, Any, SourceMap, list[P
         return "<dict>", copy.deepcopy(source), SourceMap(), []
     path = Path(source)
     file = str(source)
-    if not path.is_file():
-        raise ConfigError(file, [Problem("", "file not found" if not path.exists() else "not a file")])
+    try:
+        if not path.is_file():
+            raise ConfigError(file, [Problem("", "file not found" if not path.exists()
+                                             else "not a file")])
+    except (OSError, ValueError) as exc:  # a name too long, or with a NUL byte
+        raise ConfigError(file[:200], [Problem("", f"cannot read: {str(exc)[:200]}")]) from None
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -581,6 +664,17 @@ def _parse_path(path: str) -> PathKey:
     for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
         parts.append(int(index) if index else name)
     return tuple(parts)
+
+
+def _plain(value: Any) -> Any:
+    """Plain data for the loader: pydantic models (stage configs) become their dicts."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_unset=True)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _short(value: Any, limit: int = 60) -> str:

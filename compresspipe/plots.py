@@ -50,3 +50,179 @@ def layer_sparsity_plot(per_layer: dict[str, float], path: Path, title: str) -> 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# -- weights before and after a quantizing stage ------------------------------------------------
+
+INT8_LEVELS = 127  # symmetric int8 weights: codes -127..127 (artifact.quant["int8"]["weights"])
+
+
+def weight_arrays(model: Any) -> dict[str, Any]:
+    """Copies of the conv/linear weights (parameters of 2+ dims) as float32 numpy arrays."""
+    return {n: p.detach().float().cpu().numpy().copy() for n, p in model.named_parameters()
+            if p.ndim >= 2}
+
+
+def deployed_weight_pairs(before: dict[str, Any], deployed: Any
+                          ) -> tuple[dict[str, tuple[Any, Any]], bool]:
+    """{weight name: (before, after)} of the weights the deployed model really runs with, and
+    whether they are per-channel normalised.
+
+    A deployed ``nn.Module`` (codebook, .cpz) gives its weights in their own units. An int8 ONNX
+    file folds batch norm into the convolutions, which rescales every output channel: both
+    sides are then divided by their channel's largest magnitude, which that rescaling leaves
+    unchanged, so the int8 grid (k / 127) is compared with the fp32 weights it replaced.
+    """
+    import numpy as np
+
+    from .quantization.onnx_int8 import OnnxModel, deployed_weights
+
+    if isinstance(deployed, OnnxModel):
+        pairs = {}
+        for name, (values, zp, axis) in deployed_weights(deployed.path).items():
+            if name not in before:
+                continue
+            centred = values.astype(np.float32)
+            if np.ndim(zp):
+                shape = [1] * values.ndim
+                shape[axis] = -1
+                centred = centred - np.asarray(zp, np.float32).reshape(shape)
+            else:
+                centred = centred - np.float32(zp)
+            if centred.shape != before[name].shape and centred.T.shape == before[name].shape:
+                centred = centred.T  # MatMul weights are stored transposed
+            if centred.shape == before[name].shape:
+                pairs[name] = (_per_channel(before[name]), _per_channel(centred))
+        return pairs, True
+    after = weight_arrays(deployed)
+    return {n: (before[n], after[n]) for n in before
+            if n in after and after[n].shape == before[n].shape}, False
+
+
+def _per_channel(w: Any) -> Any:
+    import numpy as np
+
+    flat = w.reshape(w.shape[0], -1)
+    peak = np.abs(flat).max(axis=1, keepdims=True)
+    return (flat / np.where(peak > 0, peak, 1)).reshape(w.shape)
+
+
+def _distinct_per_channel(w: Any) -> int:
+    """Most distinct nonzero values in one output channel (a clustered layer: at most its
+    codebook; int8: at most 254 codes)."""
+    import numpy as np
+
+    rows = np.sort(w.reshape(w.shape[0], -1), axis=1)
+    distinct = (np.diff(rows, axis=1) != 0).sum(axis=1) + 1 - (rows == 0).any(axis=1)
+    return int(distinct.max(initial=0))
+
+
+def weight_histogram_plot(pairs: dict[str, tuple[Any, Any]], normalized: bool, path: Path,
+                          title: str, panels: int = 4) -> Path:
+    """Histograms of the nonzero weights before (filled) and after (outline) a stage: all
+    layers pooled, then the largest layers, on shared bins and a log count axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib import ticker
+
+    def nonzero(a):
+        a = a.reshape(-1)
+        return a[a != 0]
+
+    largest = sorted(pairs, key=lambda n: -pairs[n][0].size)[: panels - 1]
+    groups = [(f"all {len(pairs)} layers", list(pairs))] + [(n, [n]) for n in largest]
+    cols = 2 if len(groups) > 1 else 1
+    rows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols / 1.4, 3.0 * rows), dpi=110,
+                             squeeze=False)
+    for ax, (label, names) in zip(axes.flat, groups):
+        b = np.concatenate([nonzero(pairs[n][0]) for n in names])
+        a = np.concatenate([nonzero(pairs[n][1]) for n in names])
+        distinct = max((_distinct_per_channel(pairs[n][1]) for n in names), default=0)
+        if normalized:
+            bins = (np.arange(-INT8_LEVELS, INT8_LEVELS + 2) - 0.5) / INT8_LEVELS
+        else:
+            both = np.concatenate([b, a]) if a.size else b
+            low, high = (float(both.min()), float(both.max())) if both.size else (-1.0, 1.0)
+            bins = np.linspace(low, high if high > low else low + 1, 201)
+        # stairs: one artist per histogram (ax.hist draws a patch per bin, seconds per plot)
+        ax.stairs(np.histogram(b, bins)[0], bins, fill=True, color="#babdb6",
+                  label=f"before ({b.size:,} nonzero)")
+        ax.stairs(np.histogram(a, bins)[0], bins, color="#cc0000", linewidth=0.9,
+                  label=f"after (≤{distinct:,} values per channel)")
+        ax.set_yscale("log")
+        # plain tick labels: the default 10^k mathtext makes the layout take seconds
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_title(label.removesuffix(".weight"), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="upper right")
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
+    fig.supxlabel("weight / largest |weight| of its output channel" if normalized
+                  else "weight value", fontsize=8)
+    fig.supylabel("count (log)", fontsize=8)
+    fig.suptitle(f"{title}: nonzero weights before vs after", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# -- where the bits of a .cpz go ---------------------------------------------------------------
+
+CPZ_PARTS = (("positions", "#3465a4"), ("values", "#73d216"), ("tables", "#f57900"),
+             ("raw", "#babdb6"), ("container", "#555753"))
+
+
+def cpz_breakdown(rows: list[dict[str, Any]], file_bytes: int, params: int
+                  ) -> list[tuple[str, dict[str, float]]]:
+    """Bits per weight of each layer (tensors of 2+ dims) split into sparse positions, coded
+    values, tables (Huffman code lengths, block offsets, codebooks) and raw storage, then the whole file per model parameter with
+    the other raw tensors (biases, norms) and the container (header, index, metadata).
+    ``rows`` is ``compresspipe.coding.inspect_cpz``'s per-tensor accounting."""
+    bars = []
+    totals = dict.fromkeys((name for name, _ in CPZ_PARTS), 0.0)
+    for r in rows:
+        raw = r["kind"] == "raw"
+        parts = {"positions": r["positions_bytes"], "values": 0 if raw else r["values_bytes"],
+                 "tables": r["table_bytes"], "raw": r["values_bytes"] if raw else 0}
+        for k, v in parts.items():
+            totals[k] += v
+        if len(r["shape"]) >= 2 and r["elements"]:
+            bars.append((r["name"], {k: 8.0 * v / r["elements"] for k, v in parts.items()}))
+    totals["container"] = file_bytes - sum(totals.values())
+    bars.append((f"whole file ({file_bytes:,} B)",
+                 {k: 8.0 * v / max(params, 1) for k, v in totals.items()}))
+    return bars
+
+
+def cpz_bits_plot(bars: list[tuple[str, dict[str, float]]], path: Path, title: str) -> Path:
+    """Horizontal stacked bars of ``cpz_breakdown``: one per layer, the whole file last."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.24 * len(bars) + 1.2)), dpi=110)
+    left = [0.0] * len(bars)
+    for part, color in CPZ_PARTS:
+        widths = [parts.get(part, 0.0) for _, parts in bars]
+        if any(widths):
+            ax.barh(range(len(bars)), widths, left=left, color=color, label=part)
+            left = [a + b for a, b in zip(left, widths)]
+    for y, total in enumerate(left):
+        ax.annotate(f"{total:.2f}", (total, y), xytext=(3, 0), textcoords="offset points",
+                    va="center", fontsize=6)
+    ax.set_yticks(range(len(bars)), [n.removesuffix(".weight") for n, _ in bars], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("bits per weight (whole file: per model parameter)")
+    ax.set_title(f"{title}: where the bits of the .cpz go", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

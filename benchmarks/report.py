@@ -1,0 +1,463 @@
+"""Run the benchmarks and assemble benchmarks/REPORT.md from the results they saved.
+
+    .venv/bin/python benchmarks/report.py                 # REPORT.md from benchmarks/results/
+    .venv/bin/python benchmarks/report.py --run           # run every benchmark first (make bench)
+    .venv/bin/python benchmarks/report.py --run --quick   # their --quick variants (make bench-quick)
+    .venv/bin/python benchmarks/report.py --run --only distill quantize
+
+A benchmark is every ``benchmarks/*.py`` script with a ``__main__`` block; each saves its numbers
+under ``benchmarks/results/`` (``<name>.json``, ``<name>_quick.json`` for quick runs, optionally a
+``<name>.md`` of its own tables). This script never measures anything itself: it reads those
+files and writes a headline table, then one section per result with the command, the date of
+the file, the machine it describes and the benchmark's tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+REPORT = HERE / "REPORT.md"
+QUICK = "_quick"
+
+
+@dataclass
+class Result:
+    """One benchmark's saved numbers (the quick or the full variant)."""
+
+    name: str
+    files: list[Path]
+    data: Any = None
+    markdown: str | None = None
+
+    @property
+    def quick(self) -> bool:
+        return self.files[0].stem.endswith(QUICK) or (
+            isinstance(self.data, dict) and self.data.get("quick") is True)
+
+    @property
+    def measured(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(max(f.stat().st_mtime for f in self.files), dt.timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def benchmark_scripts(only: list[str] | None = None) -> list[Path]:
+    """Scripts under benchmarks/ that run as programs (helpers without ``__main__`` are skipped)."""
+    scripts = [p for p in sorted(HERE.glob("*.py")) if p.name != Path(__file__).name
+               and re.search(r"^if __name__ == .__main__.:", p.read_text(), re.M)]
+    if only:
+        unknown = sorted(set(only) - {p.stem for p in scripts})
+        if unknown:
+            raise SystemExit(f"error: no benchmark {', '.join(unknown)} "
+                             f"(have: {', '.join(p.stem for p in scripts)})")
+        scripts = [p for p in scripts if p.stem in only]
+    return scripts
+
+
+def run_benchmarks(scripts: list[Path], quick: bool) -> dict[str, str]:
+    """Run each script in turn from the repository root; return {name: why it failed}."""
+    failed = {}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    for script in scripts:
+        flags = ["--quick"] if quick and '"--quick"' in script.read_text() else []
+        command = [sys.executable, str(script.relative_to(ROOT)), *flags]
+        print(f"\n== {' '.join(command[1:])}", flush=True)
+        started = time.perf_counter()
+        code = subprocess.call(command, cwd=ROOT, env=env)
+        seconds = time.perf_counter() - started
+        print(f"== {script.stem}: exit {code} after {seconds:.0f} s", flush=True)
+        if code != 0:
+            failed[script.stem] = f"exit status {code} after {seconds:.0f} s"
+    return failed
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading results
+
+
+def read_results(results: Path, prefer_quick: bool) -> list[Result]:
+    """One Result per benchmark: its full run, or its quick one when that is preferred or the
+    only one there is."""
+    variants: dict[str, dict[bool, list[Path]]] = {}
+    for path in sorted(results.glob("*")):
+        if path.suffix not in (".json", ".md"):
+            continue
+        quick = path.stem.endswith(QUICK)
+        name = path.stem.removesuffix(QUICK)
+        variants.setdefault(name, {}).setdefault(quick, []).append(path)
+    out = []
+    for name, by_quick in sorted(variants.items()):
+        files = by_quick.get(prefer_quick) or by_quick[not prefer_quick]
+        files = sorted(files, key=lambda p: p.suffix != ".json")  # the JSON first
+        result = Result(name, files)
+        for f in files:
+            text = f.read_text(encoding="utf-8")
+            if f.suffix == ".json":
+                try:
+                    result.data = json.loads(text)
+                except ValueError as exc:
+                    raise SystemExit(f"error: {f}: not valid JSON ({exc})") from None
+            else:
+                result.markdown = text
+        out.append(result)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-benchmark views: headline lines and a markdown body, both from the saved numbers only
+
+
+def _synthetic_headline(m: dict) -> str:
+    return (f"synthetic resnet18-sized model, 90% pruned, 16 clusters: .cpz "
+            f"**{m['compression_vs_fp32']:.1f}x** smaller than fp32 "
+            f"({m['bits_per_weight']:.3f} bits/weight, "
+            f"{m['ratio_to_entropy_with_tables']:.4f}x the entropy bound)")
+
+
+def headline_coding(d: dict) -> list[str]:
+    lines = [f"{p['pipeline']} (digits): .cpz **{p['ratio']:.1f}x** smaller than fp32, "
+             f"top-1 {p['cpz_top1']:.2f}% ({p['top1_drop']:+.2f} pt vs dense)"
+             for p in d.get("pipelines", [])]
+    return lines + [_synthetic_headline(d["synthetic"]["model"])]
+
+
+def headline_coding_codec(d: dict) -> list[str]:
+    return [_synthetic_headline(d["model"])]
+
+
+def body_coding_codec(d: dict) -> str:
+    m, s = d["model"], d["stream"]
+    rows = ["| stream | symbols | bits/symbol | entropy bits/symbol | ratio |", "|---|---:|---:|---:|---:|"]
+    for key in ("positions_stream", "values_stream"):
+        r = m[key]
+        rows.append(f"| {key.removesuffix('_stream')} | {r['symbols']:,} | {r['bits_per_symbol']:.4f} "
+                    f"| {r['entropy_bits_per_symbol']:.4f} | {r['ratio_to_entropy']:.4f} |")
+    b = m["baselines_bytes"]
+    rows += ["", "| bytes | .cpz | zlib -9 | zlib huffman-only |", "|---|---:|---:|---:|"]
+    for key in ("positions", "values"):
+        z = b[f"{key}_stream"]
+        rows.append(f"| {key} | {b[f'cpz_{key}_stream']:,} | {z['zlib9']:,} | "
+                    f"{z['zlib_huffman_only']:,} |")
+    rows += ["", f"Whole model: {m['cpz_bytes']:,} B vs {m['fp32_bytes']:,} B fp32 "
+             f"({m['compression_vs_fp32']:.1f}x, {m['bits_per_weight']:.3f} bits/weight). "
+             f"A single {s['symbols']:,}-symbol stream decodes at "
+             + ", ".join(f"{s[f'group{g}']['decode_symbols_per_second'] / 1e6:.0f} M symbols/s "
+                         f"({g} symbol(s) per code)" for g in (1, 2) if f"group{g}" in s) + "."]
+    return "\n".join(rows)
+
+
+def _mean_std(stats: dict) -> str:
+    return f"{stats['mean']:.2f} ± {stats['std']:.2f}"
+
+
+def headline_distill(d: dict) -> list[str]:
+    diffs = "; ".join(f"{name}: {row['kd']['top1']['mean'] - row['ce']['top1']['mean']:+.2f}"
+                      for name, row in d["regimes"].items())
+    return [f"KD − plain CE top-1 (pt, mean of {len(d['seeds'])} seeds): {diffs}"]
+
+
+def body_distill(d: dict) -> str:
+    kd = d["kd"]
+    rows = [f"Teacher {d['teacher']['model']} top-1 {d['teacher']['top1']:.2f}%; KD T={kd['temperature']:g}, "
+            f"α={kd['alpha']:g}, γ={kd['gamma']:g}; digits {d['image_size']}px; "
+            f"{len(d['seeds'])} seeds, mean ± std.", "",
+            "| regime | CE top-1 % | KD top-1 % | KD − CE | CE loss | KD loss | agreement CE / KD % |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in d["regimes"].items():
+        ce, k = row["ce"], row["kd"]
+        rows.append(f"| {name} | {_mean_std(ce['top1'])} | {_mean_std(k['top1'])} | "
+                    f"{k['top1']['mean'] - ce['top1']['mean']:+.2f} | {ce['loss']['mean']:.3f} | "
+                    f"{k['loss']['mean']:.3f} | {ce['agreement']['mean']:.1f} / "
+                    f"{k['agreement']['mean']:.1f} |")
+    t = d.get("epoch_time_s")
+    if t:
+        rows += ["", "| student epoch | CPU s | wall s | wall vs plain |", "|---|---:|---:|---:|"]
+        for arm, label in (("plain", "plain CE"), ("kd", "KD, teacher every step"),
+                           ("kd_cached", "KD, cached teacher logits")):
+            rows.append(f"| {label} | {t[arm]['cpu']:.3f} | {t[arm]['wall']:.3f} | "
+                        f"{t[arm]['wall'] / t['plain']['wall']:.2f}x |")
+    return "\n".join(rows)
+
+
+def headline_mask_overhead(d: dict) -> list[str]:
+    r = d["rows"]
+    return [f"training step with masks enforced in place: **{r['compresspipe masks']['ratio_vs_dense']:.3f}x** "
+            f"dense (torch.nn.utils.prune: {r['torch.nn.utils.prune']['ratio_vs_dense']:.3f}x); "
+            f"{d['model']}, batch {d['batch']}, {d['threads']} thread(s)"]
+
+
+def body_mask_overhead(d: dict) -> str:
+    rows = [f"{d['model']}, batch {d['batch']}, {d['threads']} thread(s), median step time.", "",
+            "| variant | median step ms | vs dense |", "|---|---:|---:|"]
+    rows += [f"| {k} | {r['median_ms']:.1f} | {r['ratio_vs_dense']:.3f}x |" for k, r in d["rows"].items()]
+    return "\n".join(rows)
+
+
+def headline_quantize(d: dict) -> list[str]:
+    out = []
+    for name, r in d["results"].items():
+        a, b, lat = r["accuracy"], r["model_bytes"], r["latency_ms"]
+        batch = max(lat, key=lambda k: int(k[1:]))
+        out.append(f"{name} int8 (QAT): top-1 {a['qat']:.2f}% vs {a['dense']:.2f}% fp32, "
+                   f"**{b['dense'] / b['qat']:.2f}x** smaller; latency at batch {batch[1:]} "
+                   f"{lat[batch]['int8_onnxruntime'] / lat[batch]['fp32_torch']:.2f}x fp32 torch's")
+    return out
+
+
+def body_quantize(d: dict) -> str:
+    res = d["results"]
+    rows = [f"{d.get('threads', '?')} thread(s); accuracy and bytes of the int8 ONNX files reloaded "
+            "from disk.", "",
+            "| model | fp32 top-1 | PTQ int8 | QAT int8 | fp32 bytes | int8 bytes (QAT) |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for name, r in res.items():
+        a, b = r["accuracy"], r["model_bytes"]
+        rows.append(f"| {name} | {a['dense']:.2f} | {a['ptq']:.2f} | {a['qat']:.2f} | "
+                    f"{b['dense']:,} | {b['qat']:,} ({b['dense'] / b['qat']:.2f}x) |")
+    rows += ["", "| model | batch | fp32 torch ms | fp32 onnxruntime ms | int8 onnxruntime ms |",
+             "|---|---:|---:|---:|---:|"]
+    for name, r in res.items():
+        for batch, t in r["latency_ms"].items():
+            rows.append(f"| {name} | {batch[1:]} | {t['fp32_torch']:.2f} | "
+                        f"{t['fp32_onnxruntime']:.2f} | {t['int8_onnxruntime']:.2f} |")
+    rows += ["", "| model | QAT step / fp32 step |", "|---|---:|"]
+    rows += [f"| {name} | {r['qat_step']['qat_over_fp32']:.2f}x |" for name, r in res.items()]
+    sharing = [(name, row) for name, r in res.items() for row in r.get("weight_sharing", [])]
+    if sharing:
+        rows += ["", "| model | conv/linear bits | fp32 | before fine-tuning | after | "
+                 "codebook file bytes |", "|---|---|---:|---:|---:|---:|"]
+        rows += [f"| {name} | {row['bits']} | {row['fp32_top1']:.2f} | "
+                 f"{row['top1_before_finetune']:.2f} | {row['top1_after_finetune']:.2f} | "
+                 f"{row['codebook_file_bytes']:,} |" for name, row in sharing]
+    return "\n".join(rows)
+
+
+def headline_structured(d: dict) -> list[str]:
+    two = [r for r in d["speedups"] if r["macs_reduction_target"] == 2 and r["scope"] == "global"]
+    out = ["2x fewer MACs (L1, global) → CPU speed-up at batch 1 / 32: " + ", ".join(
+        f"{r['family']} {r['speedup_b1']:.2f}x / {r['speedup_b32']:.2f}x" for r in two)]
+    pas = {}
+    for r in d.get("pas_vs_uniform_l1", []):
+        pas.setdefault(r["method"], []).append(r["top1"])
+    if pas:
+        seeds = max(len(v) for v in pas.values())
+        out.append("same MACs budget (2x), top-1 mean of " + f"{seeds} seeds: " + " vs ".join(
+            f"{m} {statistics.mean(v):.2f}%" for m, v in pas.items()))
+    return out
+
+
+def headline_pruning_methods(d: list) -> list[str]:
+    top = max(r["sparsity"] for r in d)
+    scored = sorted(((statistics.mean(x["top1"] for x in r["runs"] if x["top1"] is not None),
+                      r["method"]) for r in d if r["sparsity"] == top), reverse=True)
+    return [f"at {top:.0%} sparsity, top-1: " + ", ".join(f"{m} {t:.2f}%" for t, m in scored[:4])]
+
+
+HEADLINES: dict[str, Callable[[Any], list[str]]] = {
+    "coding": headline_coding, "coding_codec": headline_coding_codec,
+    "distill": headline_distill, "mask_overhead": headline_mask_overhead,
+    "quantize": headline_quantize, "structured": headline_structured,
+    "pruning_methods": headline_pruning_methods,
+}
+BODIES: dict[str, Callable[[Any], str]] = {
+    "coding_codec": body_coding_codec, "distill": body_distill,
+    "mask_overhead": body_mask_overhead, "quantize": body_quantize,
+}
+
+
+def generic_body(data: Any, limit: int = 40) -> str:
+    """The scalar numbers of an unknown result file, as a two-column table."""
+    rows = ["| value | |", "|---|---:|"]
+    flat = list(_scalars(data))
+    for key, value in flat[:limit]:
+        rows.append(f"| {key} | {value:,.4g} |" if isinstance(value, float)
+                    else f"| {key} | {value} |")
+    if len(flat) > limit:
+        rows.append(f"| … {len(flat) - limit} more in the JSON file | |")
+    return "\n".join(rows)
+
+
+def _scalars(data: Any, prefix: str = ""):
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _scalars(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield from _scalars(v, f"{prefix}[{i}]")
+    elif isinstance(data, int | float | str | bool) or data is None:
+        yield prefix, data
+
+
+def demote(markdown: str, levels: int = 2) -> str:
+    """A benchmark's own markdown nested under its section: headings moved down."""
+    return re.sub(r"^(#+) ", lambda m: "#" * min(6, len(m.group(1)) + levels) + " ", markdown,
+                  flags=re.M).strip()
+
+
+# a benchmark that changed its result layout must not take the whole report down
+LAYOUT_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError,
+                 statistics.StatisticsError)
+
+
+def body(result: Result) -> str:
+    if result.markdown:
+        return demote(result.markdown)
+    if isinstance(result.data, dict) and isinstance(result.data.get("table"), str):
+        return result.data["table"]  # the benchmark's own tables
+    if result.name in BODIES:
+        try:
+            return BODIES[result.name](result.data)
+        except LAYOUT_ERRORS as exc:
+            return (f"(this report does not know the layout of this file: "
+                    f"{type(exc).__name__} {exc}; its numbers as saved:)\n\n"
+                    + generic_body(result.data))
+    return generic_body(result.data)
+
+
+def headlines(result: Result) -> list[str]:
+    if result.name in HEADLINES and result.data is not None:
+        try:
+            return HEADLINES[result.name](result.data)
+        except LAYOUT_ERRORS as exc:
+            return [f"(unknown result layout: {type(exc).__name__} {exc}; see its section)"]
+    return [f"see [its section](#{anchor(result.name)})"]
+
+
+def machine_of(data: Any) -> str:
+    """What a result file says about where it ran (keys differ between benchmarks)."""
+    if not isinstance(data, dict):
+        return "not recorded"
+    parts = []
+    for key in ("machine", "environment", "platform", "processor", "torch", "threads", "cpus"):
+        value = data.get(key)
+        if isinstance(value, dict):
+            parts += [f"{k} {v}" for k, v in value.items() if v not in (None, "", False)]
+        elif value not in (None, "", False):
+            parts.append(f"{key} {value}" if key in ("torch", "threads", "cpus") else str(value))
+    return ", ".join(dict.fromkeys(parts)) or "not recorded"
+
+
+def seconds_of(data: Any) -> float | None:
+    """The wall time a result file records, if it does."""
+    if isinstance(data, dict):
+        for key in ("wall_time_s", "wall_s", "seconds"):
+            if isinstance(data.get(key), int | float):
+                return float(data[key])
+    return None
+
+
+def wall_of(data: Any) -> str:
+    seconds = seconds_of(data)
+    return "not recorded" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def anchor(name: str) -> str:
+    return re.sub(r"[^a-z0-9_-]", "", name.lower().replace(" ", "-"))
+
+
+def this_machine() -> str:
+    versions = []
+    for package in ("torch", "timm", "onnxruntime", "numpy"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return (f"{platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()}, " + ", ".join(versions))
+
+
+# ---------------------------------------------------------------------------------------------
+# Assembling
+
+
+def assemble(results: list[Result], failed: dict[str, str] | None = None,
+             now: dt.datetime | None = None) -> str:
+    """REPORT.md text: headline table, then one section per benchmark."""
+    failed = failed or {}
+    now = now or dt.datetime.now(dt.timezone.utc)
+    recorded = [s for r in results if (s := seconds_of(r.data)) is not None]
+    lines = ["# Benchmark report", "",
+             f"Assembled {now:%Y-%m-%d %H:%M} UTC by `python benchmarks/report.py` from "
+             "`benchmarks/results/` (nothing is measured by the report itself). "
+             "Regenerate: `make bench` (runs every benchmark in full; the "
+             f"{len(recorded)} runs here that record their wall time took "
+             f"{sum(recorded) / 60:.0f} min), `make bench-quick` (their `--quick` variants) or "
+             "`make bench-report` (only this file).",
+             "", f"Assembled on: {this_machine()}. Each section names the machine its numbers "
+             "come from and the time its result file was written.", "",
+             "| benchmark | headline (see its section for the set-up) | run | measured |",
+             "|---|---|---|---|"]
+    for r in results:
+        kind = "quick" if r.quick else "full"
+        for i, text in enumerate(headlines(r)):
+            first = i == 0
+            lines.append(f"| {f'[{r.name}](#{anchor(r.name)})' if first else ''} | {text} | "
+                         f"{kind if first else ''} | {f'{r.measured:%Y-%m-%d}' if first else ''} |")
+    missing = [s.stem for s in benchmark_scripts() if s.stem not in {r.name for r in results}]
+    if missing:
+        lines += ["", "No results yet from: " + ", ".join(f"`benchmarks/{m}.py`" for m in missing)
+                  + "."]
+    for r in results:
+        script = HERE / f"{r.name}.py"
+        command = (f"`python benchmarks/{r.name}.py{' --quick' if r.quick and r.files[0].stem.endswith(QUICK) else ''}`"
+                   if script.is_file() else "(no script of this name)")
+        lines += ["", f"## {r.name}", "",
+                  f"{command} — {'quick' if r.quick else 'full'} run; result written "
+                  f"{r.measured:%Y-%m-%d %H:%M} UTC; wall time {wall_of(r.data)}; machine: "
+                  f"{machine_of(r.data)}. Files: "
+                  + ", ".join(f"`{_shown(f)}`" for f in r.files) + "."]
+        if r.name in failed:
+            lines += ["", f"**The last run of this benchmark failed ({failed[r.name]}); "
+                      "the numbers below are from an earlier run.**"]
+        lines += ["", body(r)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="store_true", help="run the benchmarks first")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --run: pass --quick to benchmarks that have it; report the "
+                        "quick results where both exist")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="with --run: only these")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("-o", "--output", type=Path, default=REPORT)
+    args = parser.parse_args(argv)
+    failed = run_benchmarks(benchmark_scripts(args.only), args.quick) if args.run else {}
+    results = read_results(args.results, prefer_quick=args.quick)
+    if not results:
+        print(f"error: no results in {args.results}; run make bench", file=sys.stderr)
+        return 2
+    args.output.write_text(assemble(results, failed), encoding="utf-8")
+    print(f"wrote {args.output} ({len(results)} benchmarks)")
+    for name, why in failed.items():
+        print(f"error: benchmark {name} failed: {why}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

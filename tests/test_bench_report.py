@@ -1,0 +1,94 @@
+"""benchmarks/report.py: REPORT.md assembled from saved results only, robust to new layouts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def _mask(ratio: float) -> dict:
+    return {"model": "resnet18", "batch": 64, "threads": 1,
+            "rows": {"dense": {"median_ms": 100.0, "ratio_vs_dense": 1.0},
+                     "compresspipe masks": {"median_ms": 100 * ratio, "ratio_vs_dense": ratio},
+                     "torch.nn.utils.prune": {"median_ms": 110.0, "ratio_vs_dense": 1.1}}}
+
+
+@pytest.fixture
+def results(tmp_path):
+    d = tmp_path / "results"
+    d.mkdir()
+    (d / "mask_overhead.json").write_text(json.dumps(_mask(1.007)))
+    (d / "mask_overhead_quick.json").write_text(json.dumps(_mask(1.5)))
+    (d / "newbench.json").write_text(json.dumps({"wall_s": 90, "top1": 97.25, "nested": {"n": 3}}))
+    (d / "tabled.json").write_text(json.dumps({"quick": True, "x": 1}))
+    (d / "tabled.md").write_text("# Own title\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    (d / "quantize.json").write_text(json.dumps({"results": {"m": {"accuracy": {}}}}))
+    return d
+
+
+def test_report_has_headlines_sections_and_only_saved_numbers(report, results):
+    found = report.read_results(results, prefer_quick=False)
+    assert [r.name for r in found] == ["mask_overhead", "newbench", "quantize", "tabled"]
+    text = report.assemble(found, failed={"newbench": "exit status 1 after 3 s"})
+    head, _, sections = text.partition("\n## ")
+    assert "| [mask_overhead](#mask_overhead) | training step with masks enforced in place: " \
+           "**1.007x** dense" in head  # the full run, not the quick one
+    assert "| [tabled](#tabled) | see [its section](#tabled) | quick |" in head
+    assert "(unknown result layout: KeyError" in head  # quantize.json lacks its keys
+    assert "| compresspipe masks | 100.7 | 1.007x |" in sections
+    assert "\n### Own title\n" in sections and "| 1 | 2 |" in sections  # own tables, nested
+    assert "| top1 | 97.25 |" in sections and "| nested.n | 3 |" in sections
+    assert "wall time 1.5 min" in sections
+    assert "**The last run of this benchmark failed (exit status 1 after 3 s)" in sections
+    assert sections.index("newbench") < sections.index("tabled")
+
+
+def test_quick_results_preferred_when_asked(report, results):
+    found = {r.name: r for r in report.read_results(results, prefer_quick=True)}
+    assert found["mask_overhead"].quick and found["mask_overhead"].data["rows"][
+        "compresspipe masks"]["ratio_vs_dense"] == 1.5
+    assert "`python benchmarks/mask_overhead.py --quick`" in report.assemble(list(found.values()))
+
+
+def test_runs_scripts_with_quick_only_where_they_take_it(report, tmp_path, monkeypatch):
+    log = tmp_path / "argv.txt"
+    takes = tmp_path / "takes.py"
+    takes.write_text(f'import sys\nopen({str(log)!r}, "a").write(" ".join(sys.argv[1:]) + '
+                     f'"|")\nif __name__ == "__main__":\n    ap = "--quick"\n')
+    plain = tmp_path / "plain.py"
+    plain.write_text(f'import sys\nopen({str(log)!r}, "a").write("plain|")\nsys.exit(3)\n')
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    failed = report.run_benchmarks([takes, plain], quick=True)
+    assert log.read_text() == "--quick|plain|"
+    assert list(failed) == ["plain"] and failed["plain"].startswith("exit status 3")
+
+
+def test_every_benchmark_script_is_found_and_report_is_not(report):
+    names = [p.stem for p in report.benchmark_scripts()]
+    assert "report" not in names and {"distill", "quantize", "structured"} <= set(names)
+    with pytest.raises(SystemExit, match="no benchmark nope"):
+        report.benchmark_scripts(["nope"])
+
+
+def test_cli_writes_the_report(report, results, tmp_path, capsys):
+    out = tmp_path / "REPORT.md"
+    assert report.main(["--results", str(results), "-o", str(out)]) == 0
+    assert out.read_text().startswith("# Benchmark report\n")
+    assert report.main(["--results", str(tmp_path / "empty"), "-o", str(out)]) == 2
+    assert "no results" in capsys.readouterr().err
