@@ -210,3 +210,45 @@ def test_override_patterns_are_checked_against_the_model(tmp_path):
     cfg["stages"] = [{"cluster": {"overrides": {"fc": 0}}}]
     with pytest.raises(ConfigError, match=r"overrides: 'fc': bits must be between 1 and 16"):
         load_pipeline(cfg)
+
+
+def test_training_after_cluster_drops_the_stale_sharing_and_huffman_still_codes(tmp_path):
+    cfg = tiny_pipeline(tmp_path / "out", tracking={"enabled": False})
+    cfg["stages"] = [
+        {"name": "dense", "train": {"epochs": 1, "lr": 0.05}},
+        {"name": "cluster", "cluster": {"conv_bits": 3, "linear_bits": 3}},
+        {"name": "retrain", "train": {"epochs": 1, "lr": 0.01, "freeze": ["fc.*"]}},
+        {"name": "huffman", "huffman": {}},
+    ]
+    compresspipe.run(cfg)
+    clustered = compresspipe.load(tmp_path / "out" / "cluster").quant["cluster"]["layers"]
+    retrained = compresspipe.load(tmp_path / "out" / "retrain")
+    # the frozen classifier kept its codebook; every retrained conv lost its stale one
+    assert set(retrained.quant["cluster"]["layers"]) == {"fc.weight"} < set(clustered)
+    assert not [k for k in retrained.extras if k.startswith("cluster.") and "fc.weight" not in k]
+    meta = json.loads((tmp_path / "out" / "huffman" / "artifact.json").read_text())
+    assert meta["quant"]["cluster"]["layers"].keys() == {"fc.weight"}
+
+
+def test_centroid_finetuning_distils_from_an_earlier_stage(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_pipeline(tmp_path / "out")
+    cfg["stages"] = [
+        {"name": "dense", "train": {"epochs": 1, "lr": 0.05}},
+        {"name": "prune", "stages_for_tests:ZeroHalf": {"tensor": PRUNED}},
+        {"name": "cluster", "cluster": {"conv_bits": 3, "linear_bits": 3,
+                                        "finetune": {"epochs": 1},
+                                        "distill": {"teacher": "stage:dense"}}},
+    ]
+    summary = compresspipe.run(cfg)
+    client = MlflowClient(summary["tracking_uri"])
+    run = summary["stage_runs"]["cluster"]
+    assert [m.step for m in client.get_metric_history(run, "train_kd")] == [1]
+    art = compresspipe.load(tmp_path / "out" / "cluster")
+    indices = art.extras[f"cluster.{PRUNED}.indices"].long()
+    assert torch.equal(indices == 0, ~art.masks[PRUNED])  # sparsity survives joint KD
+    bad = tiny_pipeline(tmp_path / "bad")
+    bad["stages"] = [{"name": "cluster", "cluster": {"distill": {"teacher": "stage:nope"}}}]
+    with pytest.raises(ConfigError, match="nope"):
+        load_pipeline(bad)

@@ -308,6 +308,27 @@ def verify(model: nn.Module, layers: Mapping[str, ClusteredLayer],
                 raise CompressPipeError(f"cluster: zero centroid of {name} is not 0.0")
 
 
+def drop_stale(artifact: Artifact) -> list[str]:
+    """Forget the weight sharing of layers whose weights no longer equal codebook[indices]
+    (a stage after ``cluster`` retrained them); return their names.
+
+    Stale indices would make the huffman stage code a model that is not the one evaluated."""
+    quant = artifact.quant.get("cluster")
+    if not quant:
+        return []
+    params = dict(artifact.model.named_parameters())
+    stale = [name for name, layer in load_layers(artifact.extras, artifact.quant).items()
+             if name not in params
+             or not torch.equal(layer.weight().to(params[name].dtype), params[name].detach().cpu())]
+    for name in stale:
+        del quant["layers"][name]
+        for part in ("indices", "codebook"):
+            artifact.extras.pop(f"{EXTRA_PREFIX}{name}.{part}", None)
+    if not quant["layers"]:
+        del artifact.quant["cluster"]
+    return stale
+
+
 # -- deployable form: indices + codebooks + the unclustered tensors ---------------------------------
 
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..config import TrainConfig
+from ..config import DistillConfig, TrainConfig
 from ..registry import register_stage
 from .base import Stage, StageConfig
 
@@ -40,6 +40,9 @@ class ClusterConfig(StageConfig):
     finetune: TrainConfig = Field(
         default_factory=_default_finetune,
         description="Centroid fine-tuning with the training loop (epochs: 0 skips it).")
+    distill: DistillConfig | None = Field(
+        None, description="Distil from a teacher during centroid fine-tuning (joint KD, e.g. "
+        "teacher: stage:dense).")
 
     @model_validator(mode="before")
     @classmethod
@@ -80,6 +83,10 @@ class ClusterStage(Stage):
         if not problems and not layer_bits(model, cfg.conv_bits, cfg.linear_bits, cfg.overrides):
             problems.append(("conv_bits", "no layer is left to cluster (conv_bits, linear_bits "
                              "and overrides exclude them all)"))
+        if cfg.distill is not None:
+            from ..distill import check_distill
+
+            problems += check_distill(cfg.distill, model, pipeline, "distill")
         return problems
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
@@ -100,12 +107,17 @@ class ClusterStage(Stage):
         test = ctx.data.test_loader()
         metrics = {"cluster_top1_before_finetune": evaluate(model, test, ctx.device)["top1"]}
         if cfg.finetune.epochs > 0:
-            hook = CentroidHook(layers, cfg.centroid_grad)
+            hooks = [CentroidHook(layers, cfg.centroid_grad)]
+            if cfg.distill is not None:
+                from ..distill import distill_hook
+
+                hooks.append(distill_hook(cfg.distill, ctx, model))
             try:
-                ctx.trainer(model, cfg.finetune, hooks=[hook], masks=artifact.masks,
+                ctx.trainer(model, cfg.finetune, hooks=hooks, masks=artifact.masks,
                             key="finetune").fit()
             finally:
-                hook.close()
+                for hook in hooks:
+                    hook.close()
             metrics["cluster_top1_after_finetune"] = evaluate(model, test, ctx.device)["top1"]
         verify(model, layers, artifact.masks)
         info = store(artifact, layers)
