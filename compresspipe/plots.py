@@ -1,4 +1,5 @@
-"""Pictures logged to MLflow. matplotlib's Agg backend: no display needed."""
+"""Pictures logged to MLflow, drawn on standalone Figures: no display needed, and the global
+matplotlib backend (a notebook's inline one) is left alone."""
 
 from __future__ import annotations
 
@@ -8,15 +9,13 @@ from typing import Any
 
 def size_accuracy_plot(summary: dict[str, Any], path: Path) -> Path:
     """Model bytes on disk (log scale) against top-1, one labelled point per stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     stages = summary["stages"]
     sizes = [s["metrics"]["model_bytes"] / 1024 for s in stages]
     accs = [s["metrics"]["top1"] for s in stages]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.subplots()
     ax.plot(sizes, accs, "-o", color="#3465a4")
     for s, x, y in zip(stages, sizes, accs):
         ax.annotate(s["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
@@ -27,19 +26,16 @@ def size_accuracy_plot(summary: dict[str, Any], path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
 def layer_sparsity_plot(per_layer: dict[str, float], path: Path, title: str) -> Path:
     """Horizontal bars: the fraction of zeros in each masked tensor."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     names = list(per_layer)
-    fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.22 * len(names) + 1)), dpi=110)
+    fig = Figure(figsize=(6.4, max(2.5, 0.22 * len(names) + 1)), dpi=110)
+    ax = fig.subplots()
     ax.barh(range(len(names)), [100 * per_layer[n] for n in names], color="#cc0000")
     ax.set_yticks(range(len(names)), [n.removesuffix(".weight") for n in names], fontsize=7)
     ax.invert_yaxis()
@@ -48,7 +44,6 @@ def layer_sparsity_plot(per_layer: dict[str, float], path: Path, title: str) -> 
     ax.set_title(f"{title}: per-layer sparsity")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -121,12 +116,9 @@ def weight_histogram_plot(pairs: dict[str, tuple[Any, Any]], normalized: bool, p
                           title: str, panels: int = 4) -> Path:
     """Histograms of the nonzero weights before (filled) and after (outline) a stage: all
     layers pooled, then the largest layers, on shared bins and a log count axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib import ticker
+    from matplotlib.figure import Figure
 
     def nonzero(a):
         a = a.reshape(-1)
@@ -136,8 +128,8 @@ def weight_histogram_plot(pairs: dict[str, tuple[Any, Any]], normalized: bool, p
     groups = [(f"all {len(pairs)} layers", list(pairs))] + [(n, [n]) for n in largest]
     cols = 2 if len(groups) > 1 else 1
     rows = -(-len(groups) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols / 1.4, 3.0 * rows), dpi=110,
-                             squeeze=False)
+    fig = Figure(figsize=(6.4 * cols / 1.4, 3.0 * rows), dpi=110)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (label, names) in zip(axes.flat, groups):
         b = np.concatenate([nonzero(pairs[n][0]) for n in names])
         a = np.concatenate([nonzero(pairs[n][1]) for n in names])
@@ -168,7 +160,6 @@ def weight_histogram_plot(pairs: dict[str, tuple[Any, Any]], normalized: bool, p
     fig.suptitle(f"{title}: nonzero weights before vs after", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -202,12 +193,10 @@ def cpz_breakdown(rows: list[dict[str, Any]], file_bytes: int, params: int
 
 def cpz_bits_plot(bars: list[tuple[str, dict[str, float]]], path: Path, title: str) -> Path:
     """Horizontal stacked bars of ``cpz_breakdown``: one per layer, the whole file last."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.24 * len(bars) + 1.2)), dpi=110)
+    fig = Figure(figsize=(6.4, max(2.5, 0.24 * len(bars) + 1.2)), dpi=110)
+    ax = fig.subplots()
     left = [0.0] * len(bars)
     for part, color in CPZ_PARTS:
         widths = [parts.get(part, 0.0) for _, parts in bars]
@@ -224,5 +213,27 @@ def cpz_bits_plot(bars: list[tuple[str, dict[str, float]]], path: Path, title: s
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
+    return path
+
+
+def widths_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Horizontal bars: kept fraction of each layer's output channels, labelled kept/total."""
+    from matplotlib.figure import Figure
+
+    height = max(2.5, 0.22 * len(rows) + 1.2)
+    fig = Figure(figsize=(7.0, height), dpi=100)
+    ax = fig.subplots()
+    y = list(range(len(rows)))
+    fractions = [r["kept"] / r["total"] for r in rows]
+    ax.barh(y, [1.0] * len(rows), color="#d3d7cf")
+    ax.barh(y, fractions, color="#3465a4")
+    for i, r in enumerate(rows):
+        ax.text(1.01, i, f"{r['kept']}/{r['total']}", va="center", fontsize=7)
+    ax.set_yticks(y, [r["layer"] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.15)
+    ax.set_xlabel("kept fraction of output channels")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
     return path

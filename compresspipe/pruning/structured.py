@@ -23,7 +23,6 @@ import fnmatch
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -880,32 +879,6 @@ def layer_widths(model: nn.Module, base: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
-def widths_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Horizontal bars: kept fraction of each layer's output channels, labelled kept/total."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    height = max(2.5, 0.22 * len(rows) + 1.2)
-    fig, ax = plt.subplots(figsize=(7.0, height), dpi=100)
-    y = list(range(len(rows)))
-    fractions = [r["kept"] / r["total"] for r in rows]
-    ax.barh(y, [1.0] * len(rows), color="#d3d7cf")
-    ax.barh(y, fractions, color="#3465a4")
-    for i, r in enumerate(rows):
-        ax.text(1.01, i, f"{r['kept']}/{r['total']}", va="center", fontsize=7)
-    ax.set_yticks(y, [r["layer"] for r in rows], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1.15)
-    ax.set_xlabel("kept fraction of output channels")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 # =============================================================================================
 # Stage support: what both structured stages do around their algorithm
 
@@ -972,5 +945,7 @@ def record_result(artifact, ctx, dense: nn.Module, shape: Sequence[int], latency
     artifact.meta.setdefault("structured", {})[ctx.spec.name] = record
     title = (f"{ctx.spec.name}: {before['macs'] / 1e6:.2f}M -> {after['macs'] / 1e6:.2f}M MACs, "
              f"{before['params']:,} -> {after['params']:,} params")
+    from ..plots import widths_plot
+
     artifact.outputs["layer_widths.png"] = lambda path: widths_plot(rows, path, title)
     return metrics
