@@ -148,7 +148,7 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {p['pipeline']} | {p['fp32_bytes']:,} | {p['cpz_bytes']:,} | **{p['ratio']:.1f}x** | "
                 f"{p['sparsity']:.1%} | {p['dense_top1']:.2f} / {p['dense_loss']:.3f} | "
-                f"{p['cpz_top1']:.2f} / {p['cpz_loss']:.3f} | {p['top1_drop']:+.2f} | {p['load_seconds']:.2f} |")
+                f"{p['cpz_top1']:.2f} / {p['cpz_loss']:.3f} | {p['top1_drop']:.2f} | {p['load_seconds']:.2f} |")
         lines += ["", "Byte breakdown of each .cpz:", "",
                   "| pipeline | " + " | ".join(result["pipelines"][0]["breakdown"]) + " |",
                   "|---|" + "---:|" * len(result["pipelines"][0]["breakdown"])]

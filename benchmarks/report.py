@@ -136,7 +136,7 @@ def _synthetic_headline(m: dict) -> str:
 
 def headline_coding(d: dict) -> list[str]:
     lines = [f"{p['pipeline']} (digits): .cpz **{p['ratio']:.1f}x** smaller than fp32, "
-             f"top-1 {p['cpz_top1']:.2f}% ({p['top1_drop']:+.2f} pt vs dense)"
+             f"top-1 {p['cpz_top1']:.2f}% ({-p['top1_drop']:+.2f} pt vs dense)"
              for p in d.get("pipelines", [])]
     return lines + [_synthetic_headline(d["synthetic"]["model"])]
 
