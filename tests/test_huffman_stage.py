@@ -128,3 +128,21 @@ def test_fold_statistics_keeps_outputs_and_shrinks_the_file(tmp_path):
     assert smaller < plain
     decoded = read_model_cpz(tmp_path / "folded.cpz").model
     assert torch.equal(decoded(x), model(x))
+
+
+def test_coding_summary_matches_the_file(chain):
+    from compresspipe.coding import coding_summary, inspect_cpz
+
+    out, _ = chain
+    path = out / "huffman" / "model.cpz"
+    rows = inspect_cpz(path)
+    s = coding_summary(rows)
+    model = compresspipe.load(out / "huffman")
+    coded_nonzero = sum(int(torch.count_nonzero(model.masks[n])) for n in model.masks)
+    assert s["coded_nonzero"] >= coded_nonzero > 0
+    for stream in ("positions", "values"):
+        # a Huffman code never beats the Shannon bound, and stays close to it
+        assert s[f"{stream}_entropy_bits_per_nonzero"] <= s[f"{stream}_bits_per_nonzero"]
+        assert s[f"{stream}_bits_per_nonzero"] < 1.1 * s[f"{stream}_entropy_bits_per_nonzero"] + 0.1
+    parts = s["positions_bytes"] + s["values_bytes"] + s["table_bytes"] + s["raw_bytes"]
+    assert parts < path.stat().st_size < parts + 64 * 1024  # the rest: header, metadata, table

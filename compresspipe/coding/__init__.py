@@ -14,6 +14,7 @@ from .cpz import (
     PositionsEncoding,
     RawTensor,
     TensorEncoding,
+    coding_summary,
     decode_positions,
     encode_clustered,
     encode_int8,
@@ -30,6 +31,7 @@ from .cpz import (
 from .huffman import HuffmanError
 
 __all__ = [
+    "coding_summary",
     "ClusteredTensor",
     "CpzFormatError",
     "CpzTensor",

@@ -1363,3 +1363,20 @@ def inspect_cpz(
         _guarded(lambda e=e: _inspect_entry(e, parsed.payload), f"tensor {e.name!r}")
         for e in parsed.entries
     ]
+
+
+def coding_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """File-level figures from :func:`inspect_cpz` rows: bits per nonzero weight of the coded
+    positions and values next to their Shannon bounds, and bytes per part."""
+    coded = [r for r in rows if r["kind"] != "raw"]
+    nonzero = max(sum(int(r["nonzero"]) for r in coded), 1)
+    out: dict[str, float] = {"coded_tensors": len(coded), "coded_nonzero": nonzero}
+    for stream in ("positions", "values"):
+        out[f"{stream}_bytes"] = sum(r[f"{stream}_bytes"] for r in coded)
+        out[f"{stream}_bits_per_nonzero"] = 8 * out[f"{stream}_bytes"] / nonzero
+        bound = sum(r[f"{stream}_entropy_bits"] or 0 for r in coded)
+        out[f"{stream}_entropy_bits_per_nonzero"] = bound / nonzero
+    out["table_bytes"] = sum(r["table_bytes"] for r in coded)
+    out["raw_bytes"] = sum(r["values_bytes"] + r["table_bytes"] for r in rows if r["kind"] == "raw")
+    return out
+

@@ -42,6 +42,7 @@ class HuffmanStage(Stage):
 
         import torch
 
+        from ..coding import coding_summary, inspect_cpz
         from ..cpz_model import CPZ_FILE, read_model_cpz, write_model_cpz
         from ..errors import CompressPipeError
 
@@ -52,6 +53,7 @@ class HuffmanStage(Stage):
             probe = Path(tmp) / CPZ_FILE
             size = write_model_cpz(artifact, probe, dtype, folded)
             decoded = read_model_cpz(probe).model.state_dict()
+            coding = coding_summary(inspect_cpz(probe))
         exact = dtype == "float32"
         for name, value in artifact.model.state_dict().items():
             got = decoded[name]
@@ -65,7 +67,8 @@ class HuffmanStage(Stage):
                                         "are not zero after decoding")
         clustered = len(artifact.quant.get("cluster", {}).get("layers", {}))
         ctx.log_metrics({"cpz_bytes": size, "clustered_tensors": clustered,
-                         "bn_folded": len(folded)}, None)
+                         "bn_folded": len(folded),
+                         **{f"cpz_{k}": v for k, v in coding.items()}}, None)
         artifact.outputs[CPZ_FILE] = lambda path: write_model_cpz(artifact, path, dtype, folded)
         artifact.deploy = {"format": "cpz", "files": [CPZ_FILE], "module": "compresspipe.cpz_model"}
         return artifact
