@@ -152,7 +152,8 @@ class Runner:
 
             for spec in self.pipeline.stages[start:]:
                 fp = fingerprints[spec.index + 1]
-                stale = (previous or {}).get("stage_runs", {}).get(spec.name)
+                stale = ((previous or {}).get("stage_runs", {}).get(spec.name)
+                         or (self.tracker.orphan_stage_run(spec.name) if resume else None))
                 self.tracker.mark_stale(stale)
                 stage_run = self.tracker.start_stage(
                     spec.name, spec.type, spec.config.model_dump(mode="json"),

@@ -295,6 +295,19 @@ class Tracker:
                 raise
             return None  # deleted by the user, or another store: nothing to close
 
+    def orphan_stage_run(self, name: str) -> str | None:
+        """The RUNNING run of stage ``name`` under this pipeline run that no summary recorded
+        (a SIGKILL between creating the run and writing summary.json): reused on resume, so
+        a kill at any moment leaves one run per stage."""
+        if not (self.enabled and self.parent_id):
+            return None
+        query = (f"tags.mlflow.parentRunId = '{self.parent_id}' and "
+                 f"tags.`compresspipe.stage` = '{name}' and attributes.status = 'RUNNING'")
+        runs = self._call(f"look up the run of stage {name!r}", lambda: self.client.search_runs(
+            [self._experiment()], filter_string=query, max_results=1,
+            order_by=["attributes.start_time DESC"]))
+        return runs[0].info.run_id if runs else None
+
     def mark_stale(self, run_id: str | None, status: str = "KILLED") -> None:
         """A run a killed process left RUNNING: close it so no run stays RUNNING forever."""
         if self.enabled and run_id and self.status(run_id) == "RUNNING":

@@ -130,3 +130,26 @@ def test_cpz_bytes_do_not_depend_on_timings(tmp_path):
         write_model_cpz(Artifact(model=model, spec=spec, lineage=lineage), tmp_path / f"{i}.cpz")
     assert (tmp_path / "0.cpz").read_bytes() == (tmp_path / "1.cpz").read_bytes()
     assert read_model_cpz(tmp_path / "1.cpz").lineage[0]["metrics"] == {"top1": 90.0}
+
+
+def test_resume_reuses_a_stage_run_no_summary_recorded(tmp_path):
+    # a SIGKILL between creating a stage's MLflow run and writing summary.json leaves a RUNNING
+    # run the summary does not know; --resume must adopt it, not add a second run
+    import compresspipe
+
+    out = tmp_path / "out"
+    cfg = tiny_pipeline(out, epochs=1)
+    summary = compresspipe.run(cfg)
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    orphan = summary["stage_runs"]["finetune"]
+    client.update_run(orphan, status="RUNNING")
+    saved = json.loads((out / "summary.json").read_text())
+    saved["stages"] = saved["stages"][:-1]
+    del saved["stage_runs"]["finetune"]
+    (out / "summary.json").write_text(json.dumps(saved))
+
+    resumed = compresspipe.run(cfg, resume=True)
+    assert resumed["stage_runs"]["finetune"] == orphan
+    runs = client.search_runs([client.get_run(orphan).info.experiment_id])
+    assert len(runs) == 1 + len(cfg["stages"])  # parent + one per stage
+    assert {r.info.status for r in runs} == {"FINISHED"}
