@@ -159,6 +159,12 @@ class Pruner:
             eta = allr_eta_init(stats["d"], stats["phase_fraction"], self.original.eta_max,
                                 epochs, self.original.cfg.epochs)
             stats["eta_init"] = eta
+        if kind == "ft" and self.original.last_lr < 1e-3 * self.original.eta_max:
+            # Renda et al.'s FT keeps the schedule's final LR; a schedule that decays to 0
+            # makes that "retraining" a no-op, which users should know before reading results
+            print(f"[{self.ctx.spec.name}] note: retrain 'ft' runs at the schedule's final LR, "
+                  f"{self.original.last_lr:.2g} (peak {self.original.eta_max:.2g}); set "
+                  "train.min_lr or schedule: step for a non-vanishing fine-tuning LR", flush=True)
         return retrain_schedule(kind, self.original, rewind_step=self.rewind_step(), eta_init=eta)
 
     def finish(self) -> Artifact:
