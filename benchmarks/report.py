@@ -273,11 +273,21 @@ def headline_pruning_methods(d: list) -> list[str]:
     return [f"at {top:.0%} sparsity, top-1: " + ", ".join(f"{m} {t:.2f}%" for t, m in scored[:4])]
 
 
+def headline_soak(d: dict) -> list[str]:
+    c, k, f = d["concurrent"], d["kills"], d["fuzz"]
+    cases = sum(r["cases"] for r in f.values())
+    bad = sum(r["crashes"] + r["hangs"] + r["over_memory"] + r["worker_deaths"] for r in f.values())
+    return [f"**{'PASS' if d['passed'] else 'FAIL'}**: {c['completed']}/{c['pipelines']} pipelines "
+            f"at once on one mlflow server; {k['identical']}/{k['rounds']} SIGKILL + --resume "
+            f"rounds identical; {cases:,} fuzzed inputs over {len(f)} readers, {bad} crashes, "
+            "hangs or memory overruns"]
+
+
 HEADLINES: dict[str, Callable[[Any], list[str]]] = {
     "coding": headline_coding, "coding_codec": headline_coding_codec,
     "distill": headline_distill, "mask_overhead": headline_mask_overhead,
     "quantize": headline_quantize, "structured": headline_structured,
-    "pruning_methods": headline_pruning_methods,
+    "pruning_methods": headline_pruning_methods, "soak": headline_soak,
 }
 BODIES: dict[str, Callable[[Any], str]] = {
     "coding_codec": body_coding_codec, "distill": body_distill,
