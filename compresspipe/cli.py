@@ -52,9 +52,11 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", parents=[common], help="per-tensor table of a .cpz file")
     i.add_argument("file")
-    d = sub.add_parser("decompress", parents=[common], help="decode a .cpz to fp32 safetensors")
+    d = sub.add_parser("decompress", parents=[common], help="decode a .cpz to fp32 safetensors "
+                       "(an int8 .cpz to its ONNX file)")
     d.add_argument("file")
-    d.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    d.add_argument("-o", "--output", required=True, help="the .safetensors file to write "
+                   "(.onnx for an int8 .cpz)")
     return p
 
 
@@ -171,8 +173,18 @@ def _inspect(args) -> int:
 def _decompress(args) -> int:
     from safetensors.torch import save_file
 
-    from .cpz_model import read_model_cpz
+    from .cpz_model import read_model_cpz, read_onnx_cpz
+    from .errors import ArtifactError
 
+    onnx = read_onnx_cpz(args.file)
+    if onnx is not None:
+        if not args.output.endswith(".onnx"):
+            raise ArtifactError(f"{args.file}: holds an int8 ONNX model ({onnx[1]}), not fp32 "
+                                "weights: give an output file ending in .onnx")
+        with open(args.output, "wb") as f:
+            f.write(onnx[0])
+        print(f"wrote {args.output}")
+        return 0
     model = read_model_cpz(args.file).model
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.output)
     print(f"wrote {args.output}")

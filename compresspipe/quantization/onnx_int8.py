@@ -145,8 +145,9 @@ def quantize_dynamic_onnx(fp32_path: Path, out_path: Path, per_channel: bool) ->
 # -- what is in the file -----------------------------------------------------------------------
 
 
-def deployed_weights(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, int | None]]:
-    """{parameter name: (stored values, zero point, channel axis or None)} read from the file.
+def deployed_weights(path: Path | Any) -> dict[str, tuple[np.ndarray, np.ndarray, int | None]]:
+    """{parameter name: (stored values, zero point, channel axis or None)} read from the file
+    (or from an already parsed ``onnx.ModelProto``).
 
     int8 weights come with their zero point; weights the file keeps in float (a dynamic
     model's convolutions) come with a zero point of 0.
@@ -154,7 +155,7 @@ def deployed_weights(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, int 
     import onnx
     from onnx import numpy_helper
 
-    proto = onnx.load(str(path))
+    proto = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path))
     init = {t.name: t for t in proto.graph.initializer}
     out: dict[str, tuple[np.ndarray, np.ndarray, int | None]] = {}
     for name, tensor in init.items():
@@ -179,14 +180,17 @@ def deployed_weights(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, int 
     return out
 
 
-def check_int8_masks(path: Path, masks: dict[str, torch.Tensor], stage: str) -> list[str]:
-    """Raise MaskViolation unless every pruned weight is exactly zero in the deployed file.
+def check_int8_masks(path: Path | Any, masks: dict[str, torch.Tensor], stage: str,
+                     where: str | None = None) -> list[str]:
+    """Raise MaskViolation unless every pruned weight is exactly zero in the deployed file
+    (``path``, or a parsed ``onnx.ModelProto`` that ``where`` names in messages).
 
     A quantized weight q dequantizes to (q - zero_point) * scale, so it is exactly 0.0 iff
     q == zero_point. Returns the masked tensors that are not stored as such in the file (batch
     norm scales folded into convolutions); the runner checks those on model.safetensors.
     """
     weights = deployed_weights(path)
+    where = where or Path(path).name
     absent = []
     for name, mask in masks.items():
         if name not in weights:
@@ -198,8 +202,8 @@ def check_int8_masks(path: Path, masks: dict[str, torch.Tensor], stage: str) -> 
             q = q.T  # MatMul weights are stored transposed
             axis = None if axis is None else q.ndim - 1 - axis
         if q.shape != keep.shape:
-            raise MaskViolation(f"stage {stage!r}: deployed weight {name!r} has shape {q.shape}, "
-                                f"its mask {keep.shape}")
+            raise MaskViolation(f"stage {stage!r}: deployed weight {name!r} has shape {q.shape} "
+                                f"in {where}, its mask {keep.shape}")
         if axis is not None:
             shape = [1] * q.ndim
             shape[axis] = -1
@@ -208,7 +212,7 @@ def check_int8_masks(path: Path, masks: dict[str, torch.Tensor], stage: str) -> 
         revived = int(np.count_nonzero(q[~keep] != zero[~keep]))
         if revived:
             raise MaskViolation(f"stage {stage!r}: {revived} pruned weights of {name!r} are not "
-                                f"zero in the deployed model {path.name}")
+                                f"zero in the deployed model {where}")
     return absent
 
 
@@ -228,21 +232,128 @@ def fused_op_counts(path: Path) -> dict[str, int]:
         return dict(Counter(n.op_type for n in onnx.load(str(optimized)).graph.node))
 
 
+# -- the graph without its tensors (the .cpz form of an int8 file) ---------------------------
+
+# the element types the .cpz container stores (docs/format.md); others stay in the graph
+_SPLIT_TYPES = ("FLOAT", "DOUBLE", "FLOAT16", "INT8", "INT16", "INT32", "INT64", "UINT8",
+                "UINT16", "UINT32", "UINT64", "BOOL")
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data",
+                 "uint64_data")
+
+
+def _splittable(tensor) -> np.dtype | None:
+    """The little-endian numpy dtype of an initializer whose data can live outside the graph
+    (stored inline, of a type the container has, not empty); None otherwise."""
+    import onnx
+
+    if tensor.data_type not in {getattr(onnx.TensorProto, t) for t in _SPLIT_TYPES}:
+        return None
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or any(
+            len(getattr(tensor, f)) for f in _TYPED_FIELDS):
+        return None
+    if any(d <= 0 for d in tensor.dims):
+        return None
+    return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
+
+
+def split_initializers(proto) -> dict[str, np.ndarray]:
+    """Take the data of the graph's initializers out of ``proto`` (in place): {name: array}.
+
+    What remains is the skeleton; :func:`fill_initializers` puts the arrays back and gives the
+    same serialized bytes. Initializers held otherwise (typed fields, external data, empty)
+    stay in the skeleton as they are."""
+    arrays = {}
+    for tensor in proto.graph.initializer:
+        dtype = _splittable(tensor)
+        if dtype is None or not tensor.HasField("raw_data"):
+            continue
+        shape = tuple(int(d) for d in tensor.dims)
+        data = np.frombuffer(tensor.raw_data, dtype)
+        if data.size != int(np.prod(shape)) or tensor.name in arrays:
+            continue  # malformed or a duplicate name: leave it exactly as it was
+        arrays[tensor.name] = data.reshape(shape)
+        tensor.ClearField("raw_data")
+    return arrays
+
+
+def missing_initializers(proto) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """{name: (dtype, shape)} of the skeleton's initializers whose data was split off."""
+    missing = {}
+    for tensor in proto.graph.initializer:
+        dtype = _splittable(tensor)
+        if dtype is not None and not tensor.HasField("raw_data"):
+            missing[tensor.name] = (dtype, tuple(int(d) for d in tensor.dims))
+    return missing
+
+
+def fill_initializers(proto, arrays: dict[str, np.ndarray]) -> None:
+    """Put split-off data back (in place); ``arrays`` must match :func:`missing_initializers`."""
+    for tensor in proto.graph.initializer:
+        if tensor.name in arrays and not tensor.HasField("raw_data"):
+            dtype = onnx_dtype(tensor)
+            tensor.raw_data = np.ascontiguousarray(arrays[tensor.name], dtype).tobytes()
+
+
+def onnx_dtype(tensor) -> np.dtype:
+    import onnx
+
+    return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
+
+
+def int8_weight_params(proto) -> dict[str, tuple[np.ndarray, np.ndarray, int | None]]:
+    """{int8 weight initializer: (scale, zero point, channel axis or None)}, read before the
+    initializers are split off.
+
+    Weights are the int8 inputs of DequantizeLinear (static QDQ) and of ConvInteger /
+    MatMulInteger (dynamic); the latter keep their scale in a separate Mul, so theirs is 1."""
+    import onnx
+    from onnx import numpy_helper
+
+    init = {t.name: t for t in proto.graph.initializer}
+    int8 = {n for n, t in init.items() if t.data_type == onnx.TensorProto.INT8}
+
+    def array(inputs, i: int, default: np.ndarray) -> np.ndarray:
+        return numpy_helper.to_array(init[inputs[i]]) if len(inputs) > i and inputs[i] in init \
+            else default
+
+    out: dict[str, tuple[np.ndarray, np.ndarray, int | None]] = {}
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in int8:
+            scale = array(node.input, 1, np.ones((), np.float32))
+            zp = array(node.input, 2, np.zeros(scale.shape, np.int8))
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            params = (scale, zp, axis if scale.ndim else None)
+        elif node.op_type in ("ConvInteger", "MatMulInteger") and len(node.input) > 1 \
+                and node.input[1] in int8:
+            values = numpy_helper.to_array(init[node.input[1]])
+            zp = array(node.input, 3, np.zeros((), np.int8))
+            axis = (0 if node.op_type == "ConvInteger" else values.ndim - 1) if zp.ndim else None
+            params = (np.ones(zp.shape, np.float32), zp, axis)
+        else:
+            continue
+        out.setdefault(node.input[0] if node.op_type == "DequantizeLinear" else node.input[1],
+                       params)
+    return out
+
+
 # -- running it --------------------------------------------------------------------------------
 
 
 class OnnxModel(nn.Module):
-    """An onnxruntime session behind an ``nn.Module`` interface (CPU, float32 in and out)."""
+    """An onnxruntime session behind an ``nn.Module`` interface (CPU, float32 in and out).
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    ``source`` is an ONNX file or the serialized model itself (``path`` is then None)."""
+
+    def __init__(self, source: str | Path | bytes, threads: int | None = None):
         super().__init__()
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.path = str(path)
-        self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        self.path = None if isinstance(source, bytes) else str(source)
+        self.session = ort.InferenceSession(self.path or source, options,
+                                            providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,13 @@ class Incoming:
     def file(self) -> Path:
         return self.directory / self.deploy["files"][0]
 
+    @property
+    def int8(self) -> bool:
+        """Whether the deployed model is an int8 ONNX model (its file, or a .cpz of it)."""
+        from ..quantization.onnx_int8 import OnnxModel
+
+        return isinstance(self.deployed, OnnxModel)
+
 
 @register_stage("export")
 class ExportStage(Stage):
@@ -97,7 +104,9 @@ class ExportStage(Stage):
         if cfg.log_model and cfg.formats is not None and "onnx" not in cfg.formats:
             problems.append(("log_model", "the MLflow model is the exported ONNX file: add "
                              "'onnx' to formats or set log_model: false"))
-        if earlier and earlier[-1].type in INT8_STAGES:
+        int8 = earlier[-2:-1] if earlier and earlier[-1].type == "huffman" else earlier[-1:]
+        if int8 and int8[0].type in INT8_STAGES:  # deployed: the int8 file or a .cpz of it
+            earlier = int8
             if cfg.formats is not None and "torch_export" in cfg.formats:
                 problems.append(("formats", f"torch_export: the model of stage "
                                  f"{earlier[-1].name!r} is deployed as an int8 ONNX file, which "
@@ -164,7 +173,7 @@ class ExportStage(Stage):
         import torch
         from safetensors.torch import load_file
 
-        from ..cpz_model import CPZ_FILE, read_model_cpz, write_model_cpz
+        from ..cpz_model import CPZ_FILE, read_model_cpz, read_onnx_cpz, write_model_cpz
         from ..errors import CompressPipeError
         from ..export import (
             DENSE_FILE,
@@ -182,7 +191,7 @@ class ExportStage(Stage):
         from ..quantization.onnx_int8 import DEPLOY_FORMAT, export_onnx
 
         masks, where = artifact.masks, f"stage {self.name!r}: format {fmt!r}"
-        holds_deployed = incoming.format in DENSE_DEPLOYS  # for the fp32 formats
+        holds_deployed = incoming.format in DENSE_DEPLOYS and not incoming.int8  # fp32 formats
         example = example_inputs(ctx.data.test)
         if fmt == "cpz":
             path = work / CPZ_FILE
@@ -190,6 +199,14 @@ class ExportStage(Stage):
                 shutil.copyfile(incoming.file, path)
             else:
                 write_model_cpz(artifact, path)
+            if incoming.int8:  # a .cpz of the int8 ONNX model: the model it decodes to
+                data, name = read_onnx_cpz(path)
+                decoded = work / "decoded" / name
+                decoded.parent.mkdir(exist_ok=True)
+                decoded.write_bytes(data)
+                checked = check_onnx_zeros(decoded, masks, self.name)
+                return Exported(fmt, path, True, incoming.deployed_top1, "compresspipe", checked,
+                                ".cpz is compresspipe's own container: read back by compresspipe")
             decoded = read_model_cpz(path).model.state_dict()
             for key, value in incoming.dense.state_dict().items():
                 if not torch.equal(decoded[key], value.detach().cpu()):
@@ -214,6 +231,10 @@ class ExportStage(Stage):
             if incoming.format == DEPLOY_FORMAT:  # the int8 file the ptq/qat stage measured
                 path = work / incoming.file.name
                 shutil.copyfile(incoming.file, path)
+            elif incoming.int8:  # the int8 file a .cpz decodes to, byte for byte
+                data, name = read_onnx_cpz(incoming.file)
+                path = work / name
+                path.write_bytes(data)
             else:
                 path = work / ONNX_FILE
                 try:
@@ -226,7 +247,7 @@ class ExportStage(Stage):
                                         f"opset {onnx_opset(path)}")
             checked = check_onnx_zeros(path, masks, self.name)
             return Exported(fmt, path, True, incoming.deployed_top1, "onnx", checked)
-        if incoming.format == DEPLOY_FORMAT:
+        if incoming.int8:
             raise CompressPipeError(f"{where}: the model is deployed as an int8 ONNX file, "
                                     "which a torch.export program cannot reproduce; use 'onnx'")
         path = work / PROGRAM_FILE
@@ -240,6 +261,7 @@ def _incoming(name: str, source: Artifact, artifact: Artifact, ctx: StageContext
     import torch
 
     from ..measure import evaluate
+    from ..quantization.onnx_int8 import OnnxModel
 
     directory = ctx.pipeline.output_dir / name
     deployed = source.deployed_model(directory)
@@ -248,7 +270,7 @@ def _incoming(name: str, source: Artifact, artifact: Artifact, ctx: StageContext
     device = ctx.device if any(True for _ in deployed.parameters()) else torch.device("cpu")
     top1 = evaluate(deployed.to(device), test, device)["top1"]
     fmt = source.deploy["format"] if source.deploy else None
-    if fmt in DENSE_DEPLOYS:
+    if fmt in DENSE_DEPLOYS and not isinstance(deployed, OnnxModel):  # not an int8 .cpz
         return Incoming(name, directory, source.deploy, deployed, top1, deployed, top1)
     # the fp32 weights behind e.g. an int8 file: a different model, with its own accuracy
     dense_top1 = evaluate(artifact.model.to(ctx.device), test, ctx.device)["top1"]

@@ -4,6 +4,10 @@ Clustered weights (from the ``cluster`` stage) are stored as canonical-Huffman-c
 with their codebook, pruned positions as coded gaps (or runs/bitmap, whichever is smaller);
 other tensors raw. The ``.cpz`` becomes the artifact's deployable file: the runner measures its
 bytes and evaluates the model decoded from it.
+
+After ``ptq``/``qat`` the deployed model is their int8 ONNX file, and that is what gets coded:
+int8 weights Huffman-coded (zero-point entries as positions), the rest of the file losslessly,
+so the decoded model is that file byte for byte and runs in onnxruntime.
 """
 
 from __future__ import annotations
@@ -16,8 +20,15 @@ from ..registry import register_stage
 from .base import Stage, StageConfig
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from torch import nn
+
     from ..artifact import Artifact
+    from ..config import PipelineConfig
     from ..context import StageContext
+
+INT8_STAGES = ("ptq", "qat")  # their deployed model is an int8 ONNX file
 
 
 class HuffmanConfig(StageConfig):
@@ -36,11 +47,22 @@ class HuffmanStage(Stage):
 
     Config = HuffmanConfig
 
+    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+        earlier = getattr(self, "earlier", [])
+        if earlier and earlier[-1].type in INT8_STAGES and self.config.float_dtype != "float32":
+            return [("float_dtype", f"the int8 ONNX model of stage {earlier[-1].name!r} is "
+                     "coded losslessly, float tensors included; use float32")]
+        return []
+
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
         import tempfile
         from pathlib import Path
 
         import torch
+
+        onnx_file = self._incoming_int8(ctx)
+        if onnx_file is not None:
+            return self._run_int8(artifact, ctx, onnx_file)
 
         from ..coding import coding_summary, inspect_cpz
         from ..cpz_model import CPZ_FILE, read_model_cpz, write_model_cpz
@@ -88,3 +110,54 @@ class HuffmanStage(Stage):
             deviation = (model(inputs) - before).abs().max().item()
         ctx.log_metrics({"bn_fold_max_abs_diff": deviation}, None)
         return folded
+
+    def _incoming_int8(self, ctx: StageContext) -> Path | None:
+        """The int8 ONNX file the previous stage deploys, if it deploys one."""
+        from ..quantization.onnx_int8 import DEPLOY_FORMAT
+
+        if ctx.spec.index == 0:
+            return None
+        name = ctx.pipeline.stages[ctx.spec.index - 1].name
+        deploy = ctx.load_stage(name).deploy  # on every rank: a collective under torchrun
+        if not deploy or deploy.get("format") != DEPLOY_FORMAT:
+            return None
+        return ctx.pipeline.output_dir / name / deploy["files"][0]
+
+    def _run_int8(self, artifact: Artifact, ctx: StageContext, source: Path) -> Artifact:
+        """Code the int8 ONNX file; check it decodes to the same file with the masks kept."""
+        import shutil
+
+        import onnx
+
+        from ..coding import coding_summary, inspect_cpz
+        from ..cpz_model import CPZ_FILE, read_onnx_cpz, write_int8_cpz
+        from ..distributed import is_main
+        from ..errors import CompressPipeError
+        from ..quantization.onnx_int8 import check_int8_masks
+
+        artifact.deploy = {"format": "cpz", "files": [CPZ_FILE], "module": "compresspipe.cpz_model"}
+        if not is_main():  # rank 0 writes the file; the others go on with its artifact
+            return artifact
+        path = ctx.work_dir / CPZ_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = write_int8_cpz(artifact, source, path)
+        decoded, _ = read_onnx_cpz(path)
+        original = source.read_bytes()
+        identical = decoded == original
+        # another protobuf build may order bytes differently: the model must still be the same
+        if not identical and onnx.load_from_string(decoded) != onnx.load_from_string(original):
+            raise CompressPipeError(f"stage {self.name!r}: {CPZ_FILE} does not decode to "
+                                    f"{source.name}")
+        absent = check_int8_masks(onnx.load_from_string(decoded), artifact.masks, self.name,
+                                  f"decoded from {CPZ_FILE}")
+        rows = inspect_cpz(path)
+        ctx.log_metrics({"cpz_bytes": size, "int8_onnx_bytes": len(original),
+                         "int8_tensors": sum(r["kind"] == "int8" for r in rows),
+                         "clustered_tensors": 0, "bn_folded": 0,
+                         "cpz_onnx_byte_identical": float(identical),
+                         "int8_masked_tensors_checked": len(artifact.masks) - len(absent),
+                         **{f"cpz_{k}": v for k, v in coding_summary(rows).items()}}, None)
+        print(f"[{self.name}] int8 model {source.name} {len(original):,} bytes -> {CPZ_FILE} "
+              f"{size:,} bytes", flush=True)
+        artifact.outputs[CPZ_FILE] = lambda dest, src=path: shutil.copyfile(src, dest)
+        return artifact
