@@ -57,7 +57,7 @@ def settings(quick: bool) -> dict:
                 "image_size": {"ResNet": 64},
                 "pas_search": 2, "pas_finetune": 1, "pas_dense": 2, "seeds": [0, 1, 2],
                 "repeats": 5, "rounds": 3}
-    return {"dense": {"ResNet": 3, "ViT": 15}, "dense_default": 8, "finetune": 3,
+    return {"dense": {"ResNet": 8, "ViT": 15}, "dense_default": 8, "finetune": 3,
             "image_size": {"ResNet": 128},
             "pas_search": 3, "pas_finetune": 3, "pas_dense": 6, "seeds": [0, 1, 2],
             "repeats": 10, "rounds": 5}
@@ -191,6 +191,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for latency")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_structured"))
     parser.add_argument("--families", nargs="*", default=list(FAMILIES))
+    parser.add_argument("--update", action="store_true",
+                        help="re-measure only --families (and PaS unless --skip-pas); keep the "
+                        "other rows of the saved result")
+    parser.add_argument("--skip-pas", action="store_true", help="with --update: keep PaS rows")
     args = parser.parse_args()
     cfg = settings(args.quick)
     torch.set_num_threads(args.threads)  # training too: a shared 2-core machine
@@ -200,15 +204,23 @@ def main() -> None:
         name, kwargs, size, train = FAMILIES[family]
         model = (name, kwargs, cfg["image_size"].get(family, size), train)
         rows += speedups(family, model, cfg, args.out, args.threads)
-    pas_rows = pas_vs_uniform(cfg, args.out)
+    path = RESULTS / ("structured_quick.json" if args.quick else "structured.json")
+    saved = json.loads(path.read_text()) if args.update and path.is_file() else None
+    pas_rows = (saved["pas_vs_uniform_l1"] if saved and args.skip_pas
+                else pas_vs_uniform(cfg, args.out))
+    if saved:  # the families not re-measured keep their rows, in the saved order
+        fresh = {r["family"] for r in rows}
+        kept = [r for r in saved["speedups"] if r["family"] not in fresh]
+        rows = sorted(kept + rows, key=lambda r: list(FAMILIES).index(r["family"]))
     text = table(rows, pas_rows, args.threads)
     print("\n" + text)
     result = {"quick": args.quick, "threads": args.threads, "settings": cfg,
               "torch": torch.__version__, "platform": platform.platform(),
               "processor": platform.processor(), "wall_s": time.perf_counter() - started,
               "speedups": rows, "pas_vs_uniform_l1": pas_rows, "table": text}
+    if saved:
+        result["updated_families"] = args.families
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / ("structured_quick.json" if args.quick else "structured.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nsaved {path} ({result['wall_s']:.0f} s)")
 
