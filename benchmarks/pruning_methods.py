@@ -4,14 +4,16 @@ from its artifact file.
 
     .venv/bin/python benchmarks/pruning_methods.py [--quick] [--model resnet10t] [--seeds 3]
 
-All methods of one seed share the dense stage (re-used through --resume's fingerprints), so the
-comparison starts from the same trained weights.
+All methods of one seed start from the same dense stage (trained once, copied into each method's
+directory and reused through --resume's fingerprints); every method keeps its own directory, so a
+second call with the same --workdir resumes instead of recomputing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -56,6 +58,15 @@ def pipeline(out: Path, model: str, seed: int, stages: list[dict], with_dense: b
             "stages": ([dense] if with_dense else []) + stages}
 
 
+def dense_run(root: Path, model: str, seed: int) -> Path:
+    """The seed's dense training, run once and copied into each method's directory."""
+    out = root / f"seed{seed}-dense"
+    import compresspipe
+
+    compresspipe.run(pipeline(out, model, seed, [], True), resume=True)
+    return out
+
+
 def control_metric(summary: dict, key: str) -> float | None:
     from mlflow.tracking import MlflowClient
 
@@ -91,7 +102,11 @@ def main() -> None:
             for s in sparsities:
                 for name, (stages, epochs) in methods(s).items():
                     with_dense = stages[0]["prune"]["method"] not in ("bimp", "at_init")
-                    out = Path(tmp) / f"seed{seed}-{'dense' if with_dense else name}-{s}"
+                    out = Path(tmp) / f"seed{seed}-{name}-{s}"
+                    if with_dense and not out.exists():
+                        # its own directory (so a rerun resumes every method), seeded with the
+                        # seed's dense stage: same trained weights and rewind point for all
+                        shutil.copytree(dense_run(Path(tmp), args.model, seed), out)
                     cfg = pipeline(out, args.model, seed, stages, with_dense)
                     summary = compresspipe.run(cfg, resume=True)
                     m = summary["stages"][-1]["metrics"]
@@ -108,9 +123,11 @@ def main() -> None:
                                             "train": {"epochs": 3, "lr": 0.05}}}]
             longer = [{"name": "dense12", "train": {"epochs": DENSE + 6, "lr": 0.05,
                                                     "warmup_epochs": 1}}]
-            for name, stages, dense_first in (("DSD (30%)", dsd, True),
-                                              ("dense, same epochs", longer, False)):
-                out = Path(tmp) / f"seed{seed}-{'dense' if dense_first else 'dense12'}-dsd"
+            for name, slug, stages, dense_first in (("DSD (30%)", "dsd", dsd, True),
+                                                    ("dense, same epochs", "dense12", longer, False)):
+                out = Path(tmp) / f"seed{seed}-{slug}"
+                if dense_first and not out.exists():
+                    shutil.copytree(dense_run(Path(tmp), args.model, seed), out)
                 summary = compresspipe.run(pipeline(out, args.model, seed, stages, dense_first),
                                            resume=True)
                 m = summary["stages"][-1]["metrics"]
