@@ -44,6 +44,18 @@ def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedP
                           text=True, timeout=timeout, env=env, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: two threads on a shared two-core machine spin-wait on
+    every small op, and timings (latency metrics) stay steadier."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _no_ambient_tracking_uri():
     # a developer's own MLFLOW_TRACKING_URI must not receive test runs, and mlflow's

@@ -25,12 +25,7 @@ from compresspipe.quantization.cluster import (
 PRUNED = "layer1.0.conv1.weight"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- k-means and codebooks ---------------------------------------------------------------------

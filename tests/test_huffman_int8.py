@@ -27,13 +27,7 @@ from compresspipe.errors import ArtifactError, ConfigError
 from compresspipe.quantization.onnx_int8 import INT8_FILE, OnnxModel
 from compresspipe.quantization.pt2e import example_batch
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from compresspipe.measure import count_macs
 from compresspipe.pruning import structured as S
 from compresspipe.pruning.pas import BinaryGate, PaSHook
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gate_binarises_and_passes_gradients_straight_through():

@@ -33,13 +33,7 @@ _REAL_DISTILL_HOOK = compresspipe.distill.distill_hook
 PRUNED = ("layer1.0.conv1.weight", "fc.weight")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the machine is shared: one thread per process keeps timings and runtime steady
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MagnitudePruneConfig(StageConfig):
