@@ -35,6 +35,7 @@ from .measure import check_masks, evaluate, file_bytes, mask_stats, param_counts
 from .models import allow_named_factories
 from .quantization.cluster import drop_stale as drop_stale_clusters
 from .registry import get_stage
+from .signals import raise_interrupted
 from .tracking import Tracker
 
 SUMMARY_FILE = "summary.json"
@@ -42,10 +43,6 @@ INPUT_STAGE = "input"
 SUMMARY_METRICS = ("top1", "top5", "loss", "model_bytes", "compression_ratio", "sparsity")
 # stages whose weight histograms before/after are logged (plots/<stage>_weights.png)
 QUANTIZING_STAGES = ("cluster", "qat", "ptq")
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM turned into an exception so runs are closed as KILLED."""
 
 
 def run_pipeline(pipeline: Pipeline, resume: bool = False) -> dict[str, Any]:
@@ -121,7 +118,7 @@ class Runner:
             "tracking_uri": self.tracker.uri, "parent_run_id": None, "stages": done,
             "stage_runs": dict((previous or {}).get("stage_runs", {})),
         }
-        old_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
+        old_handler = signal.signal(signal.SIGTERM, raise_interrupted)
         parent = None
         stage_run = None
         try:
@@ -410,10 +407,6 @@ class Runner:
         final = self.summary["stages"][-1]["metrics"]
         self.tracker.log_metrics(parent, {f"final.{k}": final[k] for k in SUMMARY_METRICS
                                           if k in final})
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(f"received signal {signum}")
 
 
 def _print_record(record: dict[str, Any]) -> None:

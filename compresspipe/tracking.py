@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .config import TrackingConfig
 from .errors import TrackingError
+from .signals import critical
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
@@ -163,7 +164,8 @@ class Tracker:
         while True:
             attempt += 1
             try:
-                with _one_http_attempt(self.cfg.request_timeout_s):
+                # a SIGTERM mid-call could leave an sqlite transaction holding the lock
+                with critical(), _one_http_attempt(self.cfg.request_timeout_s):
                     result = fn()
                 self._unavailable = False
                 return result

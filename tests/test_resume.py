@@ -153,3 +153,22 @@ def test_resume_reuses_a_stage_run_no_summary_recorded(tmp_path):
     runs = client.search_runs([client.get_run(orphan).info.experiment_id])
     assert len(runs) == 1 + len(cfg["stages"])  # parent + one per stage
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_sigterm_inside_a_tracking_call_waits_for_it_to_finish():
+    # raised mid-call, the exception could leave an sqlite transaction holding the database lock
+    # and the clean-up that marks runs KILLED would wait on it
+    import pytest
+
+    from compresspipe.signals import Interrupted, critical, raise_interrupted
+
+    done = []
+    with pytest.raises(Interrupted, match="signal 15"):
+        with critical():
+            raise_interrupted(signal.SIGTERM, None)  # as if delivered here
+            done.append("call finished")
+    assert done == ["call finished"]
+    with pytest.raises(Interrupted):  # outside a critical section: at once
+        raise_interrupted(signal.SIGTERM, None)
+    with critical():  # nothing pending any more
+        pass
