@@ -474,10 +474,13 @@ def stage_architecture(pipeline: PipelineConfig, name: str) -> dict[str, Any]:
 # Validation
 
 
-def check_distill(cfg: DistillConfig, student_model: nn.Module, pipeline: PipelineConfig,
+def check_distill(cfg: DistillConfig | None, student_model: nn.Module, pipeline: PipelineConfig,
                   prefix: str = "") -> list[tuple[str, str]]:
     """Problems of a distillation config against the real student, as (path, message) pairs
-    with paths under ``prefix`` (e.g. 'distill' inside a prune stage's config)."""
+    with paths under ``prefix`` (e.g. 'distill' inside a prune stage's config); none for an
+    absent (None) config, so stages with an optional ``distill:`` block just call this."""
+    if cfg is None:
+        return []
 
     def at(key: str) -> str:
         return f"{prefix}.{key}" if prefix else key

@@ -902,9 +902,29 @@ def check_graph(model: nn.Module, data_cfg, ignore: Sequence[str], what: str = "
     except CompressPipeError as exc:  # names the layer the model cannot be pruned at
         return None, [("ignore", str(exc))]
     if not graph.groups:
-        return None, [("ignore", f"no channel group of the model can be {what}: " +
-                       "; ".join(f"{k}: {v}" for k, v in graph.skipped.items()))]
+        return None, [("ignore", _no_groups(graph, what))]
     return graph, []
+
+
+def _no_groups(graph: StructuredGraph, what: str) -> str:
+    return (f"no channel group of the model can be {what}: "
+            + "; ".join(f"{k}: {v}" for k, v in graph.skipped.items()))
+
+
+def stage_start(artifact, ctx, stage: str, ignore: Sequence[str], what: str = "pruned",
+                **graph_kwargs) -> tuple[nn.Module, tuple[int, ...], nn.Module, StructuredGraph]:
+    """Where both structured stages start: the model on the device, the traced input shape, a
+    dense copy (the MACs and latency reference) and the dependency graph."""
+    import copy
+
+    require_unquantized(artifact, stage)
+    model = artifact.model.to(ctx.device)
+    shape = input_shape_of(ctx.pipeline.config.data)
+    dense = copy.deepcopy(model).eval()
+    graph = StructuredGraph(model, shape, ignore, **graph_kwargs)
+    if not graph.groups:
+        raise CompressPipeError(f"stage {stage!r}: {_no_groups(graph, what)}")
+    return model, shape, dense, graph
 
 
 def require_unquantized(artifact, stage: str) -> None:

@@ -99,20 +99,10 @@ class ChannelPruneStage(Stage):
         return []
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        import copy
-
-        from ..errors import CompressPipeError
         from ..pruning import structured as S
 
         cfg = self.config
-        S.require_unquantized(artifact, self.name)
-        model = artifact.model.to(ctx.device)
-        shape = S.input_shape_of(ctx.pipeline.config.data)
-        dense = copy.deepcopy(model).eval()
-        graph = S.StructuredGraph(model, shape, cfg.ignore)
-        if not graph.groups:
-            raise CompressPipeError(f"stage {self.name!r}: no channel group can be pruned: "
-                                    + "; ".join(f"{k}: {v}" for k, v in graph.skipped.items()))
+        model, shape, dense, graph = S.stage_start(artifact, ctx, self.name, cfg.ignore)
         if cfg.sparsity is not None:
             hook = S.BatchNormL1(S.group_batchnorms(graph), cfg.sparsity.l1)
             ctx.trainer(model, cfg.sparsity.train, hooks=[hook], masks=artifact.masks,

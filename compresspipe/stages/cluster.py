@@ -72,6 +72,7 @@ class ClusterStage(Stage):
     Config = ClusterConfig
 
     def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+        from ..distill import check_distill
         from ..quantization.cluster import layer_bits, unmatched_overrides
         from ..validation import unmatched_pattern_problems
 
@@ -83,11 +84,7 @@ class ClusterStage(Stage):
         if not problems and not layer_bits(model, cfg.conv_bits, cfg.linear_bits, cfg.overrides):
             problems.append(("conv_bits", "no layer is left to cluster (conv_bits, linear_bits "
                              "and overrides exclude them all)"))
-        if cfg.distill is not None:
-            from ..distill import check_distill
-
-            problems += check_distill(cfg.distill, model, pipeline, "distill")
-        return problems
+        return problems + check_distill(cfg.distill, model, pipeline, "distill")
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
         from ..measure import evaluate

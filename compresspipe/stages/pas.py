@@ -56,21 +56,12 @@ class PaSStage(Stage):
                            need_gateable=True)[1]
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        import copy
-
-        from ..errors import CompressPipeError
         from ..pruning import structured as S
         from ..pruning.pas import PaSHook
 
         cfg = self.config
-        S.require_unquantized(artifact, self.name)
-        model = artifact.model.to(ctx.device)
-        shape = S.input_shape_of(ctx.pipeline.config.data)
-        dense = copy.deepcopy(model).eval()
-        graph = S.StructuredGraph(model, shape, cfg.ignore, need_gateable=True)
-        if not graph.groups:
-            raise CompressPipeError(f"stage {self.name!r}: no channel group can be searched: "
-                                    + "; ".join(f"{k}: {v}" for k, v in graph.skipped.items()))
+        model, shape, dense, graph = S.stage_start(artifact, ctx, self.name, cfg.ignore,
+                                                   "searched", need_gateable=True)
         cost = S.CostModel(graph)
         search = PaSHook(graph, cost, cfg.p, cfg.alpha, cfg.gate_scale)
         try:

@@ -198,14 +198,9 @@ class PruneStage(Stage):
             problems.append(("rewind_to", "weight rewinding needs a rewind point: add "
                              "record_rewind: {epoch: 1} to an earlier train stage, or set "
                              "rewind_to: init"))
-        if c.distill is not None:
-            try:
-                from ..distill import check_distill
-            except ImportError:
-                problems.append(("distill", "distillation is not available in this build"))
-            else:
-                problems += check_distill(c.distill, model, pipeline, "distill")
-        return problems
+        from ..distill import check_distill
+
+        return problems + check_distill(c.distill, model, pipeline, "distill")
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
         from ..pruning.methods import run_method

@@ -63,11 +63,10 @@ class QATStage(Stage):
         if cfg.distill is not None and cfg.distill.features:
             problems.append(("distill.features", "feature distillation needs module hooks, which "
                              "the captured QAT graph does not have; use logit distillation here"))
-        elif cfg.distill is not None:
-            from ..distill import check_distill
+            return problems
+        from ..distill import check_distill
 
-            problems += check_distill(cfg.distill, model, pipeline, "distill")
-        return problems
+        return problems + check_distill(cfg.distill, model, pipeline, "distill")
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
         from ..quantization.int8 import finish_int8
