@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import compresspipe  # noqa: E402
 from compresspipe.config import DataConfig, TrainConfig  # noqa: E402
 from compresspipe.data import build_data  # noqa: E402
-from compresspipe.measure import evaluate  # noqa: E402
+from compresspipe.measure import evaluate, median_seconds  # noqa: E402
 from compresspipe.quantization.cluster import (  # noqa: E402
     CentroidHook,
     cluster_model,
@@ -60,7 +60,6 @@ from compresspipe.quantization.pt2e import (  # noqa: E402
     prepare_qat,
 )
 from compresspipe.quantization.qdq import QDQScheme  # noqa: E402
-from compresspipe.quantization.timing import median_ms  # noqa: E402
 from compresspipe.training import Trainer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quantize.json"
@@ -108,7 +107,7 @@ def latency(variants: dict, batch: torch.Tensor, repeats: int, rounds: int) -> d
     with torch.no_grad():
         for _ in range(rounds):
             for name, fn in variants.items():
-                per_round[name].append(median_ms(lambda fn=fn: fn(batch), repeats))
+                per_round[name].append(1e3 * median_seconds(lambda fn=fn: fn(batch), repeats))
     return {k: statistics.median(v) for k, v in per_round.items()}
 
 
@@ -130,7 +129,7 @@ def qat_step_ratio(model: torch.nn.Module, data, steps: int) -> dict[str, float]
     result = {}
     for name, m in (("fp32", fp32), ("qat", qat)):
         opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
-        result[f"{name}_step_ms"] = median_ms(lambda m=m, opt=opt: step(m, opt), steps, warmup=2)
+        result[f"{name}_step_ms"] = 1e3 * median_seconds(lambda m=m, opt=opt: step(m, opt), steps, warmup=2)
     result["qat_over_fp32"] = result["qat_step_ms"] / result["fp32_step_ms"]
     return result
 

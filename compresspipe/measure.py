@@ -124,6 +124,26 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> di
             "params": sum(p.numel() for p in model.parameters())}
 
 
+def median_seconds(fn, repeats: int = 20, warmup: int = 3, sync=None) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls;
+    ``sync()`` (e.g. a CUDA synchronize) runs before the clock starts and before it stops."""
+    import statistics
+    import time
+
+    for _ in range(max(warmup, 0)):
+        fn()
+    times = []
+    for _ in range(max(repeats, 1)):
+        if sync is not None:
+            sync()
+        started = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 @torch.no_grad()
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...] | list[int], batch: int = 1,
                     repeats: int = 20, warmup: int = 3, threads: int | None = None) -> float:
@@ -134,9 +154,6 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...] | list[int], 
     numbers taken in one run are comparable. On a shared machine, interleave the models you
     compare and repeat; the median discards most interference.
     """
-    import statistics
-    import time
-
     was_training = model.training
     model.eval()
     previous_threads = torch.get_num_threads()
@@ -146,21 +163,11 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...] | list[int], 
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         x = torch.randn((batch, *tuple(input_shape)[1:]), device=device)
-        for _ in range(max(warmup, 0)):
-            model(x)
-        times = []
-        for _ in range(max(repeats, 1)):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - started)
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+        return median_seconds(lambda: model(x), repeats, warmup, sync)
     finally:
         torch.set_num_threads(previous_threads)
         model.train(was_training)
-    return statistics.median(times)
 
 
 def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...] | list[int],

@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..measure import evaluate
+from ..measure import evaluate, median_seconds
 from .onnx_int8 import INT8_FILE, OnnxModel, check_int8_masks, deploy_entry, fused_op_counts
 from .pt2e import example_batch
-from .timing import median_ms
 
 if TYPE_CHECKING:
     from ..artifact import Artifact
@@ -50,8 +49,8 @@ def latency_metrics(fp32_model: nn.Module, path: Path, data, repeats: int,
         for label, n in (("b1", 1), (f"b{batch}", batch)):
             x = example_batch(data.test, n)
             with torch.no_grad():
-                fp32 = median_ms(lambda x=x: fp32_model(x), repeats)
-            q = median_ms(lambda x=x: int8(x), repeats)
+                fp32 = 1e3 * median_seconds(lambda x=x: fp32_model(x), repeats)
+            q = 1e3 * median_seconds(lambda x=x: int8(x), repeats)
             out.update({f"latency_fp32_{label}_ms": fp32, f"latency_int8_{label}_ms": q,
                         f"latency_int8_over_fp32_{label}": q / fp32})
     finally:
