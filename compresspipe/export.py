@@ -48,7 +48,9 @@ class Exported:
 
     @property
     def bytes(self) -> int:
-        return self.path.stat().st_size
+        from .measure import file_bytes
+
+        return file_bytes([self.path])
 
     def record(self) -> dict[str, Any]:
         return {"file": self.path.name, "bytes": self.bytes, "holds": "deployed model" if

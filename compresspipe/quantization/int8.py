@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..measure import evaluate, median_seconds
+from ..measure import evaluate, file_bytes, median_seconds
 from .onnx_int8 import INT8_FILE, OnnxModel, check_int8_masks, deploy_entry, fused_op_counts
 from .pt2e import example_batch
 
@@ -74,7 +74,7 @@ def finish_int8(artifact: Artifact, ctx: StageContext, path: Path, fp32_model: n
     metrics = {
         "fp32_top1": fp32["top1"], "int8_top1": q["top1"], "int8_top1_drop": fp32["top1"] - q["top1"],
         "fp32_loss": fp32["loss"], "int8_loss": q["loss"],
-        "int8_bytes": float(path.stat().st_size), "int8_masked_tensors_checked": float(checked),
+        "int8_bytes": float(file_bytes([path])), "int8_masked_tensors_checked": float(checked),
         **op_summary(ops),
     }
     if latency_repeats > 0:
