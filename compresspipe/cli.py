@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from importlib import resources
+from pathlib import Path
 
 EXIT_ERROR, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -176,19 +177,39 @@ def _decompress(args) -> int:
     from .cpz_model import read_model_cpz, read_onnx_cpz
     from .errors import ArtifactError
 
+    out = Path(args.output)
+    if out.is_dir() or not out.parent.is_dir():
+        raise ArtifactError(f"-o {args.output}: " + ("is a directory; give a file name"
+                            if out.is_dir() else f"directory {str(out.parent)!r} does not exist"))
     onnx = read_onnx_cpz(args.file)
     if onnx is not None:
-        if not args.output.endswith(".onnx"):
+        if out.suffix != ".onnx":
             raise ArtifactError(f"{args.file}: holds an int8 ONNX model ({onnx[1]}), not fp32 "
                                 "weights: give an output file ending in .onnx")
-        with open(args.output, "wb") as f:
-            f.write(onnx[0])
-        print(f"wrote {args.output}")
-        return 0
-    model = read_model_cpz(args.file).model
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.output)
+        _write_atomically(out, lambda tmp: tmp.write_bytes(onnx[0]))
+    else:
+        state = {k: v.contiguous() for k, v in read_model_cpz(args.file).model.state_dict().items()}
+        _write_atomically(out, lambda tmp: save_file(state, str(tmp)))
     print(f"wrote {args.output}")
     return 0
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` next to ``path``, then rename: a failure never leaves half a file."""
+    import os
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever reads the file
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _type_name(annotation) -> str:

@@ -146,3 +146,21 @@ def test_coding_summary_matches_the_file(chain):
         assert s[f"{stream}_bits_per_nonzero"] < 1.1 * s[f"{stream}_entropy_bits_per_nonzero"] + 0.1
     parts = s["positions_bytes"] + s["values_bytes"] + s["table_bytes"] + s["raw_bytes"]
     assert parts < path.stat().st_size < parts + 64 * 1024  # the rest: header, metadata, table
+
+
+def test_decompress_output_path_problems_are_one_clear_error(chain, tmp_path, capsys):
+    from compresspipe.cli import main as cli_main
+
+    out, _ = chain
+    src = str(out / "huffman" / "model.cpz")
+    assert cli_main(["decompress", src, "-o", str(tmp_path / "no" / "m.safetensors")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["decompress", src, "-o", str(tmp_path)]) == 1
+    assert "is a directory" in capsys.readouterr().err
+    assert cli_main(["decompress", src, "-o", str(tmp_path / "m.safetensors")]) == 0
+    from safetensors.torch import load_file
+
+    decoded = load_file(str(tmp_path / "m.safetensors"))
+    for name, value in compresspipe.load(out / "huffman").model.state_dict().items():
+        assert torch.equal(decoded[name], value), name
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary left
