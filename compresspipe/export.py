@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .errors import CompressPipeError, MaskViolation
+from .errors import CompressPipeError
 
 DENSE_FILE = "model.dense.safetensors"
 ONNX_FILE = "model.onnx"
@@ -126,24 +126,6 @@ def check_onnx_zeros(path: Path, masks: dict[str, torch.Tensor], stage: str) -> 
              if stored.get(name) in (tuple(mask.shape), tuple(mask.shape)[::-1])}
     check_int8_masks(path, found, stage)
     return len(found)
-
-
-def check_zeros(tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], where: str,
-                file: str) -> int:
-    """Raise MaskViolation unless every pruned weight is an exact zero in ``tensors``; return
-    how many masked tensors were checked."""
-    for name, mask in masks.items():
-        if name not in tensors:
-            raise MaskViolation(f"{where}: masked tensor {name!r} is not in {file}")
-        value = tensors[name].detach().cpu()
-        if value.shape != mask.shape:
-            raise MaskViolation(f"{where}: {name!r} has shape {list(value.shape)} in {file}, "
-                                f"its mask {list(mask.shape)}")
-        revived = int(torch.count_nonzero(value[~mask.bool().cpu()]))
-        if revived:
-            raise MaskViolation(f"{where}: {revived} pruned weights of {name!r} are not zero "
-                                f"in {file}")
-    return len(masks)
 
 
 # -- the consumer check ------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -72,15 +72,26 @@ def file_bytes(paths: Iterable[str | os.PathLike]) -> int:
 
 def check_masks(model: nn.Module, masks: dict[str, torch.Tensor], stage: str) -> None:
     """Raise MaskViolation if any weight a mask prunes is not exactly zero."""
-    params = dict(model.named_parameters())
+    check_tensor_masks(dict(model.named_parameters()), masks, f"stage {stage!r}")
+
+
+def check_tensor_masks(tensors: Mapping[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                       where: str, container: str = "the model") -> int:
+    """Raise MaskViolation unless every pruned weight is an exact zero in ``tensors`` (a model's
+    parameters or a file's tensors, named ``container`` in messages); return how many masked
+    tensors were checked."""
     for name, mask in masks.items():
-        if name not in params:
-            raise MaskViolation(f"stage {stage!r}: masked tensor {name!r} is not in the model")
-        revived = int(torch.count_nonzero(params[name].detach()[~mask.bool()]))
+        if name not in tensors:
+            raise MaskViolation(f"{where}: masked tensor {name!r} is not in {container}")
+        value = tensors[name].detach()
+        if value.shape != mask.shape:
+            raise MaskViolation(f"{where}: {name!r} has shape {list(value.shape)} in "
+                                f"{container}, its mask {list(mask.shape)}")
+        revived = int(torch.count_nonzero(value[~mask.bool().to(value.device)]))
         if revived:
-            raise MaskViolation(
-                f"stage {stage!r}: {revived} pruned weights of {name!r} are no longer zero"
-            )
+            raise MaskViolation(f"{where}: {revived} pruned weights of {name!r} are not zero "
+                                f"in {container}")
+    return len(masks)
 
 
 # -- compute and speed ----------------------------------------------------------------------------

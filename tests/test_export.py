@@ -29,12 +29,12 @@ import compresspipe.quantization.onnx_int8 as onnx_int8
 from compresspipe.errors import CompressPipeError, ConfigError, MaskViolation
 from compresspipe.export import (
     Exported,
-    check_zeros,
     run_consumer,
     write_dense_safetensors,
     write_split,
     write_torch_export,
 )
+from compresspipe.measure import check_tensor_masks
 from compresspipe.quantization.onnx_int8 import INT8_FILE, check_int8_masks
 
 DENSE_FORMATS = ["safetensors", "onnx", "torch_export"]
@@ -117,7 +117,7 @@ def test_masks_hold_in_the_artifact_and_every_exported_file(chain):
     for name, mask in masks.items():
         assert torch.equal(exported.masks[name], mask)
         assert (~mask).sum() > 0
-    check_zeros(load_file(str(out / "export-dense" / "model.dense.safetensors")), masks, "t", "f")
+    check_tensor_masks(load_file(str(out / "export-dense" / "model.dense.safetensors")), masks, "t", "f")
     checked = {fmt: rec["masked_tensors_checked"]
                for fmt, rec in _manifest(out, "export-dense")["formats"].items()}
     assert checked["safetensors"] == checked["torch_export"] == len(masks)
@@ -128,11 +128,11 @@ def test_masks_hold_in_the_artifact_and_every_exported_file(chain):
     assert set(compresspipe.load(out / "export").masks) == set(masks)
 
 
-def test_check_zeros_catches_a_revived_weight():
+def test_check_tensor_masks_catches_a_revived_weight():
     masks = {"w": torch.tensor([True, False, True])}
-    check_zeros({"w": torch.tensor([1.0, 0.0, 2.0])}, masks, "stage 'x': format 'onnx'", "m.onnx")
+    check_tensor_masks({"w": torch.tensor([1.0, 0.0, 2.0])}, masks, "stage 'x': format 'onnx'", "m.onnx")
     with pytest.raises(MaskViolation, match=r"format 'onnx': 1 pruned weights of 'w'.*m\.onnx"):
-        check_zeros({"w": torch.tensor([1.0, 1e-9, 2.0])}, masks, "stage 'x': format 'onnx'",
+        check_tensor_masks({"w": torch.tensor([1.0, 1e-9, 2.0])}, masks, "stage 'x': format 'onnx'",
                     "m.onnx")
 
 

@@ -181,13 +181,13 @@ class ExportStage(Stage):
             PROGRAM_FILE,
             Exported,
             check_onnx_zeros,
-            check_zeros,
             example_inputs,
             onnx_opset,
             timm_rebuildable,
             write_dense_safetensors,
             write_torch_export,
         )
+        from ..measure import check_tensor_masks
         from ..quantization.onnx_int8 import DEPLOY_FORMAT, export_onnx
 
         masks, where = artifact.masks, f"stage {self.name!r}: format {fmt!r}"
@@ -211,16 +211,15 @@ class ExportStage(Stage):
             for key, value in incoming.dense.state_dict().items():
                 if not torch.equal(decoded[key], value.detach().cpu()):
                     raise CompressPipeError(f"{where}: {key!r} does not decode to the model's "
-                                            "weights (they changed after the cluster stage: "
-                                            "run cluster again)")
-            checked = check_zeros(decoded, masks, where, path.name)
+                                            "weights")
+            checked = check_tensor_masks(decoded, masks, where, path.name)
             return Exported(fmt, path, holds_deployed, incoming.dense_top1, "compresspipe",
                             checked, ".cpz is compresspipe's own container: read back by "
                             "compresspipe")
         if fmt == "safetensors":
             path = work / DENSE_FILE
             write_dense_safetensors(incoming.dense, artifact.spec, path)
-            checked = check_zeros(load_file(str(path)), masks, where, path.name)
+            checked = check_tensor_masks(load_file(str(path)), masks, where, path.name)
             why = timm_rebuildable(artifact.spec)
             note = f"checked through compresspipe: {why}" if why else ""
             if why:
@@ -252,7 +251,7 @@ class ExportStage(Stage):
                                     "which a torch.export program cannot reproduce; use 'onnx'")
         path = work / PROGRAM_FILE
         state = write_torch_export(incoming.deployed, example, path, where)
-        checked = check_zeros(state, masks, where, path.name)
+        checked = check_tensor_masks(state, masks, where, path.name)
         return Exported(fmt, path, True, incoming.deployed_top1, "torch_export", checked)
 
 
