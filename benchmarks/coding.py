@@ -44,13 +44,9 @@ DAHUFFMAN_SYMBOLS = 200_000  # pure Python: ~0.1 s per 200k symbols
 
 def byte_breakdown(stats: list[dict], total: int) -> dict[str, int]:
     """Where the bytes of a .cpz go: coded positions, coded values, code tables, raw tensors."""
-    coded = [s for s in stats if s["kind"] != "raw"]
-    parts = {
-        "positions": sum(s["positions_bytes"] for s in coded),
-        "values": sum(s["values_bytes"] for s in coded),
-        "tables": sum(s["table_bytes"] for s in coded),
-        "raw tensors": sum(s["values_bytes"] + s["table_bytes"] for s in stats if s["kind"] == "raw"),
-    }
+    s = cpz.coding_summary(stats)
+    parts = {"positions": s["positions_bytes"], "values": s["values_bytes"],
+             "tables": s["table_bytes"], "raw tensors": s["raw_bytes"]}
     parts["container (headers, metadata, checksums)"] = total - sum(parts.values())
     return parts
 

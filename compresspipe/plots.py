@@ -175,12 +175,12 @@ def cpz_breakdown(rows: list[dict[str, Any]], file_bytes: int, params: int
     values, tables (Huffman code lengths, block offsets, codebooks) and raw storage, then the whole file per model parameter with
     the other raw tensors (biases, norms) and the container (header, index, metadata).
     ``rows`` is ``compresspipe.coding.inspect_cpz``'s per-tensor accounting."""
+    from .coding.cpz import byte_parts
+
     bars = []
     totals = dict.fromkeys((name for name, _ in CPZ_PARTS), 0.0)
     for r in rows:
-        raw = r["kind"] == "raw"
-        parts = {"positions": r["positions_bytes"], "values": 0 if raw else r["values_bytes"],
-                 "tables": r["table_bytes"], "raw": r["values_bytes"] if raw else 0}
+        parts = byte_parts(r)
         for k, v in parts.items():
             totals[k] += v
         if len(r["shape"]) >= 2 and r["elements"]:

@@ -1365,18 +1365,28 @@ def inspect_cpz(
     ]
 
 
+def byte_parts(row: dict[str, Any]) -> dict[str, int]:
+    """Bytes of one :func:`inspect_cpz` row by part: sparse positions, coded values, tables
+    (code lengths, block offsets, codebooks, scales) and raw storage."""
+    if row["kind"] == "raw":
+        return {"positions": 0, "values": 0, "tables": 0,
+                "raw": row["values_bytes"] + row["table_bytes"]}
+    return {"positions": row["positions_bytes"], "values": row["values_bytes"],
+            "tables": row["table_bytes"], "raw": 0}
+
+
 def coding_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     """File-level figures from :func:`inspect_cpz` rows: bits per nonzero weight of the coded
     positions and values next to their Shannon bounds, and bytes per part."""
     coded = [r for r in rows if r["kind"] != "raw"]
     nonzero = max(sum(int(r["nonzero"]) for r in coded), 1)
     out: dict[str, float] = {"coded_tensors": len(coded), "coded_nonzero": nonzero}
+    parts = [byte_parts(r) for r in rows]
+    for part, key in (("positions", "positions_bytes"), ("values", "values_bytes"),
+                      ("tables", "table_bytes"), ("raw", "raw_bytes")):
+        out[key] = sum(p[part] for p in parts)
     for stream in ("positions", "values"):
-        out[f"{stream}_bytes"] = sum(r[f"{stream}_bytes"] for r in coded)
         out[f"{stream}_bits_per_nonzero"] = 8 * out[f"{stream}_bytes"] / nonzero
         bound = sum(r[f"{stream}_entropy_bits"] or 0 for r in coded)
         out[f"{stream}_entropy_bits_per_nonzero"] = bound / nonzero
-    out["table_bytes"] = sum(r["table_bytes"] for r in coded)
-    out["raw_bytes"] = sum(r["values_bytes"] + r["table_bytes"] for r in rows if r["kind"] == "raw")
     return out
-
