@@ -33,6 +33,11 @@ class StageContext:
     # (ONNX file, input example) -> the MLflow model URI of this stage's run; None untracked
     log_model: Callable[[Path, np.ndarray], str | None] = lambda path, example: None
 
+    @property
+    def previous_stage(self) -> str:
+        """The stage whose saved output this stage receives ('input' for the first stage)."""
+        return self.pipeline.stages[self.spec.index - 1].name if self.spec.index else "input"
+
     def trainer(self, model: nn.Module, cfg: TrainConfig, hooks: Sequence[TrainHook] = (),
                 lr_fn: LrFn | None = None, masks: dict[str, torch.Tensor] | None = None,
                 key: str = "train", step_offset: int = 0) -> Trainer:

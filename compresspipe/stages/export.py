@@ -127,7 +127,7 @@ class ExportStage(Stage):
         )
 
         cfg = self.config
-        name = ctx.pipeline.stages[ctx.spec.index - 1].name if ctx.spec.index else "input"
+        name = ctx.previous_stage
         source = ctx.load_stage(name)  # on every rank: a collective under torchrun
         if not is_main():  # rank 0 writes and checks the files; the others take its artifact
             return artifact

@@ -114,9 +114,7 @@ class HuffmanStage(Stage):
         """The int8 ONNX file the previous stage deploys, if it deploys one."""
         from ..quantization.onnx_int8 import DEPLOY_FORMAT
 
-        if ctx.spec.index == 0:
-            return None
-        name = ctx.pipeline.stages[ctx.spec.index - 1].name
+        name = ctx.previous_stage
         deploy = ctx.load_stage(name).deploy  # on every rank: a collective under torchrun
         if not deploy or deploy.get("format") != DEPLOY_FORMAT:
             return None
