@@ -119,12 +119,21 @@ def check_onnx_zeros(path: Path, masks: dict[str, torch.Tensor], stage: str) -> 
     return how many. Batch norm folded into a convolution makes a new tensor (its zeros stay
     zeros) that the exporter may name after the norm; the runner checks those weights in
     model.safetensors."""
+    import onnx
+
+    from .conv_taps import apply_window, recorded_windows
     from .quantization.onnx_int8 import check_int8_masks, deployed_weights
 
-    stored = {name: values.shape for name, (values, _, _) in deployed_weights(path).items()}
+    proto = onnx.load(str(path))
+    stored = {name: values.shape for name, (values, _, _) in deployed_weights(proto).items()}
+    trimmed = recorded_windows(proto)
+
+    def shape(name: str, mask: torch.Tensor) -> tuple[int, ...]:
+        return apply_window(mask.cpu().numpy(), trimmed.get(name)).shape
+
     found = {name: mask for name, mask in masks.items()
-             if stored.get(name) in (tuple(mask.shape), tuple(mask.shape)[::-1])}
-    check_int8_masks(path, found, stage)
+             if stored.get(name) in (shape(name, mask), shape(name, mask)[::-1])}
+    check_int8_masks(proto, found, stage, where=path.name)
     return len(found)
 
 

@@ -211,13 +211,13 @@ def test_int8_fp32_weights_are_labelled_as_not_the_deployed_model(int8):
 def test_consumer_mismatch_fails_the_stage_loudly(tmp_path, monkeypatch):
     real = onnx_int8.export_onnx
 
-    def wrong_model(module, example, path, opset=None):
+    def wrong_model(module, example, path, opset=None, trim_taps=True):
         # a file that loads fine but is not the model: another network's weights
         torch.manual_seed(1)
         return real(compresspipe.models.build_from_spec(
             {"source": "timm", "name": "test_resnet", "kwargs": {"in_chans": 1,
                                                                   "num_classes": 10}}).eval(),
-            example, path, opset)
+            example, path, opset, trim_taps)
 
     monkeypatch.setattr(onnx_int8, "export_onnx", wrong_model)
     cfg = tiny_pipeline(tmp_path / "out", epochs=1, tracking={"enabled": False})

@@ -23,6 +23,7 @@ from onnx import numpy_helper
 import compresspipe
 import compresspipe.distill
 from compresspipe.config import DataConfig, load_pipeline
+from compresspipe.conv_taps import apply_window, recorded_windows
 from compresspipe.data import build_data
 from compresspipe.errors import CompressPipeError, ConfigError, MaskViolation
 from compresspipe.quantization.onnx_int8 import INT8_FILE, check_int8_masks
@@ -30,7 +31,8 @@ from compresspipe.quantization.pt2e import example_batch
 from compresspipe.stages.base import Stage, StageConfig
 
 _REAL_DISTILL_HOOK = compresspipe.distill.distill_hook
-PRUNED = ("layer1.0.conv1.weight", "fc.weight")
+# layer4.0.conv2 runs on a 1x1 feature map at 16x16 inputs: the file keeps only its centre taps
+PRUNED = ("layer1.0.conv1.weight", "fc.weight", "layer4.0.conv2.weight")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,6 +73,7 @@ def int8_run(tmp_path_factory):
         {"name": "dense", "train": {"epochs": 2, "lr": 0.05, "warmup_epochs": 0.5}},
         {"name": "prune-conv", "test_quantization:MagnitudePrune": {"tensor": PRUNED[0]}},
         {"name": "prune-fc", "test_quantization:MagnitudePrune": {"tensor": PRUNED[1]}},
+        {"name": "prune-late", "test_quantization:MagnitudePrune": {"tensor": PRUNED[2]}},
         {"name": "ptq", "ptq": {"calibration_batches": 4, "latency_repeats": 2}},
         {"name": "qat", "qat": {"epochs": 1, "lr": 0.005, "freeze_bn_after": 0,
                                 "latency_repeats": 0, "distill": {"teacher": "stage:dense"}}},
@@ -108,7 +111,7 @@ def _onnx_weight(path, name):
 
 def test_int8_accuracy_within_one_point_of_fp32(int8_run):
     _, summary, _ = int8_run
-    fp32 = _metrics(summary, "prune-fc")["top1"]
+    fp32 = _metrics(summary, "prune-late")["top1"]
     assert fp32 > 90.0  # the comparison means something only for a model that learned
     assert abs(_metrics(summary, "ptq")["top1"] - fp32) <= 1.0
     assert _metrics(summary, "qat")["top1"] >= fp32 - 1.0
@@ -135,9 +138,12 @@ def test_pruned_weights_are_exact_zeros_in_int8(int8_run, stage):
     out, summary, _ = int8_run
     art = compresspipe.load(out / stage)
     params = dict(art.model.named_parameters())
+    windows = recorded_windows(onnx.load(str(out / stage / INT8_FILE)))
+    assert set(windows) >= {PRUNED[2]}
     for name in PRUNED:
-        mask = art.masks[name].numpy()
-        assert (~mask).sum() >= mask.size // 2
+        full = art.masks[name].numpy()
+        assert (~full).sum() >= full.size // 2
+        mask = apply_window(full, windows.get(name))
         q, zero = _onnx_weight(out / stage / INT8_FILE, name)
         if q.shape != mask.shape:  # stored transposed
             q, zero = q.T, zero.T
@@ -146,12 +152,30 @@ def test_pruned_weights_are_exact_zeros_in_int8(int8_run, stage):
         assert torch.count_nonzero(params[name].detach()[~art.masks[name]]) == 0
 
 
-def test_mask_check_catches_a_revived_weight(int8_run):
+@pytest.mark.parametrize("name", [PRUNED[0], PRUNED[2]])
+def test_mask_check_catches_a_revived_weight(int8_run, name):
     out, _, _ = int8_run
     art = compresspipe.load(out / "qat")
-    wrong = {PRUNED[0]: ~art.masks[PRUNED[0]]}  # claims the surviving half is pruned
-    with pytest.raises(MaskViolation, match=PRUNED[0].replace(".", r"\.")):
+    wrong = {name: ~art.masks[name]}  # claims the surviving half is pruned
+    with pytest.raises(MaskViolation, match=name.replace(".", r"\.")):
         check_int8_masks(out / "qat" / INT8_FILE, wrong, "qat")
+
+
+def test_padding_only_taps_are_trimmed_and_reported(int8_run):
+    out, summary, _ = int8_run
+    art = compresspipe.load(out / "qat")
+    windows = recorded_windows(onnx.load(str(out / "qat" / INT8_FILE)))
+    q, _ = _onnx_weight(out / "qat" / INT8_FILE, PRUNED[2])
+    assert windows[PRUNED[2]] == [[1, 1], [1, 1]] and q.shape == (96, 96, 1, 1)
+    quant = json.loads((out / "qat" / "artifact.json").read_text())["quant"]["int8"]
+    removed = {n: art.masks[n].numel() - apply_window(art.masks[n].numpy(), w).size
+               for n, w in windows.items() if n in art.masks}
+    assert removed[PRUNED[2]] == 96 * 96 * 8
+    assert quant["trimmed_weight_entries"][PRUNED[2]] == removed[PRUNED[2]]
+    _, run = _stage_run(summary, "qat")
+    m = run.data.metrics
+    assert m["trimmed_conv_weights"] == len(windows)
+    assert m["trimmed_weight_entries"] == sum(quant["trimmed_weight_entries"].values())
 
 
 def test_int8_file_runs_without_compresspipe(int8_run, tmp_path):
@@ -278,8 +302,9 @@ def test_static_symmetric_per_tensor_scheme(tmp_path):
     scheme = QDQScheme(per_channel=False, symmetric_activations=True, observer="minmax")
     prepared = prepare_ptq(model, x[:2], scheme)
     calibrate(prepared, [(x, None)], 1)
-    path = export_onnx(convert(prepared), x[:2], tmp_path / "m.onnx")
+    path = export_onnx(convert(prepared), x[:2], tmp_path / "m.onnx", trim_taps=False)
     proto = onnx.load(str(path))
+    assert recorded_windows(proto) == {}
     init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     act_zps = [init[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
     assert act_zps and all(z.dtype == np.int8 and z.item() == 0 for z in act_zps)
@@ -287,6 +312,8 @@ def test_static_symmetric_per_tensor_scheme(tmp_path):
                      if n.op_type == "DequantizeLinear" and init.get(n.input[0]) is not None
                      and init[n.input[0]].ndim == 4]
     assert weight_scales and all(s.ndim == 0 for s in weight_scales)  # one scale per tensor
+    assert {tuple(init[n.input[0]].shape) for n in proto.graph.node if n.op_type ==
+            "DequantizeLinear" and n.input[0] == "layer4.0.conv2.weight"} == {(96, 96, 3, 3)}
     with torch.no_grad():
         ref = model(x)
     out = OnnxModel(path)(x)

@@ -35,6 +35,22 @@ def op_summary(ops: dict[str, int]) -> dict[str, float]:
     return {"int8_kernels": float(int8), "fp32_weighted_ops": float(fp32)}
 
 
+def trimmed_entries(path: Path, model: nn.Module) -> dict[str, int]:
+    """{weight: entries the file does not store} for the convolutions whose padding-only taps
+    were trimmed (see ``compresspipe.conv_taps``)."""
+    import onnx
+
+    from ..conv_taps import apply_window, recorded_windows
+
+    params = dict(model.state_dict())
+    out = {}
+    for name, window in recorded_windows(onnx.load(str(path), load_external_data=False)).items():
+        if name in params:
+            full = params[name]
+            out[name] = full.numel() - int(apply_window(full.cpu().numpy(), window).size)
+    return out
+
+
 def latency_metrics(fp32_model: nn.Module, path: Path, data, repeats: int,
                     threads: int) -> dict[str, float]:
     """Median latency (ms) of fp32 torch vs int8 onnxruntime at batch 1 and the loader's batch,
@@ -71,10 +87,13 @@ def finish_int8(artifact: Artifact, ctx: StageContext, path: Path, fp32_model: n
     fp32 = evaluate(fp32_model.to(ctx.device), test, ctx.device)
     q = evaluate(int8, test, "cpu")
     ops = fused_op_counts(path)
+    trimmed = trimmed_entries(path, fp32_model)
     metrics = {
         "fp32_top1": fp32["top1"], "int8_top1": q["top1"], "int8_top1_drop": fp32["top1"] - q["top1"],
         "fp32_loss": fp32["loss"], "int8_loss": q["loss"],
         "int8_bytes": float(file_bytes([path])), "int8_masked_tensors_checked": float(checked),
+        "trimmed_conv_weights": float(len(trimmed)),
+        "trimmed_weight_entries": float(sum(trimmed.values())),
         **op_summary(ops),
     }
     if latency_repeats > 0:
@@ -87,7 +106,7 @@ def finish_int8(artifact: Artifact, ctx: StageContext, path: Path, fp32_model: n
     artifact.quant["int8"] = {
         **info, "file": INT8_FILE, "weights": "int8 symmetric (zero point 0), range [-127, 127]",
         "onnxruntime_ops": ops, "masked_tensors_checked": checked,
-        "masked_tensors_not_in_file": absent,
+        "masked_tensors_not_in_file": absent, "trimmed_weight_entries": trimmed,
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
     }
     _print(ctx.spec.name, metrics)
@@ -98,6 +117,9 @@ def _print(stage: str, m: dict[str, float]) -> None:
     text = (f"[{stage}] fp32 top1 {m['fp32_top1']:.2f}% -> int8 top1 {m['int8_top1']:.2f}%, "
             f"{m['int8_bytes']:,.0f} bytes, {m['int8_kernels']:.0f} int8 kernels, "
             f"{m['fp32_weighted_ops']:.0f} fp32 weighted ops")
+    if m["trimmed_conv_weights"]:
+        text += (f", {m['trimmed_weight_entries']:,.0f} weights of {m['trimmed_conv_weights']:.0f} "
+                 "convolutions trimmed (they only read padding)")
     if "latency_int8_over_fp32_b1" in m:
         text += f", int8/fp32 latency b1 {m['latency_int8_over_fp32_b1']:.2f}x"
     print(text, flush=True)

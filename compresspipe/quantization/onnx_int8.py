@@ -44,10 +44,13 @@ SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path,
-                opset: int | None = None) -> Path:
+                opset: int | None = None, trim_taps: bool = True) -> Path:
     """Export ``module`` (an int8 QDQ graph or an fp32 model) to one self-contained file
-    (``opset``: None for the exporter's default)."""
+    (``opset``: None for the exporter's default; ``trim_taps``: slice convolution taps that
+    only read padding at the example's spatial size, see ``compresspipe.conv_taps``)."""
     import onnx
+
+    from ..conv_taps import trim_padding_taps
 
     batch = torch.export.Dim("batch", min=1, max=65536)
     module = module.cpu()
@@ -64,6 +67,8 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path,
     proto = program.model_proto
     name_weights_after_parameters(proto)
     strip_debug_info(proto)
+    if trim_taps:
+        trim_padding_taps(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(proto, str(path))
     return path
@@ -85,7 +90,9 @@ def name_weights_after_parameters(proto) -> dict[str, str]:
             continue
         source = _weight_source(node.input[1], producers, init)
         module = _module_path(node)
-        if source is None or module is None:
+        # a weight that kept its parameter's name stays: after the exporter folds batch norm
+        # into a convolution, the node's scope is the norm's, not the convolution's
+        if source is None or module is None or source.endswith(".weight"):
             continue
         new = f"{module}.weight"
         if source != new and new not in init and new not in renames.values():
@@ -189,7 +196,13 @@ def check_int8_masks(path: Path | Any, masks: dict[str, torch.Tensor], stage: st
     q == zero_point. Returns the masked tensors that are not stored as such in the file (batch
     norm scales folded into convolutions); the runner checks those on model.safetensors.
     """
-    weights = deployed_weights(path)
+    import onnx
+
+    from ..conv_taps import apply_window, recorded_windows
+
+    proto = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path))
+    weights = deployed_weights(proto)
+    trimmed = recorded_windows(proto)
     where = where or Path(path).name
     absent = []
     for name, mask in masks.items():
@@ -197,7 +210,8 @@ def check_int8_masks(path: Path | Any, masks: dict[str, torch.Tensor], stage: st
             absent.append(name)
             continue
         q, zp, axis = weights[name]
-        keep = mask.bool().cpu().numpy()
+        # a trimmed convolution stores only the taps that can read the input
+        keep = apply_window(mask.bool().cpu().numpy(), trimmed.get(name))
         if q.shape != keep.shape and q.shape == keep.T.shape:
             q = q.T  # MatMul weights are stored transposed
             axis = None if axis is None else q.ndim - 1 - axis

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e import (
-    FusedMovingAvgObsFakeQuantize,
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -36,6 +35,8 @@ from torchao.quantization.pt2e.quantizer import (
     Quantizer,
     SharedQuantizationSpec,
 )
+
+from .fake_quant import FastMovingAvgObsFakeQuantize
 
 aten = torch.ops.aten
 WEIGHTED = (aten.conv2d.default, aten.linear.default)
@@ -60,7 +61,7 @@ class QDQScheme:
 def activation_spec(scheme: QDQScheme) -> QuantizationSpec:
     """uint8 affine (asymmetric) or int8 symmetric per-tensor activations."""
     if scheme.qat:
-        ctr = FusedMovingAvgObsFakeQuantize.with_args(observer=MovingAverageMinMaxObserver,
+        ctr = FastMovingAvgObsFakeQuantize.with_args(observer=MovingAverageMinMaxObserver,
                                                       eps=2**-12)
     elif scheme.observer == "histogram":
         ctr = HistogramObserver.with_args(eps=2**-12)
@@ -81,7 +82,7 @@ def weight_spec(scheme: QDQScheme) -> QuantizationSpec:
     else:
         observer = MovingAverageMinMaxObserver if scheme.qat else MinMaxObserver
         qscheme, axis = torch.per_tensor_symmetric, None
-    ctr = (FusedMovingAvgObsFakeQuantize.with_args(observer=observer, eps=2**-12) if scheme.qat
+    ctr = (FastMovingAvgObsFakeQuantize.with_args(observer=observer, eps=2**-12) if scheme.qat
            else observer.with_args(eps=2**-12))
     return QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=qscheme,
                             ch_axis=axis, observer_or_fake_quant_ctr=ctr)

@@ -45,6 +45,10 @@ class ExportConfig(StageConfig):
     opset: int | None = Field(
         None, ge=18, le=30, description="ONNX opset of the fp32 export (null: the exporter's "
         "default). The int8 ONNX file keeps the opset its ptq/qat stage wrote.")
+    trim_padding_taps: bool = Field(
+        True, description="fp32 ONNX: drop convolution kernel taps that, at the model's fixed "
+        "input size, only ever read zero padding (same outputs, fewer bytes; windows recorded "
+        "in the file's metadata).")
     verify: bool = Field(True, description="Load every file in a fresh process and compare "
                          "its test accuracy with compresspipe's.")
     tolerance: float = Field(0.1, ge=0, le=100, description="Allowed top-1 difference, in "
@@ -237,7 +241,8 @@ class ExportStage(Stage):
             else:
                 path = work / ONNX_FILE
                 try:
-                    export_onnx(incoming.deployed, example, path, opset=self.config.opset)
+                    export_onnx(incoming.deployed, example, path, opset=self.config.opset,
+                                trim_taps=self.config.trim_padding_taps)
                 except CompressPipeError as exc:
                     raise CompressPipeError(f"{where}: {exc}") from exc
             opset = self.config.opset

@@ -6,8 +6,9 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from ..config import Int8Options
 from ..registry import register_stage
-from .base import Stage, StageConfig
+from .base import Stage
 
 if TYPE_CHECKING:
     from torch import nn
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from ..context import StageContext
 
 
-class PTQConfig(StageConfig):
+class PTQConfig(Int8Options):
     """Post-training quantization settings."""
 
     mode: Literal["static", "dynamic"] = Field(
@@ -29,12 +30,6 @@ class PTQConfig(StageConfig):
     observer: Literal["histogram", "minmax"] = Field(
         "histogram", description="'static': how activation ranges are chosen "
         "(histogram: L2-optimal clipping; minmax: full range).")
-    per_channel: bool = Field(True, description="Per-output-channel weight scales.")
-    symmetric_activations: bool = Field(
-        False, description="'static': int8 activations with zero point 0 (else uint8).")
-    latency_repeats: int = Field(
-        10, ge=0, le=10_000, description="Timed runs for the int8-vs-fp32 latency metrics (0: skip).")
-    latency_threads: int = Field(1, ge=1, le=1024, description="CPU threads for those timings.")
 
 
 @register_stage("ptq")
@@ -72,12 +67,13 @@ class PTQStage(Stage):
             torch.manual_seed(ctx.seed)  # augmentation draws, if the training set has any
             seen = calibrate(prepared, ctx.data.train_loader(torch.Generator().manual_seed(ctx.seed)),
                              cfg.calibration_batches)
-            export_onnx(convert(prepared), example, path)
+            export_onnx(convert(prepared), example, path, trim_taps=cfg.trim_padding_taps)
             info = {"method": "ptq-static", "format": "onnx-qdq", "per_channel": cfg.per_channel,
                     "activations": "int8 symmetric" if cfg.symmetric_activations else "uint8 affine",
                     "observer": cfg.observer, "calibration_images": seen}
         else:
-            fp32_path = export_onnx(model, example, ctx.work_dir / "model.fp32.onnx")
+            fp32_path = export_onnx(model, example, ctx.work_dir / "model.fp32.onnx",
+                                    trim_taps=cfg.trim_padding_taps)
             quantize_dynamic_onnx(fp32_path, path, cfg.per_channel)
             info = {"method": "ptq-dynamic", "format": "onnx-dynamic",
                     "per_channel": cfg.per_channel,

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, model_validator
 
-from ..config import DistillConfig, TrainConfig
+from ..config import DistillConfig, Int8Options, TrainConfig
 from ..registry import register_stage
 from .base import Stage
 
@@ -18,23 +18,17 @@ if TYPE_CHECKING:
     from ..context import StageContext
 
 
-class QATConfig(TrainConfig):
+class QATConfig(TrainConfig, Int8Options):
     """The training loop's settings (short and gentle by default) plus the int8 scheme."""
 
     epochs: int = Field(3, ge=1, le=100_000)
     lr: float = Field(0.005, gt=0, le=100)
-    per_channel: bool = Field(True, description="Per-output-channel weight scales (else per tensor).")
-    symmetric_activations: bool = Field(
-        False, description="int8 activations with zero point 0 (else uint8 with a zero point).")
     freeze_bn_after: int | None = Field(
         None, ge=0, description="Epochs after which batch-norm statistics stop updating "
         "(0: from the start; default: never).")
     freeze_observers_after: int | None = Field(
         None, ge=1, description="Epochs after which scales and zero points are fixed "
         "(default: never).")
-    latency_repeats: int = Field(
-        10, ge=0, le=10_000, description="Timed runs for the int8-vs-fp32 latency metrics (0: skip).")
-    latency_threads: int = Field(1, ge=1, le=1024, description="CPU threads for those timings.")
     distill: DistillConfig | None = Field(
         None, description="Learn from a teacher while fine-tuning (logit distillation).")
 
@@ -98,7 +92,8 @@ class QATStage(Stage):
 
         copy_trained_weights(prepared, artifact.model)
         _drop_stale_clusters(artifact)
-        path = export_onnx(convert(prepared), example, ctx.work_dir / INT8_FILE)
+        path = export_onnx(convert(prepared), example, ctx.work_dir / INT8_FILE,
+                           trim_taps=cfg.trim_padding_taps)
         info = {"method": "qat", "format": "onnx-qdq", **_scheme_info(scheme),
                 "bn_scales_nudged": nudged}
         finish_int8(artifact, ctx, path, artifact.model, info, cfg.latency_repeats,
