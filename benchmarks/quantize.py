@@ -8,8 +8,12 @@ For each model, in one process and on a fixed number of CPU threads:
 2. latency at batch 1 and 64 of the deployed int8 model against the fp32 model as the pipeline
    deploys it (torch, eager) and against the same fp32 model exported to onnxruntime (same
    runtime, fp32): median of timed runs after warm-up, the variants interleaved over rounds so
-   background load hits all of them alike;
-3. QAT training step time against the fp32 step (same batch, same optimizer);
+   background load hits all of them alike. The deployed files drop convolution taps that only
+   read padding (``compresspipe.conv_taps``); the fp32 onnxruntime baseline is trimmed the same
+   way, and both files are also timed untrimmed, so the int8 gain and the trimming gain show
+   separately;
+3. QAT training step time against the fp32 step (same batch, same optimizer), with compresspipe's
+   fake quantization and with torchao's fused observer + fake-quant kernels;
 4. weight sharing (Deep Compression) at 8/5, 5/4 and 4/3 bits (conv/linear): accuracy of the
    weights rebuilt from the codebooks, before and after centroid fine-tuning;
 5. timing only: the same latency comparison on ImageNet-sized inputs (3x224x224, batch 8,
@@ -114,11 +118,22 @@ def latency(variants: dict, batch: torch.Tensor, repeats: int, rounds: int) -> d
 def qat_step_ratio(model: torch.nn.Module, data, steps: int) -> dict[str, float]:
     """Median training step (forward, backward, SGD) of the fp32 model and its QAT graph."""
     x, y = next(iter(data.train_loader(torch.Generator().manual_seed(SEED))))
+    from torchao.quantization.pt2e import FusedMovingAvgObsFakeQuantize
+
+    from compresspipe.quantization import qdq
+
     fp32 = copy.deepcopy(model).train()
     nudge_zero_bn_scales(fp32, {})
     qat = prepare_qat(fp32, x[:2], QDQScheme(qat=True))
-    enable_train_eval(qat)
-    qat.train()
+    # the same graph with torchao's fused observer + fake-quant kernels, for comparison
+    ours, qdq.FastMovingAvgObsFakeQuantize = qdq.FastMovingAvgObsFakeQuantize, FusedMovingAvgObsFakeQuantize
+    try:
+        fused = prepare_qat(fp32, x[:2], QDQScheme(qat=True))
+    finally:
+        qdq.FastMovingAvgObsFakeQuantize = ours
+    for m in (qat, fused):
+        enable_train_eval(m)
+        m.train()
 
     def step(m, opt):
         loss = torch.nn.functional.cross_entropy(m(x), y)
@@ -127,10 +142,12 @@ def qat_step_ratio(model: torch.nn.Module, data, steps: int) -> dict[str, float]
         opt.step()
 
     result = {}
-    for name, m in (("fp32", fp32), ("qat", qat)):
+    for name, m in (("fp32", fp32), ("qat", qat), ("qat_torchao_fused", fused)):
         opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
         result[f"{name}_step_ms"] = 1e3 * median_seconds(lambda m=m, opt=opt: step(m, opt), steps, warmup=2)
     result["qat_over_fp32"] = result["qat_step_ms"] / result["fp32_step_ms"]
+    result["qat_torchao_fused_over_fp32"] = (result["qat_torchao_fused_step_ms"]
+                                             / result["fp32_step_ms"])
     return result
 
 
@@ -190,9 +207,16 @@ def bench_model(name: str, s: dict, threads: int, root: Path) -> dict:
     stages = {r["name"]: r["metrics"] for r in summary["stages"]}
     data = build_data(DataConfig(name="digits", image_size=32, batch_size=64, augment=True))
     fp32 = compresspipe.load(out / "dense").model.eval()
-    fp32_onnx = export_onnx(fp32, example_batch(data.test), out / "fp32.onnx")
+    example = example_batch(data.test)
+    # the deployed files drop convolution taps that only read padding (compresspipe.conv_taps);
+    # the fp32 baseline gets the same treatment, and both untrimmed files are timed too
+    fp32_onnx = export_onnx(fp32, example, out / "fp32.onnx")
+    fp32_full = export_onnx(fp32, example, out / "fp32.untrimmed.onnx", trim_taps=False)
+    int8_full = int8_untrimmed(out / "qat" / INT8_FILE, fp32_full, out / "qat.untrimmed.onnx")
     variants = {"fp32_torch": fp32, "fp32_onnxruntime": OnnxModel(fp32_onnx, threads),
-                "int8_onnxruntime": OnnxModel(out / "qat" / INT8_FILE, threads)}
+                "int8_onnxruntime": OnnxModel(out / "qat" / INT8_FILE, threads),
+                "fp32_onnxruntime_untrimmed": OnnxModel(fp32_full, threads),
+                "int8_onnxruntime_untrimmed": OnnxModel(int8_full, threads)}
     lat = {}
     for batch, repeats in ((1, s["repeats_b1"]), (64, s["repeats_b64"])):
         lat[f"b{batch}"] = latency(variants, example_batch(data.test, batch), repeats, s["rounds"])
@@ -206,6 +230,40 @@ def bench_model(name: str, s: dict, threads: int, root: Path) -> dict:
         "weight_sharing": weight_sharing(fp32, data, s["share_epochs"]),
         "threads": threads,
     }
+
+
+def int8_untrimmed(path: Path, fp32_full: Path, dest: Path) -> Path:
+    """The QAT int8 file with its trimmed kernels zero-padded back to the full kernel, with the
+    geometry of the untrimmed fp32 export: the graph onnxruntime runs without the trimming
+    (the restored taps only ever read padding, so the outputs are the same)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from compresspipe.conv_taps import recorded_windows
+
+    proto, reference = onnx.load(str(path)), onnx.load(str(fp32_full))
+    windows = recorded_windows(proto)
+    geometry = {n.input[1]: {a.name: list(a.ints) for a in n.attribute if a.ints}
+                for n in reference.graph.node if n.op_type == "Conv"}
+    for tensor in proto.graph.initializer:
+        if tensor.name in windows:
+            q = numpy_helper.to_array(tensor)
+            full = np.zeros((*q.shape[:2], *geometry[tensor.name]["kernel_shape"]), q.dtype)
+            box = tuple(slice(a, b + 1) for a, b in windows[tensor.name])
+            full[(slice(None), slice(None), *box)] = q
+            tensor.CopyFrom(numpy_helper.from_array(full, tensor.name))
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    for node in proto.graph.node:
+        source = producers.get(node.input[1]) if node.op_type == "Conv" else None
+        if source is not None and source.input[0] in windows:
+            for attr in node.attribute:
+                if attr.name in ("kernel_shape", "pads"):
+                    attr.ints[:] = geometry[source.input[0]][attr.name]
+    del proto.graph.value_info[:]
+    del proto.metadata_props[:]
+    onnx.save(proto, str(dest))
+    return dest
 
 
 def targets(lat: dict, step: dict) -> dict[str, bool]:
@@ -226,15 +284,19 @@ def print_tables(results: dict) -> None:
         a, b = r["accuracy"], r["model_bytes"]
         print(f"| {name} | {a['dense']:.2f} | {a['ptq']:.2f} | {a['qat']:.2f} | "
               f"{b['dense']:,} | {b['qat']:,} ({b['dense'] / b['qat']:.2f}x smaller) |")
-    print("\nlatency, median ms (int8 onnxruntime / fp32 torch; / fp32 onnxruntime)")
-    print("| model | batch | fp32 torch | fp32 onnxruntime | int8 onnxruntime | int8/fp32 torch "
+    print("\nlatency, median ms (ort: onnxruntime; files with padding-only taps trimmed, and "
+          "in brackets untrimmed)")
+    print("| model | batch | fp32 torch | fp32 ort | int8 ort | int8/fp32 torch "
           "| int8/fp32 ort |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         for batch, t in r["latency_ms"].items():
-            print(f"| {name} | {batch[1:]} | {t['fp32_torch']:.2f} | {t['fp32_onnxruntime']:.2f} | "
-                  f"{t['int8_onnxruntime']:.2f} | {t['int8_onnxruntime'] / t['fp32_torch']:.2f}x | "
-                  f"{t['int8_onnxruntime'] / t['fp32_onnxruntime']:.2f}x |")
+            print(f"| {name} | {batch[1:]} | {t['fp32_torch']:.3f} | {t['fp32_onnxruntime']:.3f} "
+                  f"({t['fp32_onnxruntime_untrimmed']:.3f}) | {t['int8_onnxruntime']:.3f} "
+                  f"({t['int8_onnxruntime_untrimmed']:.3f}) | "
+                  f"{t['int8_onnxruntime'] / t['fp32_torch']:.2f}x | "
+                  f"{t['int8_onnxruntime'] / t['fp32_onnxruntime']:.2f}x "
+                  f"({t['int8_onnxruntime_untrimmed'] / t['fp32_onnxruntime_untrimmed']:.2f}x) |")
     large = {k: r["large_input_latency"] for k, r in results.items() if "large_input_latency" in r}
     if large:
         print("\ntiming only, batch 8 of 3x{0}x{0} (untrained weights), median ms".format(
@@ -245,12 +307,13 @@ def print_tables(results: dict) -> None:
             print(f"| {name} | {t['fp32_onnxruntime']:.1f} | {t['int8_onnxruntime']:.1f} | "
                   f"{t['int8_over_fp32_onnxruntime']:.2f}x |")
     print("\nQAT training step (batch 64), median ms")
-    print("| model | fp32 step | qat step | qat/fp32 |")
-    print("|---|---|---|---|")
+    print("| model | fp32 step | qat step | qat/fp32 | with torchao's fused fake-quant |")
+    print("|---|---|---|---|---|")
     for name, r in results.items():
         q = r["qat_step"]
         print(f"| {name} | {q['fp32_step_ms']:.1f} | {q['qat_step_ms']:.1f} | "
-              f"{q['qat_over_fp32']:.2f}x |")
+              f"{q['qat_over_fp32']:.2f}x | {q['qat_torchao_fused_step_ms']:.1f} "
+              f"({q['qat_torchao_fused_over_fp32']:.2f}x) |")
     print("\nweight sharing (conv/linear bits): top1 of codebook-rebuilt weights")
     print("| model | bits | fp32 | before fine-tuning | after centroid fine-tuning "
           "| codebook file bytes | packed index bytes |")
