@@ -40,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="continue from the last completed stage / epoch checkpoint")
 
-    v = sub.add_parser("validate", parents=[common], help="check a pipeline without running it")
-    v.add_argument("file")
+    v = sub.add_parser("validate", parents=[common],
+                       help="check pipelines without running them")
+    v.add_argument("file", nargs="+", help="pipeline YAML files (each checked on its own)")
     overrides(v)
     v.add_argument("--no-model-check", action="store_true",
                    help="skip the checks that build the model (faster)")
@@ -117,12 +118,33 @@ def _run(args) -> int:
 
 
 def _validate(args) -> int:
+    """Each file checked on its own: 'valid' on stdout or its errors on stderr; the exit code
+    is 0 only when every file is valid (2 when only pipeline files were at fault)."""
     from .config import load_pipeline
+    from .errors import CompressPipeError, ConfigError
 
-    pipeline = load_pipeline(args.file, args.overrides, check_model=not args.no_model_check)
-    names = ", ".join(f"{s.name} ({s.type})" for s in pipeline.stages)
-    print(f"{args.file}: valid; {len(pipeline.stages)} stages: {names}")
-    return 0
+    failures: list[int] = []
+    for file in args.file:
+        try:
+            pipeline = load_pipeline(file, args.overrides, check_model=not args.no_model_check)
+        except CompressPipeError as exc:
+            if args.debug:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            failures.append(EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_ERROR)
+            continue
+        except Exception as exc:  # noqa: BLE001 - one file's crash must not hide the others
+            if args.debug:
+                raise
+            print(f"error: {file}: {type(exc).__name__}: {exc} (run with --debug for the "
+                  "traceback)", file=sys.stderr)
+            failures.append(EXIT_ERROR)
+            continue
+        names = ", ".join(f"{s.name} ({s.type})" for s in pipeline.stages)
+        print(f"{file}: valid; {len(pipeline.stages)} stages: {names}", flush=True)
+    if not failures:
+        return 0
+    return EXIT_CONFIG if set(failures) == {EXIT_CONFIG} else EXIT_ERROR
 
 
 def _schema(args) -> int:
@@ -138,15 +160,28 @@ def _schema(args) -> int:
 
 
 def _stages(args) -> int:
+    import re
+    import textwrap
+
+    from .docs import type_label, value_label
     from .registry import list_stages
 
+    width = 100
     for name, cls in list_stages().items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        print(f"{name}: {doc}")
+        paragraphs = [re.sub(r"``([^`]+)``", r"`\1`", " ".join(line.strip()
+                                                             for line in block.splitlines()))
+                      for block in textwrap.dedent(cls.__doc__ or "").strip().split("\n\n")]
+        print(textwrap.fill(f"{name}: {paragraphs[0]}", width, subsequent_indent="    "))
+        for paragraph in paragraphs[1:]:
+            print(textwrap.fill(paragraph, width, initial_indent="    ",
+                                subsequent_indent="    "))
         for field, info in cls.Config.model_fields.items():
-            default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
+            default = ("required" if info.is_required() else
+                       f"default {value_label(info.get_default(call_default_factory=True))}")
             desc = f" — {info.description}" if info.description else ""
-            print(f"    {field} ({_type_name(info.annotation)}, {default}){desc}")
+            print(textwrap.fill(f"{field} ({type_label(info.annotation)}, {default}){desc}",
+                                width, initial_indent="  - ", subsequent_indent="      ",
+                                break_on_hyphens=False))
     return 0
 
 
@@ -210,15 +245,6 @@ def _write_atomically(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _type_name(annotation) -> str:
-    import typing
-
-    if typing.get_origin(annotation) is typing.Literal:
-        return " | ".join(repr(a) for a in typing.get_args(annotation))
-    text = str(annotation) if typing.get_args(annotation) else annotation.__name__
-    return text.replace("typing.", "")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ ConfigError that names the file, the YAML path, the line and a close match for t
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, Literal, Union
 
 import yaml
@@ -270,16 +272,42 @@ class PipelineConfig(StrictModel):
 
 @dataclass
 class StageSpec:
-    """One validated stage entry: its unique name, type and typed config."""
+    """One validated stage entry: its unique name, type and typed config.
+
+    While a file with errors is checked, a stage whose config did not parse has ``parsed``
+    False and a ``RawConfig`` of what the file says; ``known_name`` is False where the file
+    does not tell its name (an invalid name, or an item that is no stage)."""
 
     index: int
     name: str
     type: str
-    config: BaseModel
+    config: BaseModel | RawConfig
+    parsed: bool = True
+    known_name: bool = True
 
     @property
     def path(self) -> str:
-        return f"stages[{self.index}].{self.type}"
+        return f"stages[{self.index}].{self.type}" if self.type else f"stages[{self.index}]"
+
+
+class RawConfig(SimpleNamespace):
+    """The keys of a stage config that failed to parse, as written (``student`` parsed on its
+    own where it can be, else ``UNKNOWN_STUDENT``): enough for the checks that only read them."""
+
+
+# a stage config that names a student network the checks cannot build or cannot read
+UNKNOWN_STUDENT = object()
+
+
+@dataclass
+class UnparsedStage:
+    """A stage item of a file with errors whose config failed to parse; it keeps the item's
+    place, so that later stages' default names and the architecture each receives stay right."""
+
+    name: str | None  # None: the file does not say (missing or invalid)
+    type: str  # '' for an item that names no single stage type
+    params: BaseModel | RawConfig  # the config, where only unknown keys or the name were wrong
+    named: bool = True  # False: an explicit name that is invalid
 
 
 @dataclass
@@ -311,11 +339,7 @@ class Pipeline:
     def validate(self, check_model: bool = True) -> Pipeline:
         """Check again after stage configs were edited in place: stage references, input
         paths and (``check_model``) module names against the real model. Returns self."""
-        problems = _check_references(self.stages) + _check_paths(self.config)
-        if check_model and not problems:
-            from .validation import check_against_model
-
-            problems += check_against_model(self.config, self.stages)
+        problems = _checks(self.config, self.stages, check_model, set())
         if problems:
             raise ConfigError(self.file, _locate(problems, self.source_map))
         return self
@@ -413,25 +437,147 @@ def load_pipeline(
         raise ConfigError(file, _locate(problems, smap)) from None
 
     config: PipelineConfig | None = None
+    broken: set[str] = set()  # top-level keys whose value failed to parse
     try:
         config = model_cls.model_validate(raw)
     except ValidationError as exc:
         problems += _pydantic_problems(exc, model_cls, bad_items)
+        config, broken = _partial_config(raw, exc, bad_items)
 
     stages: list[StageSpec] = []
     if config is not None:
         stages = _stage_specs(config)
-        problems += _check_references(stages)
-        problems += _check_paths(config)
-        if check_model and not problems:
-            from .validation import check_against_model
-
-            problems += check_against_model(config, stages)
+        problems += _checks(config, stages, check_model, broken)
 
     if problems:
         raise ConfigError(file, _locate(problems, smap))
     assert config is not None
     return Pipeline(config=config, stages=stages, file=file, raw=raw, source_map=smap)
+
+
+# what the checks against the model read besides the stages
+_MODEL_CHECK_NEEDS = ("name", "output_dir", "model", "data", "tracking")
+
+
+def _checks(config: PipelineConfig, stages: list[StageSpec], check_model: bool,
+            broken: set[str]) -> list[Problem]:
+    """The checks beyond the schema, each run where the parts it reads parsed: stage
+    references, input paths and (``check_model``) names against the real model."""
+    problems = _check_references(stages)
+    problems += _check_paths(config, broken)
+    if check_model and not broken.intersection(_MODEL_CHECK_NEEDS):
+        from .validation import check_against_model
+
+        problems += check_against_model(config, stages)
+    return problems
+
+
+def _partial_config(raw: dict, exc: ValidationError,
+                    bad_items: set[int]) -> tuple[PipelineConfig | None, set[str]]:
+    """What parsed of a file that failed validation: the sections without errors (a broken
+    one is None) and every stage item, parsed or as an ``UnparsedStage``; and the names of the
+    broken top-level keys. None when not even that can be assembled."""
+    broken: set[str] = set()
+    failed: set[int] = set(bad_items)
+    errors = exc.errors(include_url=False)
+    for err in errors:
+        loc = tuple(err["loc"])
+        if not loc:
+            return None, broken
+        broken.add(str(loc[0]))
+        if loc[0] == "stages" and len(loc) >= 2 and isinstance(loc[1], int):
+            failed.add(loc[1])
+    fields = PipelineConfig.model_fields
+    good = {k: v for k, v in raw.items() if k in fields and k != "stages" and k not in broken}
+    # stand-ins for broken required keys, replaced by None below
+    stand_in = {"name": "x", "model": {"name": "x"}}
+    try:
+        base = PipelineConfig.model_validate({**stand_in, **good, "stages": [None]})
+    except ValidationError:
+        return None, broken | set(_MODEL_CHECK_NEEDS)
+    values = {k: (None if k in broken else getattr(base, k)) for k in fields if k != "stages"}
+    items: list[Any] = []
+    if isinstance(raw.get("stages"), list) and not any(tuple(e["loc"]) == ("stages",)
+                                                       for e in errors):
+        items = [_unparsed(item) if i in failed else _parsed_item(item)
+                 for i, item in enumerate(raw["stages"])]
+    return PipelineConfig.model_construct(**values, stages=items), broken
+
+
+def _parsed_item(item: dict) -> Any:
+    type_name = next(k for k in item if k != "name")
+    try:
+        return _stage_item_model(type_name).model_validate(item)
+    except (ValidationError, CompressPipeError):  # cannot happen: the whole list parsed it
+        return _unparsed(item)
+
+
+def _unparsed(item: Any) -> UnparsedStage:
+    """What the file says of a stage item that failed to parse."""
+    if not isinstance(item, dict):
+        return UnparsedStage(None, "", RawConfig(student=_student_of("", item)))
+    name = item.get("name")
+    named = name is None or (isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) is not None)
+    name = name if named else None
+    keys = [k for k in item if k != "name"]
+    if len(keys) != 1 or not isinstance(keys[0], str):
+        values = {k: v for k, v in item.items() if k != "name"}
+        return UnparsedStage(name, "", RawConfig(student=_student_of("", values)), named)
+    type_name = keys[0]
+    params = item[type_name]
+    if isinstance(params, dict) and (config := _without_unknown_keys(type_name, params)):
+        # only the item's name, or keys that mean nothing, are wrong: checking the rest
+        # against the model is checking what the stage would run with
+        return UnparsedStage(name, type_name, config, named)
+    raw_params = {k: v for k, v in params.items() if isinstance(k, str)} \
+        if isinstance(params, dict) else {}
+    return UnparsedStage(name, type_name, RawConfig(**{**raw_params, "student":
+                                                         _student_of(type_name, params)}), named)
+
+
+def _without_unknown_keys(type_name: str, params: dict) -> BaseModel | None:
+    """The stage's config parsed without its unknown keys (misspelt ones), or None when
+    anything else is wrong with it."""
+    try:
+        config_cls = get_stage(type_name).Config
+    except CompressPipeError:
+        return None
+    try:
+        return config_cls.model_validate(params)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+    if any(e["type"] != "extra_forbidden" for e in errors):
+        return None
+    params = copy.deepcopy(params)
+    for err in errors:
+        *parents, key = err["loc"]
+        holder: Any = params
+        for part in parents:
+            holder = holder[part]
+        holder.pop(key, None)
+    try:
+        return config_cls.model_validate(params)
+    except ValidationError:
+        return None
+
+
+def _student_of(type_name: str, params: Any) -> Any:
+    """The network a stage that failed to parse switches to: None (it keeps the incoming
+    model), a ModelConfig, or UNKNOWN_STUDENT. Only a distill stage's ``student`` switches;
+    any other key like 'student' may be a misspelt one, so the model after it is unknown."""
+    keys = [k for k in params if isinstance(k, str)] if isinstance(params, dict) else []
+    if isinstance(params, dict) and type_name == "":  # several type keys: look inside each
+        inner = [_student_of("", v) for v in params.values()]
+        return UNKNOWN_STUDENT if any(s is not None for s in inner) else None
+    close = [k for k in keys if difflib.get_close_matches(k.lower(), ["student"], 1, 0.75)]
+    if not close:
+        return None
+    if type_name == "distill" and close == ["student"]:
+        try:
+            return ModelConfig.model_validate(params["student"])
+        except ValidationError:
+            pass
+    return UNKNOWN_STUDENT
 
 
 def _read(source: str | os.PathLike | dict) -> tuple[str, Any, SourceMap, list[Problem]]:
@@ -600,30 +746,55 @@ def _stage_specs(config: PipelineConfig) -> list[StageSpec]:
     specs: list[StageSpec] = []
     counts: dict[str, int] = {}
     for i, item in enumerate(config.stages):
-        type_name = type(item).model_fields["params"].alias
-        counts[type_name] = counts.get(type_name, 0) + 1
-        name = item.name or (type_name if counts[type_name] == 1 else f"{type_name}-{counts[type_name]}")
-        specs.append(StageSpec(index=i, name=name.replace(":", "_"), type=type_name, config=item.params))
+        if isinstance(item, UnparsedStage):
+            type_name, params, explicit, named = item.type, item.params, item.name, item.named
+        else:
+            type_name, params = type(item).model_fields["params"].alias, item.params
+            explicit, named = item.name, True
+        if type_name:
+            counts[type_name] = counts.get(type_name, 0) + 1
+        if explicit:
+            name = explicit
+        elif type_name and named:
+            name = type_name if counts[type_name] == 1 else f"{type_name}-{counts[type_name]}"
+        else:  # the file does not tell; no reference can name this ('[' is not allowed)
+            name = f"stages[{i}]"
+        specs.append(StageSpec(index=i, name=name.replace(":", "_"), type=type_name,
+                               config=params, parsed=isinstance(params, BaseModel),
+                               known_name=named and bool(explicit or type_name)))
     return specs
 
 
 def _check_references(stages: list[StageSpec]) -> list[Problem]:
-    """Unique stage names; every 'stage:NAME' value refers to an earlier stage."""
+    """Unique stage names; every 'stage:NAME' value refers to an earlier stage. After a stage
+    whose name the file does not tell, a reference that matches no name is not reported."""
     problems: list[Problem] = []
     seen: dict[str, int] = {}
+    uncertain = False
     for spec in stages:
-        if spec.name in seen:
+        if spec.known_name and spec.name in seen:
             problems.append(Problem(f"stages[{spec.index}].name", f"stage name {spec.name!r} "
                                     f"is already used by stages[{seen[spec.name]}]"))
-        for rel, ref in _stage_refs(spec.config.model_dump(mode="json")):
-            if ref not in seen:
+        for rel, ref in stage_references(spec):
+            if ref not in seen and not uncertain:
                 earlier = list(seen)
                 hint = suggest(ref, earlier) or (f" (earlier stages: {', '.join(earlier)})"
                                                  if earlier else " (no stage runs before this one)")
                 problems.append(Problem(f"{spec.path}.{rel}",
                                         f"'stage:{ref}' does not name an earlier stage{hint}"))
-        seen.setdefault(spec.name, spec.index)
+        if spec.known_name:
+            seen.setdefault(spec.name, spec.index)
+        else:
+            uncertain = True
     return problems
+
+
+def stage_references(spec: StageSpec) -> list[tuple[str, str]]:
+    """(path in the stage's config, NAME) of every 'stage:NAME' value the stage gives."""
+    config = spec.config
+    data = (config.model_dump(mode="json") if isinstance(config, BaseModel)
+            else _plain(vars(config)))
+    return _stage_refs(data)
 
 
 def _stage_refs(value: Any, path: str = "") -> list[tuple[str, str]]:
@@ -636,13 +807,19 @@ def _stage_refs(value: Any, path: str = "") -> list[tuple[str, str]]:
     return []
 
 
-def _check_paths(config: PipelineConfig) -> list[Problem]:
-    """Input files and directories must exist before any work starts."""
+def _check_paths(config: PipelineConfig, broken: set[str] | None = None) -> list[Problem]:
+    """Input files and directories must exist before any work starts (the sections in
+    ``broken`` failed to parse and are not looked at)."""
     problems: list[Problem] = []
-    ckpt = config.model.checkpoint
+    ckpt = config.model.checkpoint if config.model is not None else None
     if ckpt is not None and not ckpt.is_file():
         problems.append(Problem("model.checkpoint", f"file not found: {ckpt}"))
     data = config.data
+    if data is None or "data" in (broken or ()):
+        return problems
+    if data.channels not in (None, 1, 3) and data.name not in ("digits", "fake"):
+        problems.append(Problem("data.channels", f"{data.name!r} images can be given 1 "
+                                f"(grayscale) or 3 (RGB) channels, not {data.channels}"))
     if data.name == "imagefolder":
         if data.root is None:
             problems.append(Problem("data.root", "'imagefolder' needs a root directory"))
@@ -666,20 +843,35 @@ def _check_paths(config: PipelineConfig) -> list[Problem]:
 
 
 def _locate(problems: list[Problem], smap: SourceMap) -> list[Problem]:
+    """Problems with their line (or --set source), sorted by line; those without one last."""
     out = []
     for p in problems:
         if p.line is not None or p.source is not None:
             out.append(p)
             continue
-        line, source = smap.locate(_parse_path(p.path))
+        line, source = smap.locate(_parse_path(p.path, smap))
         out.append(Problem(p.path, p.message, line, source))
-    return out
+    return sorted(out, key=lambda p: (p.line is None, p.line or 0))
 
 
-def _parse_path(path: str) -> PathKey:
+def _parse_path(path: str, smap: SourceMap | None = None) -> PathKey:
+    """'stages[0].prune.overrides.fc.weight' -> its key tuple; with ``smap``, dotted names
+    that are one key of the file ('fc.weight' in a mapping of patterns) stay one key."""
+    tokens: list[str | int] = [int(index) if index else name
+                               for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path)]
+    known = set(smap.lines) | smap.overridden if smap is not None else set()
     parts: list[str | int] = []
-    for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
-        parts.append(int(index) if index else name)
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if known and isinstance(token, str):
+            for j in range(len(tokens), i + 1, -1):  # the longest run of names that is a key
+                run = tokens[i:j]
+                if all(isinstance(t, str) for t in run) and (*parts, ".".join(run)) in known:
+                    token, i = ".".join(run), j - 1  # type: ignore[arg-type]
+                    break
+        parts.append(token)
+        i += 1
     return tuple(parts)
 
 

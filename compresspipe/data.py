@@ -95,6 +95,9 @@ def build_data(cfg: DataConfig) -> DataBundle:
         "mnist": _torchvision, "fashion_mnist": _torchvision,
         "cifar10": _torchvision, "cifar100": _torchvision,
     }
+    if cfg.name not in ("digits", "fake") and cfg.channels not in (None, 1, 3):
+        raise CompressPipeError(f"data.channels: {cfg.name!r} images can be given 1 "
+                                f"(grayscale) or 3 (RGB) channels, not {cfg.channels}")
     train, test, num_classes = builders[cfg.name](cfg)
     if cfg.limit_train:
         train = _subset(train, cfg.limit_train)
@@ -184,7 +187,7 @@ def _torchvision(cfg: DataConfig):
     base = [transforms.Resize(cfg.image_size), transforms.ToTensor(),
             transforms.Normalize([0.5], [0.5])]
     channels = cfg.dataset_channels()
-    if gray and channels != 1:
+    if channels != (1 if gray else 3):  # gray replicated to RGB, or RGB to luminance
         base.insert(0, transforms.Grayscale(num_output_channels=channels))
     aug = [transforms.RandomCrop(cfg.image_size, padding=cfg.image_size // 8)]
     if not gray:
@@ -205,9 +208,19 @@ def _imagefolder(cfg: DataConfig):
 
     root = Path(cfg.root or ".")
     test_dir = next(root / d for d in ("val", "test", "validation") if (root / d).is_dir())
-    size = (cfg.dataset_channels(), cfg.image_size, cfg.image_size)
-    train_tf = create_transform(size, is_training=cfg.augment)
-    test_tf = create_transform(size, is_training=False)
+    channels = cfg.dataset_channels()
+    size = (channels, cfg.image_size, cfg.image_size)
+    if channels == 1:
+        # ImageFolder reads RGB; luminance first, normalised with ImageNet's mean statistics
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        from torchvision.transforms import Compose, Grayscale
+
+        stats = {"mean": (sum(IMAGENET_DEFAULT_MEAN) / 3,), "std": (sum(IMAGENET_DEFAULT_STD) / 3,)}
+        train_tf = Compose([Grayscale(1), create_transform(size, is_training=cfg.augment, **stats)])
+        test_tf = Compose([Grayscale(1), create_transform(size, is_training=False, **stats)])
+    else:
+        train_tf = create_transform(size, is_training=cfg.augment)
+        test_tf = create_transform(size, is_training=False)
     train = ImageFolder(str(root / "train"), transform=train_tf)
     test = ImageFolder(str(test_dir), transform=test_tf)
     if train.classes != test.classes:

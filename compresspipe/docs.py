@@ -39,6 +39,57 @@ def summary_line(doc: str | None) -> str:
     return " ".join(line.strip() for line in paragraph.splitlines())
 
 
+def type_label(annotation: Any) -> str:
+    """A field's type as a reader writes it: ``path | null``, ``list[str]``, ``'a' | 'b'``,
+    ``TrainConfig`` (no ``typing.``, module paths or validator objects)."""
+    import types
+    import typing
+    from pathlib import PurePath
+
+    from pydantic import BaseModel
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None) or annotation is None:
+        return "null"
+    if annotation is typing.Any:
+        return "any"
+    if origin is typing.Annotated:
+        return type_label(args[0])
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, getattr(types, "UnionType", None)):
+        labels = [type_label(a) for a in args if a is not type(None)]
+        return " | ".join(labels + (["null"] if type(None) in args else []))
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin).replace("typing.", ""))
+        return f"{name}[{', '.join(type_label(a) for a in args)}]" if args else name
+    if isinstance(annotation, type):
+        if issubclass(annotation, PurePath):
+            return "path"
+        if issubclass(annotation, BaseModel):
+            return annotation.__name__
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def value_label(value: Any) -> str:
+    """A default as YAML would write it; a section (pydantic model) shows the keys it sets
+    differently from that section's own defaults (``{}``: all defaults)."""
+    from pydantic import BaseModel
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, BaseModel):
+        value = value.model_dump(exclude_defaults=True)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {value_label(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(value_label(v) for v in value) + "]"
+    return repr(value)
+
+
 def _option(name: str, info: Any) -> str:
     default = None if info.is_required() else info.get_default(call_default_factory=True)
     if info.is_required() or not (default is None or isinstance(default, SCALARS)):

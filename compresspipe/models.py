@@ -56,8 +56,12 @@ def model_spec(model_cfg: ModelConfig, data_cfg: DataConfig) -> dict[str, Any]:
     return {"source": "factory", "factory": model_cfg.factory, "kwargs": kwargs}
 
 
-def count_imagefolder_classes(root: Path) -> int:
-    return sum(1 for p in (Path(root) / "train").iterdir() if p.is_dir())
+def count_imagefolder_classes(root: Path) -> int | None:
+    """Class directories under ``root/train`` (None without that directory)."""
+    train = Path(root) / "train"
+    if not train.is_dir():
+        return None
+    return sum(1 for p in train.iterdir() if p.is_dir())
 
 
 def build_from_spec(spec: dict[str, Any], pretrained: bool = False) -> nn.Module:
@@ -183,24 +187,31 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Strict load with an error that names the offending tensor."""
+def weight_mismatches(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps ``tensors`` from loading strictly into ``model``: missing and unexpected
+    names, tensors of another shape; [] when they fit."""
     own = model.state_dict()
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_few(unexpected)}")
-        raise CompressPipeError(f"{where}: weights do not match the model: {'; '.join(parts)}")
-    for name, value in tensors.items():
-        if own[name].shape != value.shape:
-            raise CompressPipeError(
-                f"{where}: tensor {name!r} has shape {list(value.shape)}, "
-                f"the model expects {list(own[name].shape)}"
-            )
+    parts = []
+    if missing:
+        parts.append(f"missing {_few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {_few(unexpected)}")
+    shapes = [k for k, v in tensors.items() if k in own and own[k].shape != v.shape]
+    parts += [f"tensor {k!r} has shape {list(tensors[k].shape)}, the model expects "
+              f"{list(own[k].shape)}" for k in shapes[:4]]
+    if len(shapes) > 4:
+        parts.append(f"and {len(shapes) - 4} more tensors of another shape")
+    return parts
+
+
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Strict load with an error that names the offending tensors."""
+    mismatches = weight_mismatches(model, tensors)
+    if mismatches:
+        raise CompressPipeError(f"{where}: weights do not match the model: "
+                                f"{'; '.join(mismatches)}")
     model.load_state_dict(tensors, strict=True)
 
 

@@ -193,7 +193,7 @@ CASES = [
     ("freeze_pattern_close_match",
      variant(("lr: 0.1", "lr: 0.1\n      freeze: ['fc.*', 'conv.*']  # <-")),
      "stages[0].train.freeze[1]",
-     ["pattern 'conv.*' matches no parameter of the model", "did you mean 'conv1'?"]),
+     ["pattern 'conv.*' matches no parameter of the model", "did you mean 'conv1.*'?"]),
     ("freeze_everything", variant(("lr: 0.1", "lr: 0.1\n      freeze: ['*']  # <-")),
      "stages[0].train.freeze", ["these patterns freeze every parameter; nothing would train"]),
     # --- paths that must exist ------------------------------------------------------------------

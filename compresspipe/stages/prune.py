@@ -171,10 +171,10 @@ class PruneStage(Stage):
         from ..validation import unmatched_pattern_problems
 
         c = self.config
-        problems = unmatched_pattern_problems(model, c.include, "include")
-        problems += unmatched_pattern_problems(model, c.exclude, "exclude")
-        problems += [("overrides" + p[len("overrides"):], msg) for p, msg in
-                     unmatched_pattern_problems(model, list(c.overrides), "overrides")]
+        problems = unmatched_pattern_problems(model, c.include, "include", weights=True)
+        problems += unmatched_pattern_problems(model, c.exclude, "exclude", weights=True)
+        problems += unmatched_pattern_problems(model, list(c.overrides), "overrides",
+                                               weights=True, by_key=True)
         if problems:
             return problems
         targets = select_targets(model, c.include, c.exclude, c.first_layer, c.classifier,
