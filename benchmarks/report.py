@@ -189,6 +189,7 @@ def body_distill(d: dict) -> str:
                     f"{k['top1']['mean'] - ce['top1']['mean']:+.2f} | {ce['loss']['mean']:.3f} | "
                     f"{k['loss']['mean']:.3f} | {ce['agreement']['mean']:.1f} / "
                     f"{k['agreement']['mean']:.1f} |")
+    rows += ["", verdict_distill(d)]
     t = d.get("epoch_time_s")
     if t:
         rows += ["", "| student epoch | CPU s | wall s | wall vs plain |", "|---|---:|---:|---:|"]
@@ -197,6 +198,31 @@ def body_distill(d: dict) -> str:
             rows.append(f"| {label} | {t[arm]['cpu']:.3f} | {t[arm]['wall']:.3f} | "
                         f"{t[arm]['wall'] / t['plain']['wall']:.2f}x |")
     return "\n".join(rows)
+
+
+def verdict_distill(d: dict) -> str:
+    """Does KD help? Per regime, the KD − CE difference of the seed means against its standard
+    error (Welch): beyond two standard errors KD helps or hurts, within them it is noise."""
+    groups: dict[str, list[str]] = {"helps": [], "hurts": [], "noise": []}
+    for name, row in d["regimes"].items():
+        ce, kd = row["ce"]["top1"], row["kd"]["top1"]
+        n_ce, n_kd = (len(row[arm].get("runs") or d["seeds"]) for arm in ("ce", "kd"))
+        diff = kd["mean"] - ce["mean"]
+        se = (ce["std"] ** 2 / n_ce + kd["std"] ** 2 / n_kd) ** 0.5
+        kind = "helps" if diff > 2 * se else "hurts" if diff < -2 * se else "noise"
+        groups[kind].append(f"{name} ({diff:+.2f} ± {se:.2f} pt)")
+    said = {"helps": "KD helps in {}.", "hurts": "It hurts in {}.",
+            "noise": "The difference is within noise in {}."}
+    text = ["**Verdict.**"] + [said[k].format("; ".join(v)) for k, v in groups.items() if v]
+    text.append("(± is the standard error of the KD − CE difference of the seed means; helps "
+                "and hurts mean beyond two standard errors.)")
+    t = d.get("epoch_time_s")
+    if t:
+        text.append(f"A KD epoch takes {t['kd']['wall'] / t['plain']['wall']:.2f}x the wall time "
+                    "of a plain one with the teacher run at every step, "
+                    f"{t['kd_cached']['wall'] / t['plain']['wall']:.2f}x with cached teacher "
+                    "logits.")
+    return " ".join(text)
 
 
 def headline_mask_overhead(d: dict) -> list[str]:

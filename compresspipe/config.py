@@ -35,6 +35,7 @@ from .registry import get_stage, is_dotted_path, list_stages, suggest
 from .yaml_source import PathKey, SourceMap, apply_override, format_path, parse_yaml
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+INPUT_STAGE = "input"  # the stage name of the starting model (the runner saves it first)
 
 
 def _usable_path(value: Path) -> Path:
@@ -766,17 +767,22 @@ def _stage_specs(config: PipelineConfig) -> list[StageSpec]:
 
 
 def _check_references(stages: list[StageSpec]) -> list[Problem]:
-    """Unique stage names; every 'stage:NAME' value refers to an earlier stage. After a stage
-    whose name the file does not tell, a reference that matches no name is not reported."""
+    """Unique stage names; every 'stage:NAME' value refers to an earlier stage or to
+    'stage:input', the model the pipeline starts from. After a stage whose name the file does
+    not tell, a reference that matches no name is not reported."""
     problems: list[Problem] = []
     seen: dict[str, int] = {}
     uncertain = False
     for spec in stages:
+        if spec.known_name and spec.name == INPUT_STAGE:
+            problems.append(Problem(f"stages[{spec.index}].name", f"{INPUT_STAGE!r} is the "
+                                    "pipeline's starting model (output_dir/input); give the "
+                                    "stage another name"))
         if spec.known_name and spec.name in seen:
             problems.append(Problem(f"stages[{spec.index}].name", f"stage name {spec.name!r} "
                                     f"is already used by stages[{seen[spec.name]}]"))
         for rel, ref in stage_references(spec):
-            if ref not in seen and not uncertain:
+            if ref not in seen and ref != INPUT_STAGE and not uncertain:
                 earlier = list(seen)
                 hint = suggest(ref, earlier) or (f" (earlier stages: {', '.join(earlier)})"
                                                  if earlier else " (no stage runs before this one)")

@@ -10,9 +10,16 @@ the one training loop, and lowers the hard-label weight to ``gamma``:
 The teacher is frozen, in eval mode and runs without gradients; the student is left alone apart
 from forward hooks that read its feature maps, so pruning masks and fake-quant modules survive.
 
-A teacher is named by one string: ``stage:NAME`` (an earlier stage's output), a timm model name
-(+ ``teacher_checkpoint``/``teacher_kwargs``), an artifact directory, a checkpoint file (weights
-for the pipeline's own architecture) or an MLflow artifact URI (``runs:/<id>/artifact``).
+A teacher is named by one string: ``stage:NAME`` (an earlier stage's output; ``stage:input``
+is the pipeline's model as it starts), a timm model name with trained weights
+(``teacher_checkpoint``, or ``teacher_kwargs: {pretrained: true}`` where the hub's head fits the
+dataset), an artifact directory, a checkpoint file (weights for the pipeline's own
+architecture), an MLflow artifact URI (``runs:/<id>/artifact``) or a registered model version
+whose source is such an artifact (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``).
+
+Besides its loss terms the hook measures the teacher: its test accuracy is printed and logged
+when training starts (with a warning when the student already does better), and every
+evaluation of the loop logs the student's ``agreement`` (top-1 match) with it.
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as dist
 from .errors import CompressPipeError
+from .measure import evaluate
 from .training import TrainHook
 
 if TYPE_CHECKING:
@@ -206,7 +215,10 @@ class DistillHook(TrainHook):
     """KD (+ feature) loss terms for the one training loop; see the module docstring.
 
     Loss terms are logged per epoch as ``train_kd``, ``train_ce`` (already weighted by gamma)
-    and ``train_feat_<student layer>``."""
+    and ``train_feat_<student layer>``; ``teacher_top1``, ``teacher_loss``,
+    ``student_start_top1`` and ``teacher_below_student`` once when training starts, and
+    ``agreement`` at every evaluation. The teacher's test-set predictions are computed once
+    (it is frozen and test images are not augmented)."""
 
     def __init__(self, teacher: nn.Module, cfg: DistillConfig, student: nn.Module,
                  input_shape: tuple[int, int, int]):
@@ -231,6 +243,8 @@ class DistillHook(TrainHook):
             for n in {p.teacher for p in cfg.features}
         ]
         self._epochs = 0
+        # per test loader (the whole set, or this process's shard): teacher metrics, top-1s
+        self._reference: dict[tuple, tuple[dict[str, float], torch.Tensor]] = {}
 
     def _adapters(self, student: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, nn.Module]:
         if not self.cfg.features:
@@ -258,6 +272,8 @@ class DistillHook(TrainHook):
     def on_train_start(self, trainer: Any) -> None:
         self._epochs = trainer.cfg.epochs
         self.teacher.to(trainer.device)
+        if trainer.start_epoch < self._epochs:
+            self._report_start(trainer)
         if self.cfg.features and not self._student_handles and trainer.start_epoch < self._epochs:
             modules = dict(trainer.model.named_modules())
             for i, name in enumerate(dict.fromkeys(p.student for p in self.cfg.features)):
@@ -285,6 +301,47 @@ class DistillHook(TrainHook):
         self._teacher_feats.clear()
         return terms
 
+    def _report_start(self, trainer: Any) -> None:
+        """Print and log the teacher's test accuracy before the first step, with the student's
+        when training starts from scratch; warn if the student is already the better one."""
+        loader = trainer.data.test_loader()
+        teacher, _ = self.reference(loader)
+        metrics = {"teacher_top1": teacher["top1"], "teacher_loss": teacher["loss"]}
+        line = (f"[{trainer.desc}] distillation teacher {self.cfg.teacher}: top-1 "
+                f"{teacher['top1']:.2f}% on the test set")
+        below = False
+        if trainer.start_epoch == 0:
+            student = _evaluate_untouched(trainer.model, loader, trainer.device)
+            below = teacher["top1"] < student["top1"]
+            metrics.update(student_start_top1=student["top1"], teacher_below_student=float(below))
+            line += f"; the student starts at {student['top1']:.2f}%"
+        if not dist.is_main():
+            return
+        print(line, flush=True)
+        if below:
+            print(f"[{trainer.desc}] WARNING: the teacher ({teacher['top1']:.2f}%) is less "
+                  f"accurate than the student it teaches ({metrics['student_start_top1']:.2f}%): "
+                  "distillation pulls the student towards its mistakes; check the teacher "
+                  "(its weights, its classes) or lower alpha", flush=True)
+        trainer.log(metrics, trainer.start_epoch)
+
+    def reference(self, loader: DataLoader) -> tuple[dict[str, float], torch.Tensor]:
+        """The teacher's test metrics and top-1 classes on ``loader`` (in its order), computed
+        on the first call per loader."""
+        key = _loader_key(loader)
+        if key not in self._reference:
+            device = next((p.device for p in self.teacher.parameters()), torch.device("cpu"))
+            predictions: list[torch.Tensor] = []
+            metrics = evaluate(self.teacher, loader, device, predictions)
+            self._teacher_feats.clear()  # filled by the feature hooks; not a training step
+            self._reference[key] = metrics, torch.cat(predictions)
+        return self._reference[key]
+
+    def on_evaluate(self, loader: DataLoader, predictions: torch.Tensor) -> dict[str, float]:
+        # the student's features from the loop's evaluation pass are no training step's
+        self._student_feats.clear()
+        return {"agreement": agreement(predictions, self.reference(loader)[1], loader)}
+
     @torch.no_grad()
     def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """The frozen teacher's logits for ``inputs`` (from the cache when enabled)."""
@@ -302,6 +359,36 @@ class DistillHook(TrainHook):
             h.remove()
         self._student_handles.clear()
         self._student_feats.clear()
+
+
+def _evaluate_untouched(model: nn.Module, loader: DataLoader,
+                        device: torch.device | str) -> dict[str, float]:
+    """``evaluate`` that leaves no trace in ``model``: fake-quant observers record what they
+    see even in eval mode, so every buffer is put back as it was. Neither a deep copy (a copy
+    of a captured QAT graph does not evaluate as the graph does) nor load_state_dict (the
+    observers' loader resets their eps)."""
+    saved = [(module, name, buf.detach().clone()) for module in model.modules()
+             for name, buf in module.named_buffers(recurse=False)]
+    try:
+        return evaluate(model, loader, device)
+    finally:
+        with torch.no_grad():
+            for module, name, value in saved:
+                current = getattr(module, name)
+                if current.shape == value.shape and current.dtype == value.dtype:
+                    current.copy_(value)
+                else:  # an observer resized its statistics on first sight
+                    setattr(module, name, value)
+
+
+def _loader_key(loader: DataLoader) -> tuple:
+    """Which test images ``loader`` yields: its dataset, and the indices of a shard."""
+    from torch.utils.data import Subset
+
+    data = loader.dataset
+    if isinstance(data, Subset):
+        return id(data.dataset), tuple(data.indices)
+    return id(data), None
 
 
 def _adapter_key(layer: str) -> str:
@@ -393,7 +480,10 @@ def _timm_teacher(cfg: DistillConfig, data: DataConfig, download: bool) -> nn.Mo
     except (TypeError, ValueError, RuntimeError, AssertionError, KeyError) as exc:
         raise TeacherError(f"cannot build timm model {cfg.teacher!r} with {spec['kwargs']}: "
                            f"{type(exc).__name__}: {exc}", "teacher_kwargs") from None
-    if cfg.teacher_checkpoint is not None:
+    if cfg.teacher_checkpoint is None:
+        if (problem := untrained_teacher(cfg.teacher, pretrained, spec["kwargs"])) is not None:
+            raise TeacherError(problem)
+    else:
         if not cfg.teacher_checkpoint.is_file():
             raise TeacherError(f"file not found: {cfg.teacher_checkpoint}", "teacher_checkpoint")
         try:
@@ -401,6 +491,30 @@ def _timm_teacher(cfg: DistillConfig, data: DataConfig, download: bool) -> nn.Mo
         except CompressPipeError as exc:
             raise TeacherError(str(exc), "teacher_checkpoint") from None
     return model
+
+
+def untrained_teacher(name: str, pretrained: bool, kwargs: dict[str, Any]) -> str | None:
+    """Why timm model ``name`` built with ``kwargs`` (no checkpoint) would teach from random
+    weights, or None. Read from timm's pretrained config: nothing is downloaded."""
+    from timm.models import get_pretrained_cfg
+
+    hint = ("give its trained weights as teacher_checkpoint, or name a trained model "
+            "('stage:NAME', an artifact directory, a checkpoint file, runs:/<run_id>/artifact)")
+    if not pretrained:
+        return (f"teacher {name!r} would have random weights: {hint}, or set teacher_kwargs: "
+                "{pretrained: true} for the hub's weights")
+    try:
+        hub = get_pretrained_cfg(name)
+    except (RuntimeError, ValueError, KeyError):
+        hub = None
+    if hub is None or not hub.has_weights:
+        return f"timm has no pretrained weights for {name!r}: {hint}"
+    classes = kwargs.get("num_classes", hub.num_classes)
+    if hub.num_classes and classes != hub.num_classes:
+        return (f"the pretrained {name!r} predicts {hub.num_classes} classes and the data "
+                f"{classes}: timm would replace its classifier by a random one; {hint} (e.g. "
+                "fine-tune it on this dataset in a pipeline of its own)")
+    return None
 
 
 def _path_teacher(path: Path, pipeline: PipelineConfig) -> nn.Module:
@@ -445,8 +559,11 @@ def _download(uri: str, pipeline: PipelineConfig) -> Path:
         import mlflow.artifacts
 
         try:
-            _DOWNLOADED[key] = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri,
+            source = _registered_source(uri, store) if uri.startswith("models:/") else uri
+            _DOWNLOADED[key] = Path(mlflow.artifacts.download_artifacts(artifact_uri=source,
                                                                         tracking_uri=store))
+        except TeacherError:
+            raise
         except Exception as exc:  # mlflow raises many types for a bad URI, run or server
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise TeacherError(f"cannot download teacher {uri!r} from tracking store {store}: "
@@ -454,13 +571,48 @@ def _download(uri: str, pipeline: PipelineConfig) -> Path:
     return _DOWNLOADED[key]
 
 
+def _registered_source(uri: str, store: str) -> str:
+    """Where the registered model version ``models:/NAME/VERSION`` (or ``@ALIAS``) of the
+    tracking store ``store`` keeps its files. mlflow resolves a models:/ URI in the process's
+    registry, not in the store passed to download_artifacts: hence this lookup."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    ref = uri.removeprefix("models:/").strip("/")
+    name, _, version = ref.partition("/")
+    if not version and "@" in name:
+        name, alias = name.split("@", 1)
+        found = client.get_model_version_by_alias(name, alias)
+    elif version.isdigit():
+        found = client.get_model_version(name, version)
+    elif not version and ref.startswith("m-"):  # a logged model's id, as the export stage logs
+        raise TeacherError(_mlflow_model(uri, client.get_logged_model(ref).source_run_id))
+    else:
+        raise TeacherError(f"teacher {uri!r}: expected models:/NAME/VERSION or "
+                           "models:/NAME@ALIAS (a registered model version)")
+    if getattr(found, "model_id", None):  # a version of a logged MLflow model
+        raise TeacherError(_mlflow_model(uri, found.run_id))
+    return found.source
+
+
+def _mlflow_model(uri: str, run_id: str | None) -> str:
+    where = (f"the compresspipe artifact of the run that logged it: teacher: runs:/{run_id}/"
+             "artifact" if run_id else "a compresspipe artifact, e.g. runs:/<run_id>/artifact")
+    return (f"teacher {uri!r} is an MLflow model (e.g. the export stage's ONNX file), which "
+            f"compresspipe cannot train against; name {where}")
+
+
 def stage_architecture(pipeline: PipelineConfig, name: str) -> dict[str, Any]:
     """The model spec an earlier stage's output has, as far as the file tells: the pipeline's
-    model, or the last ``student`` a distill stage up to ``name`` switched to."""
+    model, or the last ``student`` a distill stage up to ``name`` switched to ('input': the
+    pipeline's model)."""
     from .config import ModelConfig, _stage_specs
     from .models import model_spec
+    from .runner import INPUT_STAGE
 
     spec = model_spec(pipeline.model, pipeline.data)
+    if name == INPUT_STAGE:  # the pipeline's model as it starts, saved before any stage
+        return spec
     for stage in _stage_specs(pipeline):
         student = getattr(stage.config, "student", None)
         if stage.type == "distill" and isinstance(student, ModelConfig):
@@ -559,20 +711,23 @@ def _first_line(exc: Exception) -> str:
 # Measuring
 
 
-@torch.no_grad()
-def agreement(student: nn.Module, teacher: nn.Module, loader: DataLoader,
-              device: torch.device | str = "cpu") -> float:
-    """Percentage of images on which student and teacher predict the same top-1 class."""
-    modes = student.training, teacher.training
-    student.eval()
-    teacher.eval()
-    same = total = 0
-    for x, _ in loader:
-        x = x.to(device)
-        same += (student(x).argmax(1) == teacher(x).argmax(1)).sum().item()
-        total += len(x)
-    student.train(modes[0])
-    teacher.train(modes[1])
-    if total == 0:
+def agreement(student: nn.Module | torch.Tensor, teacher: nn.Module | torch.Tensor,
+              loader: DataLoader, device: torch.device | str = "cpu") -> float:
+    """Percentage of ``loader``'s images on which student and teacher predict the same top-1
+    class. Either may be given as its top-1 classes on ``loader`` (see ``evaluate``'s
+    ``predictions``), which spares a pass."""
+    s, t = (_top1(m, loader, device) for m in (student, teacher))
+    if len(s) != len(t):
+        raise ValueError(f"{len(s)} student predictions but {len(t)} teacher predictions")
+    if len(s) == 0:
         raise ValueError("evaluation set is empty")
-    return 100.0 * same / total
+    return 100.0 * (s == t).sum().item() / len(s)
+
+
+def _top1(model: nn.Module | torch.Tensor, loader: DataLoader,
+          device: torch.device | str) -> torch.Tensor:
+    if isinstance(model, torch.Tensor):
+        return model.cpu()
+    predictions: list[torch.Tensor] = []
+    evaluate(model, loader, device, predictions)
+    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)

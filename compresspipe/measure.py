@@ -15,8 +15,12 @@ from .errors import MaskViolation
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> dict:
-    """Top-1 (and top-5 when there are ≥ 5 classes) in percent, and mean cross-entropy."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
+             predictions: list[torch.Tensor] | None = None) -> dict:
+    """Top-1 (and top-5 when there are ≥ 5 classes) in percent, and mean cross-entropy.
+
+    ``predictions``, when given, receives each batch's top-1 classes (on the CPU, in the
+    loader's order), so that callers comparing models need no second pass."""
     was_training = model.training
     model.eval()
     total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
@@ -29,7 +33,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
         top = logits.topk(min(5, num_classes), dim=1).indices
         # argmax, as a consumer of the file computes it: the first of tied maxima (quantized
         # logits tie often; topk breaks ties in no documented order)
-        correct1 += (logits.argmax(1) == y).sum().item()
+        pred = logits.argmax(1)
+        correct1 += (pred == y).sum().item()
+        if predictions is not None:
+            predictions.append(pred.cpu())
         correct5 += (top == y[:, None]).any(dim=1).sum().item()
         total += y.numel()
     model.train(was_training)

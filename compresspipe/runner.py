@@ -28,7 +28,7 @@ import torch
 
 from . import distributed
 from .artifact import MODEL_FILE, Artifact, write_json
-from .config import NAME_PATTERN, Pipeline, StageSpec
+from .config import INPUT_STAGE, NAME_PATTERN, Pipeline, StageSpec
 from .context import StageContext
 from .errors import CompressPipeError
 from .measure import check_masks, evaluate, file_bytes, mask_stats, param_counts
@@ -39,7 +39,7 @@ from .signals import raise_interrupted
 from .tracking import Tracker
 
 SUMMARY_FILE = "summary.json"
-INPUT_STAGE = "input"
+
 SUMMARY_METRICS = ("top1", "top5", "loss", "model_bytes", "compression_ratio", "sparsity")
 # stages whose weight histograms before/after are logged (plots/<stage>_weights.png)
 QUANTIZING_STAGES = ("cluster", "qat", "ptq")

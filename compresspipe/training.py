@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from . import distributed as dist
 from .config import TrainConfig
@@ -60,6 +61,12 @@ class TrainHook:
 
     def after_step(self, model: nn.Module, step: int) -> None:
         pass
+
+    def on_evaluate(self, loader: DataLoader, predictions: torch.Tensor) -> dict[str, float]:
+        """Extra metrics at each test-set evaluation, given the model's top-1 classes on
+        ``loader`` (in its order) from the loop's own pass; logged as named. Under torchrun
+        ``loader`` is this process's shard and the values are averaged over processes."""
+        return {}
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         pass
@@ -125,6 +132,8 @@ class Trainer:
                 p.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad] + list(self.extra.parameters())
         self.optimizer = self._optimizer(params)
+        # grad_clip bounds the norm of every update, the hooks' modules (adapters) included
+        self.clipped = params
         self.history: list[dict[str, float]] = []
         self.start_epoch = 0
         self._ddp: nn.Module | None = None  # the DistributedDataParallel wrapper during fit
@@ -155,7 +164,7 @@ class Trainer:
             metrics = self._train_epoch(loader, epoch)
             last = epoch + 1 == self.cfg.epochs
             if last or (epoch + 1) % self.cfg.eval_every == 0:
-                metrics.update({f"val_{k}": v for k, v in self._evaluate(test_loader).items()})
+                metrics.update(self._evaluate(test_loader))
             metrics["epoch_time_s"] = time.perf_counter() - started
             self.history.append({"epoch": epoch + 1, **metrics})
             for hook in self.hooks:
@@ -191,13 +200,20 @@ class Trainer:
         else:
             dist.broadcast_module(self.model)
 
-    def _evaluate(self, loader) -> dict[str, float]:
-        """Metrics on the test set; under torchrun each rank evaluates its shard."""
+    def _evaluate(self, loader: DataLoader) -> dict[str, float]:
+        """``val_*`` metrics on the test set and the hooks' ``on_evaluate`` metrics, from one
+        pass of the model; under torchrun each rank evaluates its shard."""
+        if dist.world_size() > 1:
+            dist.broadcast_module(self.model)  # the same BatchNorm statistics on every shard
+        predictions: list[torch.Tensor] = []
+        metrics = {f"val_{k}": v for k, v in
+                   evaluate(self.model, loader, self.device, predictions).items()}
+        top1 = torch.cat(predictions)
+        for hook in self.hooks:
+            metrics.update(hook.on_evaluate(loader, top1))
         if dist.world_size() == 1:
-            return evaluate(self.model, loader, self.device)
-        dist.broadcast_module(self.model)  # the same BatchNorm statistics on every shard
-        return dist.all_reduce_mean(evaluate(self.model, loader, self.device),
-                                    len(loader.dataset))
+            return metrics
+        return dist.all_reduce_mean(metrics, len(loader.dataset))
 
     def _train_epoch(self, loader, epoch: int) -> dict[str, float]:
         from tqdm.auto import tqdm
@@ -235,7 +251,7 @@ class Trainer:
             loss.backward()
             dist.average_gradients(list(self.extra.parameters()))  # DDP covers the model's
             if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.clipped, self.cfg.grad_clip)
             self.optimizer.step()
             step += 1
             for hook in self.hooks:

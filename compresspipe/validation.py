@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from .config import (
+    INPUT_STAGE,
     UNKNOWN_STUDENT,
     DistillConfig,
     ModelConfig,
@@ -116,7 +117,7 @@ def _references_resolve(stage: StageSpec, earlier: list[StageSpec]) -> bool:
     if refs and not all(s.known_name for s in earlier):
         return False
     names = [s.name for s in earlier]
-    return all(names.count(ref) == 1 for ref in refs)
+    return all(ref == INPUT_STAGE or names.count(ref) == 1 for ref in refs)
 
 
 def _uses_teacher(config: Any) -> bool:

@@ -92,3 +92,26 @@ def test_cli_writes_the_report(report, results, tmp_path, capsys):
     assert out.read_text().startswith("# Benchmark report\n")
     assert report.main(["--results", str(tmp_path / "empty"), "-o", str(out)]) == 2
     assert "no results" in capsys.readouterr().err
+
+
+def _arm(mean: float, std: float) -> dict:
+    runs = [{"top1": mean, "loss": 0.1, "agreement": 90.0}] * 5
+    return {"runs": runs, "top1": {"mean": mean, "std": std}, "loss": {"mean": 0.1, "std": 0.0},
+            "agreement": {"mean": 90.0, "std": 0.0}}
+
+
+def test_distill_section_states_a_verdict_from_the_numbers(report):
+    d = {"seeds": [0, 1, 2, 3, 4], "image_size": 16,
+         "teacher": {"model": "resnet18", "top1": 99.0},
+         "kd": {"temperature": 4.0, "alpha": 0.9, "gamma": 0.1},
+         "regimes": {"scarce": {"ce": _arm(86.0, 1.0), "kd": _arm(90.0, 1.0)},
+                     "short": {"ce": _arm(96.5, 0.5), "kd": _arm(93.5, 1.5)},
+                     "long": {"ce": _arm(98.4, 0.4), "kd": _arm(98.8, 0.4)}},
+         "epoch_time_s": {"plain": {"cpu": 1, "wall": 1.0}, "kd": {"cpu": 2, "wall": 2.2},
+                          "kd_cached": {"cpu": 1, "wall": 1.1}}}
+    text = report.body_distill(d)
+    # standard errors: sqrt(2 * 1 / 5) = 0.63, sqrt((0.25 + 2.25) / 5) = 0.71, 0.25
+    assert "KD helps in scarce (+4.00 ± 0.63 pt)." in text
+    assert "It hurts in short (-3.00 ± 0.71 pt)." in text
+    assert "within noise in long (+0.40 ± 0.25 pt)." in text
+    assert "2.20x the wall time of a plain one" in text and "1.10x with cached" in text

@@ -14,10 +14,20 @@ from torch import nn
 import compresspipe
 from compresspipe.config import DataConfig, DistillConfig, TrainConfig
 from compresspipe.data import build_data
-from compresspipe.distill import DistillHook, kd_loss, load_teacher, resolve_teacher
+from compresspipe.distill import (
+    DistillHook,
+    agreement,
+    check_distill,
+    kd_loss,
+    load_teacher,
+    resolve_teacher,
+    stage_architecture,
+)
 from compresspipe.errors import ConfigError
 from compresspipe.masks import MaskHook
-from compresspipe.training import Trainer
+from compresspipe.measure import evaluate
+from compresspipe.models import build_from_spec
+from compresspipe.training import Trainer, TrainHook
 
 CPU = torch.device("cpu")
 
@@ -113,6 +123,31 @@ def test_teacher_frozen_adapter_trained_masks_kept(digits):
     assert not student[2]._forward_hooks  # feature hooks are gone after the last epoch
 
 
+def test_grad_clip_covers_the_feature_adapters(digits):
+    """The clipped norm is that of everything the optimizer updates, adapters included."""
+    clip = 1e-3
+    norms: list[tuple[float, float]] = []
+
+    class Norms(TrainHook):  # reads the gradients the optimizer has just applied
+        def on_train_start(self, trainer):
+            self.params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+            self.adapter = list(trainer.extra.parameters())
+
+        def after_step(self, model, step):
+            def norm(params):
+                return torch.linalg.vector_norm(torch.stack(
+                    [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
+            norms.append((norm(self.params).item(), norm(self.adapter).item()))
+
+    student = _mlp(16, seed=0)
+    hook = DistillHook(_mlp(48, seed=1), DistillConfig(
+        teacher="x", features=[{"student": "2", "teacher": "2"}]), student, (1, 8, 8))
+    cfg = TrainConfig(epochs=1, lr=0.05, schedule="constant", grad_clip=clip)
+    Trainer(student, digits, cfg, device=CPU, seed=0, hooks=[hook, Norms()]).fit()
+    assert len(norms) == 4
+    assert all(total <= clip * (1 + 1e-4) and adapter > 0 for total, adapter in norms)
+
+
 def test_logit_cache_runs_the_teacher_once_per_image(digits):
     seen = []
     teacher = _mlp(48, seed=1)
@@ -120,13 +155,14 @@ def test_logit_cache_runs_the_teacher_once_per_image(digits):
     cached = DistillHook(teacher, DistillConfig(teacher="x", cache_teacher_logits=True),
                          _mlp(16, 0), (1, 8, 8))
     with_cache = _fit(_mlp(16, seed=0), digits, [cached], epochs=3)
-    assert sum(seen) == len(digits.train) == cached.cache.misses == len(cached.cache) == 256
+    # every training image once, and the test set once (its predictions are kept)
+    assert sum(seen) - len(digits.test) == cached.cache.misses == len(cached.cache) == 256
 
     seen.clear()
     without = _fit(_mlp(16, seed=0), digits,
                    [DistillHook(teacher, DistillConfig(teacher="x"), _mlp(16, 0), (1, 8, 8))],
                    epochs=3)
-    assert sum(seen) == 3 * 256
+    assert sum(seen) == 3 * 256 + len(digits.test)
     for a, b in zip(with_cache, without):
         assert a["train_kd"] == pytest.approx(b["train_kd"], rel=1e-4)
 
@@ -216,20 +252,35 @@ def test_teacher_from_path_checkpoint_and_mlflow_uri(distilled, tmp_path):
 # -- validation -------------------------------------------------------------------------------
 
 
+def _checkpoint(path, **kwargs):
+    """A test_resnet state dict (1-channel, 10 classes unless told) as a safetensors file."""
+    import timm
+    from safetensors.torch import save_file
+
+    model = timm.create_model("test_resnet", **{"in_chans": 1, "num_classes": 10, **kwargs})
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
 def test_invalid_teachers_are_reported_before_training(tmp_path):
+    five = _checkpoint(tmp_path / "five.safetensors", num_classes=5)
+    rgb = _checkpoint(tmp_path / "rgb.safetensors", in_chans=3)
     cfg = tiny_pipeline(tmp_path / "out")
     cfg["data"]["augment"] = True
     cfg["stages"] = [
         {"name": "dense", "train": {"epochs": 1}},
         {"distill": {"teacher": "resnt18"}},
-        {"distill": {"teacher": "test_resnet", "teacher_kwargs": {"num_classes": 5}}},
+        {"distill": {"teacher": "test_resnet", "teacher_kwargs": {"num_classes": 5},
+                     "teacher_checkpoint": five}},
         {"distill": {"teacher": "stage:dense",
                      "features": [{"student": "layer9", "teacher": "layr3"}]}},
         {"distill": {"teacher": "stage:dense", "cache_teacher_logits": True}},
         {"distill": {"teacher": "missing/teacher.safetensors"}},
-        {"distill": {"teacher": "test_resnet", "teacher_kwargs": {"in_chans": 3}}},
-        {"distill": {"teacher": "stage:dense", "student": {"name": "test_efficentnet"}}},
+        {"distill": {"teacher": "test_resnet", "teacher_kwargs": {"in_chans": 3},
+                     "teacher_checkpoint": rgb}},
         {"distill": {"teacher": "runs:/0123abcd/artifact"}},
+        # last: stages after a student that cannot be built receive an unknown architecture
+        {"distill": {"teacher": "stage:dense", "student": {"name": "test_efficentnet"}}},
     ]
     with pytest.raises(ConfigError) as info:
         compresspipe.load_pipeline(cfg)
@@ -241,8 +292,8 @@ def test_invalid_teachers_are_reported_before_training(tmp_path):
     assert "augmentation" in problems["stages[4].distill.cache_teacher_logits"]
     assert "teacher not found" in problems["stages[5].distill.teacher"]
     assert "cannot run on the data's 1x16x16" in problems["stages[6].distill.teacher"]
-    assert "did you mean 'test_efficientnet'" in problems["stages[7].distill.student.name"]
-    assert "no MLflow store" in problems["stages[8].distill.teacher"]
+    assert "no MLflow store" in problems["stages[7].distill.teacher"]
+    assert "did you mean 'test_efficientnet'" in problems["stages[8].distill.student.name"]
     assert len(problems) == 9
     assert not (tmp_path / "out").exists()  # validation wrote nothing
 
@@ -257,12 +308,194 @@ def test_stage_teacher_features_follow_an_earlier_student(tmp_path):
     """stage:small is a test_efficientnet, so its layer names (not resnet's) are valid."""
     cfg = tiny_pipeline(tmp_path / "out")
     cfg["stages"] = [
-        {"name": "small", "distill": {"teacher": "test_resnet",
+        {"name": "small", "distill": {"teacher": _checkpoint(tmp_path / "t.safetensors"),
                                       "student": {"name": "test_efficientnet"}}},
-        {"distill": {"teacher": "stage:small",
+        {"distill": {"teacher": "stage:small", "student": {"name": "test_resnet"},
                      "features": [{"student": "layer3", "teacher": "conv_head"}]}},
     ]
     compresspipe.load_pipeline(cfg)
     cfg["stages"][1]["distill"]["features"][0]["teacher"] = "layer3"
     with pytest.raises(ConfigError, match=r"features\[0\]\.teacher: the teacher has no module"):
         compresspipe.load_pipeline(cfg)
+
+
+# -- what the hook measures: the teacher once, agreement at every evaluation ------------------
+
+
+def _logged_fit(model, data, hook, epochs=2):
+    logged: list[tuple[dict, int]] = []
+    cfg = TrainConfig(epochs=epochs, lr=0.05, schedule="constant")
+    history = Trainer(model, data, cfg, device=CPU, seed=0, hooks=[hook],
+                      log=lambda metrics, step: logged.append((dict(metrics), step))).fit()
+    return history, logged
+
+
+def test_hook_logs_teacher_accuracy_once_and_agreement_per_evaluation(digits, capsys):
+    teacher = _mlp(48, seed=1)
+    _fit(teacher, digits, [], epochs=3)
+    teacher_test = evaluate(teacher, digits.test_loader())
+    student = _mlp(16, seed=0)
+    start = evaluate(student, digits.test_loader())
+    seen = []
+    teacher.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    hook = DistillHook(teacher, DistillConfig(teacher="mlp48"), student, (1, 8, 8))
+    history, logged = _logged_fit(student, digits, hook)
+    # the teacher ran over the test set once, then its predictions were reused
+    assert sum(seen) == 2 * len(digits.train) + len(digits.test)
+
+    first, step = logged[0]
+    assert step == 0 and first == {
+        "teacher_top1": teacher_test["top1"], "teacher_loss": pytest.approx(teacher_test["loss"]),
+        "student_start_top1": start["top1"], "teacher_below_student": 0.0}
+    assert [m for m, _ in logged[1:] if "teacher_top1" in m] == []  # once
+    assert [step for m, step in logged if "agreement" in m] == [1, 2]
+    # the loop's own predictions against the teacher's, as measured from scratch
+    assert history[-1]["agreement"] == agreement(student, teacher, digits.test_loader())
+    assert 0 < history[0]["agreement"] <= 100
+    out = capsys.readouterr().out
+    assert (f"distillation teacher mlp48: top-1 {teacher_test['top1']:.2f}% on the test set; "
+            f"the student starts at {start['top1']:.2f}%") in out
+    assert "WARNING" not in out
+
+
+def test_hook_warns_when_the_teacher_is_worse_than_the_student(digits, capsys):
+    student = _mlp(16, seed=0)
+    _fit(student, digits, [], epochs=3)
+    hook = DistillHook(_mlp(48, seed=1), DistillConfig(teacher="untrained"), student, (1, 8, 8))
+    _, logged = _logged_fit(student, digits, hook, epochs=1)
+    assert logged[0][0]["teacher_below_student"] == 1.0
+    assert logged[0][0]["teacher_top1"] < logged[0][0]["student_start_top1"]
+    assert "WARNING: the teacher" in capsys.readouterr().out
+
+
+class Recorder(nn.Module):
+    """Like a fake-quant observer: records every batch in its buffers, in any mode, and
+    sizes one of them on first sight."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("images", torch.zeros(()))
+        self.register_buffer("first_batch", torch.empty(0))
+
+    def forward(self, x):
+        self.images += len(x)
+        if self.first_batch.numel() == 0:
+            self.first_batch = torch.tensor([float(len(x))])
+        return x
+
+
+def test_measuring_the_student_at_the_start_leaves_no_trace(digits):
+    recorder = Recorder()
+    student = nn.Sequential(recorder, *_mlp(16, seed=0))
+    hook = DistillHook(_mlp(48, seed=1), DistillConfig(teacher="x"), student, (1, 8, 8))
+    _, logged = _logged_fit(student, digits, hook, epochs=1)
+    assert "student_start_top1" in logged[0][0]  # measured, then the buffers put back:
+    assert recorder.images == len(digits.train) + len(digits.test)  # the loop's own passes
+    assert recorder.first_batch.tolist() == [64.0]  # a training batch, not a test batch
+
+
+@pytest.fixture(scope="module")
+def joint_prune(tmp_path_factory):
+    """dense -> prune 90% with KD from stage:dense during its retraining."""
+    out = tmp_path_factory.mktemp("joint") / "out"
+    cfg = tiny_pipeline(out, epochs=2)
+    cfg["stages"] = [
+        cfg["stages"][0],
+        {"name": "pruned", "prune": {"sparsity": 0.9, "train": {"epochs": 2, "lr": 0.02},
+                                     "distill": {"teacher": "stage:dense"}}},
+    ]
+    summary = compresspipe.run(cfg)
+    client = MlflowClient(summary["tracking_uri"])
+    return out, summary, client, summary["stage_runs"]["pruned"]
+
+
+def test_kd_inside_prune_keeps_the_mask(joint_prune):
+    out, summary, client, run_id = joint_prune
+    art = compresspipe.load(out / "pruned")
+    params = dict(art.model.named_parameters())
+    pruned = sum(int((~m).sum()) for m in art.masks.values())
+    assert pruned >= 0.89 * sum(m.numel() for m in art.masks.values())
+    for name, mask in art.masks.items():  # exactly zero after retraining against the teacher
+        assert torch.count_nonzero(params[name].detach()[~mask]) == 0, name
+    kd = client.get_metric_history(run_id, "train_kd")
+    assert [m.step for m in kd] == [1, 2] and all(m.value > 0 for m in kd)  # the hook ran
+
+
+def test_joint_kd_logs_teacher_and_agreement(joint_prune):
+    out, summary, client, run_id = joint_prune
+    dense = next(r for r in summary["stages"] if r["name"] == "dense")["metrics"]
+    teacher = client.get_metric_history(run_id, "teacher_top1")
+    # the teacher is the dense stage's file, which the runner measured
+    assert [(m.step, m.value) for m in teacher] == [(0, pytest.approx(dense["top1"]))]
+    agreed = client.get_metric_history(run_id, "agreement")
+    assert [m.step for m in agreed] == [1, 2] and all(0 < m.value <= 100 for m in agreed)
+    assert [m.step for m in client.get_metric_history(run_id, "student_start_top1")] == [0]
+
+
+# -- teachers that cannot teach -----------------------------------------------------------------
+
+
+def test_untrained_timm_teachers_are_rejected(tmp_path):
+    cfg = tiny_pipeline(tmp_path / "out")
+    cfg["stages"] = [
+        {"name": "dense", "train": {"epochs": 1}},
+        {"distill": {"teacher": "resnet18"}},
+        {"prune": {"distill": {"teacher": "test_resnet"}}},
+        {"distill": {"teacher": "resnet18", "teacher_kwargs": {"pretrained": True}}},
+        {"distill": {"teacher": "test_resnet", "teacher_checkpoint": _checkpoint(
+            tmp_path / "t.safetensors")}},
+    ]
+    with pytest.raises(ConfigError) as info:
+        compresspipe.load_pipeline(cfg)
+    problems = {p.path: p.message for p in info.value.problems}
+    assert "'resnet18' would have random weights" in problems["stages[1].distill.teacher"]
+    assert "teacher_checkpoint" in problems["stages[1].distill.teacher"]
+    assert "would have random weights" in problems["stages[2].prune.distill.teacher"]
+    # the hub's 1000-class head does not fit digits: timm would re-initialise it
+    assert "predicts 1000 classes and the data 10" in problems["stages[3].distill.teacher"]
+    assert set(problems) == {"stages[1].distill.teacher", "stages[2].prune.distill.teacher",
+                             "stages[3].distill.teacher"}  # trained weights are fine
+
+
+def test_input_model_as_teacher_has_the_input_architecture(tmp_path):
+    """'stage:input' names the pipeline's model as it starts (the runner saves it as
+    output_dir/input), not the student a later distill stage switches to."""
+    cfg = tiny_pipeline(tmp_path / "out")
+    cfg["stages"] = [{"name": "dense", "train": {"epochs": 1}},
+                     {"name": "small", "distill": {"teacher": "stage:dense",
+                                                   "student": {"name": "test_efficientnet"}}}]
+    config = compresspipe.load_pipeline(cfg).config
+    assert stage_architecture(config, "input")["name"] == "test_resnet"
+    student = build_from_spec(stage_architecture(config, "small"))
+    features = [{"student": "conv_head", "teacher": "layer3"}]
+    assert check_distill(DistillConfig(teacher="stage:input", features=features), student,
+                         config) == []
+
+
+def test_registered_model_version_as_teacher(tmp_path):
+    """models:/NAME/VERSION resolves in the pipeline's tracking store; an MLflow model (such
+    as the export stage's ONNX file) is rejected with the runs:/ URI to use instead."""
+    from compresspipe.artifact import Artifact
+    from compresspipe.distill import TeacherError
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = compresspipe.load_pipeline(tiny_pipeline(tmp_path / "out", tracking={"uri": store}),
+                                        check_model=False).config
+    model = build_from_spec(stage_architecture(config, "input"))
+    Artifact(model=model, spec=stage_architecture(config, "input")).save(tmp_path / "art")
+    client = MlflowClient(store)
+    experiment = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment).info.run_id
+    client.log_artifacts(run_id, str(tmp_path / "art"), "artifact")
+    client.create_registered_model("teacher")
+    client.create_model_version("teacher", f"runs:/{run_id}/artifact", run_id=run_id)
+    client.set_registered_model_alias("teacher", "best", "1")
+
+    for uri in ("models:/teacher/1", "models:/teacher@best"):
+        teacher = load_teacher(DistillConfig(teacher=uri), config)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in teacher.state_dict().items())
+    logged = client.create_logged_model(experiment, name="onnx", source_run_id=run_id)
+    with pytest.raises(TeacherError, match=f"MLflow model .*teacher: runs:/{run_id}/artifact"):
+        load_teacher(DistillConfig(teacher=f"models:/{logged.model_id}"), config)
+    with pytest.raises(TeacherError, match="expected models:/NAME/VERSION"):
+        load_teacher(DistillConfig(teacher="models:/teacher/latest"), config)

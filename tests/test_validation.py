@@ -276,3 +276,13 @@ def test_stages_listing_is_readable(capsys):
     # whole docstrings, not their first line
     assert ("export: Write the model as .cpz, safetensors, ONNX or torch.export files, each "
             "loaded in a fresh process") in text
+
+
+def test_the_starting_model_can_be_the_teacher_but_not_a_stage_name(tmp_path):
+    ok = write(tmp_path, HEAD + f"output_dir: {tmp_path}/out\nstages:\n"
+               "  - distill: {teacher: 'stage:input', train: {epochs: 1}}\n")
+    assert load_pipeline(ok).stages[0].config.teacher == "stage:input"
+    bad = write(tmp_path, HEAD + f"output_dir: {tmp_path}/out\nstages:\n"
+                "  - {name: input, train: {epochs: 1}}\n", "bad.yaml")
+    found = problems_of(bad)
+    assert "starting model" in found["stages[0].name"][1]

@@ -56,6 +56,8 @@ class DistillStage(Stage):
         return problems + check_distill(cfg, model, pipeline)
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
+        import torch
+
         from ..distill import agreement, distill_hook
         from ..measure import check_masks, evaluate
 
@@ -63,19 +65,20 @@ class DistillStage(Stage):
         if cfg.student is not None:
             artifact = _with_new_student(artifact, cfg.student, ctx)
         hook = distill_hook(cfg, ctx, artifact.model)
-        test = ctx.data.test_loader()
-        teacher = evaluate(hook.teacher, test, ctx.device)
         try:
             ctx.trainer(artifact.model, cfg.train, hooks=[hook], masks=artifact.masks).fit()
         finally:
             hook.close()
         if artifact.masks:
             check_masks(artifact.model, artifact.masks, self.name)
-        student = evaluate(artifact.model, test, ctx.device)
+        test = ctx.data.test_loader()
+        teacher, teacher_top1s = hook.reference(test)  # measured once, when training started
+        top1s: list[torch.Tensor] = []
+        student = evaluate(artifact.model, test, ctx.device, top1s)
         metrics = {
             "teacher_top1": teacher["top1"], "teacher_loss": teacher["loss"],
             "student_top1": student["top1"], "student_loss": student["loss"],
-            "agreement": agreement(artifact.model, hook.teacher, test, ctx.device),
+            "agreement": agreement(torch.cat(top1s), teacher_top1s, test),
         }
         if hook.cache is not None:
             metrics["teacher_cache_images"] = len(hook.cache)
