@@ -211,7 +211,8 @@ def test_int8_metrics_are_tracked(int8_run):
     assert {"fp32_top1", "int8_top1_drop", "int8_kernels", "bits_per_weight"} <= set(m)
     assert m["int8_masked_tensors_checked"] == len(PRUNED)
     _, ptq = _stage_run(summary, "ptq")
-    assert {"latency_fp32_b1_ms", "latency_int8_b1_ms", "latency_int8_over_fp32_b64"} <= set(
+    assert {"latency_fp32_b1_ms", "latency_int8_b1_ms", "latency_int8_over_fp32_b64",
+            "latency_fp32_onnxruntime_b1_ms", "latency_int8_over_fp32_onnxruntime_b64"} <= set(
         ptq.data.metrics)
     assert ptq.data.metrics["latency_threads"] == 1
 
@@ -273,6 +274,34 @@ def test_qat_schedule_freezes_bn_then_observers():
     hook.on_epoch_end(1, metrics)
     assert all(int(m.observer_enabled) == 0 for m in fqs)
     assert not any(k.endswith((".scale", ".zero_point", "min_val", "max_val")) for k in snapshot())
+
+
+def test_evaluation_does_not_fit_the_int8_grid_to_test_images():
+    import timm
+
+    from compresspipe.quantization.pt2e import enable_train_eval, nudge_zero_bn_scales, prepare_qat
+    from compresspipe.quantization.qdq import QDQScheme
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", in_chans=1, num_classes=10)
+    nudge_zero_bn_scales(model, {})
+    prepared = prepare_qat(model, torch.randn(2, 1, 16, 16), QDQScheme(qat=True))
+    enable_train_eval(prepared)
+    prepared.train()
+    prepared(torch.randn(8, 1, 16, 16))
+
+    def grid():
+        return {k: v.clone() for k, v in prepared.state_dict().items()
+                if k.endswith((".scale", ".zero_point", "min_val", "max_val"))}
+
+    prepared.eval()
+    before = grid()
+    with torch.no_grad():
+        prepared(torch.randn(8, 1, 16, 16) * 50)  # "test images" far outside the range seen
+    assert all(torch.equal(before[k], v) for k, v in grid().items())
+    prepared.train()
+    prepared(torch.randn(8, 1, 16, 16) * 50)
+    assert any(not torch.equal(before[k], v) for k, v in grid().items())
 
 
 def test_zero_bn_scales_are_nudged_but_a_pruned_one_is_an_error():

@@ -52,9 +52,15 @@ def trimmed_entries(path: Path, model: nn.Module) -> dict[str, int]:
 
 
 def latency_metrics(fp32_model: nn.Module, path: Path, data, repeats: int,
-                    threads: int) -> dict[str, float]:
-    """Median latency (ms) of fp32 torch vs int8 onnxruntime at batch 1 and the loader's batch,
-    both on ``threads`` CPU threads (few threads: stable numbers on a shared machine)."""
+                    threads: int, trim_taps: bool = True) -> dict[str, float]:
+    """Median latency (ms) at batch 1 and the loader's batch of the int8 file against two fp32
+    baselines: the torch model (the pipeline's fp32 deployable) and the same model exported to
+    ONNX and run by onnxruntime (same runtime, same tap trimming). All on ``threads`` CPU
+    threads (few threads: stable numbers on a shared machine), the variants interleaved."""
+    import tempfile
+
+    from .onnx_int8 import export_onnx
+
     fp32_model = fp32_model.cpu().eval()
     int8 = OnnxModel(path, threads=threads)
     batch = data.config.batch_size
@@ -62,21 +68,28 @@ def latency_metrics(fp32_model: nn.Module, path: Path, data, repeats: int,
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32_ort = OnnxModel(export_onnx(fp32_model, example_batch(data.test),
+                                             Path(tmp) / "fp32.onnx", trim_taps=trim_taps),
+                                 threads=threads)
         for label, n in (("b1", 1), (f"b{batch}", batch)):
             x = example_batch(data.test, n)
             with torch.no_grad():
                 fp32 = 1e3 * median_seconds(lambda x=x: fp32_model(x), repeats)
+            ort32 = 1e3 * median_seconds(lambda x=x: fp32_ort(x), repeats)
             q = 1e3 * median_seconds(lambda x=x: int8(x), repeats)
             out.update({f"latency_fp32_{label}_ms": fp32, f"latency_int8_{label}_ms": q,
-                        f"latency_int8_over_fp32_{label}": q / fp32})
+                        f"latency_fp32_onnxruntime_{label}_ms": ort32,
+                        f"latency_int8_over_fp32_{label}": q / fp32,
+                        f"latency_int8_over_fp32_onnxruntime_{label}": q / ort32})
     finally:
         torch.set_num_threads(previous)
     return out
 
 
 def finish_int8(artifact: Artifact, ctx: StageContext, path: Path, fp32_model: nn.Module,
-                info: dict[str, Any], latency_repeats: int, latency_threads: int
-                ) -> dict[str, float]:
+                info: dict[str, Any], latency_repeats: int, latency_threads: int,
+                trim_taps: bool = True) -> dict[str, float]:
     """Check the masks in ``path``, measure it, log, and make it the artifact's deployed form."""
     import onnxruntime
 
@@ -98,7 +111,7 @@ def finish_int8(artifact: Artifact, ctx: StageContext, path: Path, fp32_model: n
     }
     if latency_repeats > 0:
         metrics.update(latency_metrics(fp32_model, path, ctx.data, latency_repeats,
-                                       latency_threads))
+                                       latency_threads, trim_taps))
     ctx.log_metrics(metrics, None)
 
     artifact.outputs[INT8_FILE] = lambda dest, src=path: shutil.copyfile(src, dest)
@@ -123,3 +136,10 @@ def _print(stage: str, m: dict[str, float]) -> None:
     if "latency_int8_over_fp32_b1" in m:
         text += f", int8/fp32 latency b1 {m['latency_int8_over_fp32_b1']:.2f}x"
     print(text, flush=True)
+    slower = [(k.rsplit("_", 1)[-1], v) for k, v in m.items()
+              if k.startswith("latency_int8_over_fp32_onnxruntime_") and v > 1.0]
+    if slower:
+        where = ", ".join(f"{b} {v:.2f}x" for b, v in slower)
+        print(f"[{stage}] note: the int8 file is not faster than the same model in fp32 "
+              f"onnxruntime ({where}); for this model an fp32 ONNX export (export stage) may be "
+              "the faster deployment", flush=True)

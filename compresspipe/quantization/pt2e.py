@@ -114,11 +114,19 @@ class ModeState:
     """What ``train()`` means for an exported graph right now."""
 
     bn_frozen: bool = False
+    observers_frozen: bool = False
 
 
 def enable_train_eval(gm: GraphModule) -> ModeState:
-    """Give an exported graph working ``train()``/``eval()``; return its switchable state."""
+    """Give an exported graph working ``train()``/``eval()``; return its switchable state.
+
+    ``eval()`` also stops the observers: the loop evaluates on the test set every epoch, and
+    observers left on would fit the int8 scales to test images. ``train()`` restarts them
+    unless the QAT schedule has frozen them.
+    """
     from torchao.quantization.pt2e import (
+        disable_observer,
+        enable_observer,
         move_exported_model_to_eval,
         move_exported_model_to_train,
     )
@@ -131,6 +139,7 @@ def enable_train_eval(gm: GraphModule) -> ModeState:
             move_exported_model_to_train(self)
         else:
             move_exported_model_to_eval(self)
+        self.apply(enable_observer if mode and not state.observers_frozen else disable_observer)
         return self
 
     gm.train = types.MethodType(_train, gm)  # type: ignore[method-assign]
@@ -150,7 +159,6 @@ class QATScheduleHook(TrainHook):
                  freeze_observers_after: int | None):
         self.model, self.state = model, state
         self.freeze_bn_after, self.freeze_observers_after = freeze_bn_after, freeze_observers_after
-        self.observers_frozen = False
 
     def on_train_start(self, trainer) -> None:
         # a resumed run restores observer flags from the checkpoint; BN state is recomputed
@@ -159,7 +167,7 @@ class QATScheduleHook(TrainHook):
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         self._apply(epoch + 1)
         metrics["qat_bn_frozen"] = float(self.state.bn_frozen)
-        metrics["qat_observers_frozen"] = float(self.observers_frozen)
+        metrics["qat_observers_frozen"] = float(self.state.observers_frozen)
 
     def _apply(self, epochs_done: int) -> None:
         from torchao.quantization.pt2e import disable_observer
@@ -167,9 +175,9 @@ class QATScheduleHook(TrainHook):
         if self.freeze_bn_after is not None and epochs_done >= self.freeze_bn_after:
             self.state.bn_frozen = True
         if (self.freeze_observers_after is not None
-                and epochs_done >= self.freeze_observers_after and not self.observers_frozen):
+                and epochs_done >= self.freeze_observers_after and not self.state.observers_frozen):
             self.model.apply(disable_observer)
-            self.observers_frozen = True
+            self.state.observers_frozen = True
 
 
 def copy_trained_weights(prepared: GraphModule, model: nn.Module) -> None:

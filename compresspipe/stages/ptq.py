@@ -79,5 +79,5 @@ class PTQStage(Stage):
                     "per_channel": cfg.per_channel,
                     "activations": "uint8, scale chosen per batch at run time"}
         finish_int8(artifact, ctx, path, model, info, cfg.latency_repeats,
-                    cfg.latency_threads)
+                    cfg.latency_threads, cfg.trim_padding_taps)
         return artifact

@@ -97,7 +97,7 @@ class QATStage(Stage):
         info = {"method": "qat", "format": "onnx-qdq", **_scheme_info(scheme),
                 "bn_scales_nudged": nudged}
         finish_int8(artifact, ctx, path, artifact.model, info, cfg.latency_repeats,
-                    cfg.latency_threads)
+                    cfg.latency_threads, cfg.trim_padding_taps)
         return artifact
 
 
