@@ -40,6 +40,13 @@ def _softmax(z: list[float], t: float) -> list[float]:
     return [v / sum(e) for v in e]
 
 
+
+def _problems(cfg) -> dict[str, str]:
+    """{YAML path: message} of the ConfigError the pipeline raises."""
+    with pytest.raises(ConfigError) as info:
+        compresspipe.load_pipeline(cfg)
+    return {p.path: p.message for p in info.value.problems}
+
 def test_kd_loss_equals_hand_computed_value():
     student = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
     teacher = [[2.0, 1.0, 0.0], [0.5, 0.5, 2.5]]
@@ -282,9 +289,7 @@ def test_invalid_teachers_are_reported_before_training(tmp_path):
         # last: stages after a student that cannot be built receive an unknown architecture
         {"distill": {"teacher": "stage:dense", "student": {"name": "test_efficentnet"}}},
     ]
-    with pytest.raises(ConfigError) as info:
-        compresspipe.load_pipeline(cfg)
-    problems = {p.path: p.message for p in info.value.problems}
+    problems = _problems(cfg)
     assert "did you mean 'resnet18'" in problems["stages[1].distill.teacher"]
     assert "outputs 5 classes, the student 10" in problems["stages[2].distill.teacher"]
     assert "did you mean 'layer4'" in problems["stages[3].distill.features[0].student"]
@@ -445,9 +450,7 @@ def test_untrained_timm_teachers_are_rejected(tmp_path):
         {"distill": {"teacher": "test_resnet", "teacher_checkpoint": _checkpoint(
             tmp_path / "t.safetensors")}},
     ]
-    with pytest.raises(ConfigError) as info:
-        compresspipe.load_pipeline(cfg)
-    problems = {p.path: p.message for p in info.value.problems}
+    problems = _problems(cfg)
     assert "'resnet18' would have random weights" in problems["stages[1].distill.teacher"]
     assert "teacher_checkpoint" in problems["stages[1].distill.teacher"]
     assert "would have random weights" in problems["stages[2].prune.distill.teacher"]
