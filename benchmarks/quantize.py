@@ -225,6 +225,8 @@ def bench_model(name: str, s: dict, threads: int, root: Path) -> dict:
         "targets": targets(lat, step),
         "accuracy": {k: stages[k]["top1"] for k in ("dense", "ptq", "qat")},
         "model_bytes": {k: stages[k]["model_bytes"] for k in ("dense", "ptq", "qat")},
+        # what the trimming alone saves: the same int8 file with full kernels
+        "qat_untrimmed_bytes": int8_full.stat().st_size,
         "latency_ms": lat,
         "qat_step": step,
         "weight_sharing": weight_sharing(fp32, data, s["share_epochs"]),

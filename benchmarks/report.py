@@ -244,30 +244,67 @@ def headline_quantize(d: dict) -> list[str]:
     for name, r in d["results"].items():
         a, b, lat = r["accuracy"], r["model_bytes"], r["latency_ms"]
         batch = max(lat, key=lambda k: int(k[1:]))
+        t = lat[batch]
         out.append(f"{name} int8 (QAT): top-1 {a['qat']:.2f}% vs {a['dense']:.2f}% fp32, "
                    f"**{b['dense'] / b['qat']:.2f}x** smaller; latency at batch {batch[1:]} "
-                   f"{lat[batch]['int8_onnxruntime'] / lat[batch]['fp32_torch']:.2f}x fp32 torch's")
+                   f"{t['int8_onnxruntime'] / t['fp32_torch']:.2f}x fp32 torch's, "
+                   f"{t['int8_onnxruntime'] / t['fp32_onnxruntime']:.2f}x fp32 onnxruntime's; "
+                   f"QAT step {r['qat_step']['qat_over_fp32']:.2f}x fp32")
     return out
 
 
 def body_quantize(d: dict) -> str:
     res = d["results"]
     rows = [f"{d.get('threads', '?')} thread(s); accuracy and bytes of the int8 ONNX files reloaded "
-            "from disk.", "",
-            "| model | fp32 top-1 | PTQ int8 | QAT int8 | fp32 bytes | int8 bytes (QAT) |",
-            "|---|---:|---:|---:|---:|---:|"]
+            "from disk. The deployed files drop convolution taps that only ever read padding at "
+            "the fixed input size (`compresspipe.conv_taps`: resnet18's layer4 runs 3x3 convs on "
+            "1x1 maps at 32 px), which also shrinks them; the fp32 onnxruntime baseline gets the "
+            "same trimming, and both are timed untrimmed in brackets.", "",
+            "| model | fp32 top-1 | PTQ int8 | QAT int8 | fp32 bytes | int8 bytes (QAT) | "
+            "int8 bytes untrimmed |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in res.items():
         a, b = r["accuracy"], r["model_bytes"]
+        full = r.get("qat_untrimmed_bytes")
+        full_text = f"{full:,} ({b['dense'] / full:.2f}x)" if full else "—"
         rows.append(f"| {name} | {a['dense']:.2f} | {a['ptq']:.2f} | {a['qat']:.2f} | "
-                    f"{b['dense']:,} | {b['qat']:,} ({b['dense'] / b['qat']:.2f}x) |")
-    rows += ["", "| model | batch | fp32 torch ms | fp32 onnxruntime ms | int8 onnxruntime ms |",
-             "|---|---:|---:|---:|---:|"]
+                    f"{b['dense']:,} | {b['qat']:,} ({b['dense'] / b['qat']:.2f}x) | "
+                    f"{full_text} |")
+    rows += ["", "| model | batch | fp32 torch ms | fp32 onnxruntime ms | int8 onnxruntime ms | "
+             "int8 / fp32 torch | int8 / fp32 onnxruntime |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in res.items():
         for batch, t in r["latency_ms"].items():
-            rows.append(f"| {name} | {batch[1:]} | {t['fp32_torch']:.2f} | "
-                        f"{t['fp32_onnxruntime']:.2f} | {t['int8_onnxruntime']:.2f} |")
-    rows += ["", "| model | QAT step / fp32 step |", "|---|---:|"]
-    rows += [f"| {name} | {r['qat_step']['qat_over_fp32']:.2f}x |" for name, r in res.items()]
+            untrimmed = "fp32_onnxruntime_untrimmed" in t
+
+            def ms(key: str, t=t, untrimmed=untrimmed) -> str:
+                return (f"{t[key]:.3f} ({t[key + '_untrimmed']:.3f})" if untrimmed
+                        else f"{t[key]:.3f}")
+
+            ratio = t["int8_onnxruntime"] / t["fp32_onnxruntime"]
+            full = (f" ({t['int8_onnxruntime_untrimmed'] / t['fp32_onnxruntime_untrimmed']:.2f}x)"
+                    if untrimmed else "")
+            rows.append(f"| {name} | {batch[1:]} | {t['fp32_torch']:.3f} | "
+                        f"{ms('fp32_onnxruntime')} | {ms('int8_onnxruntime')} | "
+                        f"{t['int8_onnxruntime'] / t['fp32_torch']:.2f}x | {ratio:.2f}x{full} |")
+    large = {k: r["large_input_latency"] for k, r in res.items() if "large_input_latency" in r}
+    if large:
+        side = next(iter(large.values()))["input"][2]
+        rows += ["", f"Timing only, batch 8 of 3x{side}x{side} (untrained weights):", "",
+                 "| model | fp32 onnxruntime ms | int8 onnxruntime ms | int8 / fp32 |",
+                 "|---|---:|---:|---:|"]
+        rows += [f"| {k} | {t['fp32_onnxruntime']:.1f} | {t['int8_onnxruntime']:.1f} | "
+                 f"{t['int8_over_fp32_onnxruntime']:.2f}x |" for k, t in large.items()]
+    rows += ["", "| model | fp32 step ms | QAT step ms | QAT / fp32 | with torchao's fused "
+             "fake-quant kernels |", "|---|---:|---:|---:|---:|"]
+    for name, r in res.items():
+        q = r["qat_step"]
+        fused = (f"{q['qat_torchao_fused_step_ms']:.1f} ({q['qat_torchao_fused_over_fp32']:.2f}x)"
+                 if "qat_torchao_fused_step_ms" in q else "—")
+        rows.append(f"| {name} | {q['fp32_step_ms']:.1f} | {q['qat_step_ms']:.1f} | "
+                    f"{q['qat_over_fp32']:.2f}x | {fused} |")
+    targets = [f"{name}: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in r["targets"].items())
+               for name, r in res.items() if "targets" in r]
+    if targets:
+        rows += ["", "Targets (issue 6):", ""] + [f"- {t}" for t in targets]
     sharing = [(name, row) for name, r in res.items() for row in r.get("weight_sharing", [])]
     if sharing:
         rows += ["", "| model | conv/linear bits | fp32 | before fine-tuning | after | "
