@@ -105,6 +105,11 @@ def _run(args) -> int:
     from .runner import run_pipeline
 
     pipeline = load_pipeline(args.file or quickstart_path(), args.overrides)
+    if not args.debug:
+        import logging
+
+        # MLflow narrates creating its sqlite tables at INFO; our own lines say what happens
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     summary = run_pipeline(pipeline, resume=args.resume)
     if not is_main():
         return 0  # under torchrun the table is rank 0's to print
