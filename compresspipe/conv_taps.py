@@ -77,10 +77,7 @@ def trim_padding_taps(proto) -> dict[str, list[list[int]]]:
     shapes = _spatial_shapes(proto)
     init = {t.name: t for t in proto.graph.initializer}
     producers = {o: n for n in proto.graph.node for o in n.output}
-    consumers: dict[str, int] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    consumers = _readers(proto.graph)
 
     windows = _read(proto)
     stale: set[str] = set()
@@ -150,6 +147,30 @@ def _compose(old: list[list[int]] | None, new: list[list[int]]) -> list[list[int
     return [[o[0] + n[0], o[0] + n[1]] for o, n in zip(old, new)]
 
 
+def _readers(graph) -> dict[str, int]:
+    """How many times each tensor name is read: node inputs, graph outputs, and every name a
+    subgraph (If/Loop/Scan body) mentions, which may read an outer tensor."""
+    import onnx
+
+    counts: dict[str, int] = {}
+
+    def add(name: str, n: int = 1) -> None:
+        counts[name] = counts.get(name, 0) + n
+
+    for node in graph.node:
+        for name in node.input:
+            add(name)
+        for attr in node.attribute:
+            subgraphs = ([attr.g] if attr.type == onnx.AttributeProto.GRAPH
+                         else list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else [])
+            for sub in subgraphs:
+                for name in _readers(sub):
+                    add(name, 2)  # never the sole reader
+    for value in graph.output:
+        add(value.name, 2)
+    return counts
+
+
 def _weight_initializer(name: str, producers: dict, init: dict, consumers: dict) -> str | None:
     """The initializer behind a Conv weight input (directly or through one DequantizeLinear),
     if nothing else reads it (slicing a shared tensor would change another node)."""
@@ -161,7 +182,10 @@ def _weight_initializer(name: str, producers: dict, init: dict, consumers: dict)
     source = node.input[0]
     if source not in init or consumers.get(source) != 1:
         return None
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    attrs = {a.name: a.i for a in node.attribute}
+    if attrs.get("block_size"):  # blocked scales run along the kernel too: not sliced here
+        return None
+    axis = attrs.get("axis", 1)
     scale = init.get(node.input[1])
     per_tensor = scale is not None and len(scale.dims) == 0
     return source if per_tensor or axis == 0 else None

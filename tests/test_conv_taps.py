@@ -127,6 +127,15 @@ def test_shared_weights_and_auto_pad_are_left_alone():
     shared = _conv_model((1, 2, 1, 1), w, pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1],
                          shared=True)
     assert trim_padding_taps(shared) == {}
+    exposed = _conv_model((1, 2, 1, 1), w, pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1])
+    exposed.graph.output.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, w.shape))
+    assert trim_padding_taps(exposed) == {}  # the weight is also an output of the graph
+    inner = _conv_model((1, 2, 1, 1), w, pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1])
+    branch = helper.make_graph([helper.make_node("Identity", ["w"], ["b"])], "branch", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, w.shape)])
+    inner.graph.node.append(helper.make_node(
+        "If", ["cond"], ["wb"], then_branch=branch, else_branch=branch))
+    assert trim_padding_taps(inner) == {}  # a subgraph reads the weight
     auto = _conv_model((1, 2, 1, 1), w, pads=None, strides=[1, 1], dilations=[1, 1],
                        auto_pad="SAME_UPPER")
     assert trim_padding_taps(auto) == {}

@@ -81,3 +81,16 @@ def test_statistics_and_output_match_torchao(per_channel):
     before = ours.scale.clone()
     ours(torch.randn(8, 3, 4, 4) * 100)
     assert torch.equal(ours.scale, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_match_torch(dtype):
+    torch.manual_seed(3)
+    x = (torch.randn(8, 4, 3, 3) * 3).to(dtype)
+    scale = torch.rand(8) * 0.05 + 0.005
+    zp = torch.zeros(8, dtype=torch.int32)
+    ref = torch.fake_quantize_per_channel_affine(x, scale, zp, 0, -127, 127)
+    assert torch.equal(fake_quantize_per_channel(x, scale, zp, 0, -127, 127), ref)
+    s, z = torch.tensor([0.02]), torch.tensor([7], dtype=torch.int32)
+    ref = torch.fake_quantize_per_tensor_affine(x, s, z, 0, 255)
+    assert torch.equal(fake_quantize_per_tensor(x, s, z, 0, 255), ref)

@@ -13,7 +13,8 @@ step. This module keeps torchao's class (so ``prepare_qat_pt2e``, ``disable_obse
   will use;
 * fake quantization: ``(clamp(round(x / s) + z, lo, hi) - z) * s`` as in-place tensor ops,
   the gradient passed where ``round(x / s) + z`` lies in [lo, hi] — bit for bit what torch's
-  ops compute, per tensor and per channel, on any device.
+  ops compute on float32 inputs, per tensor and per channel (other dtypes go to torch's ops,
+  which compute the grid in float32).
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ class _FakeQuantSTE(torch.autograd.Function):
 
 def fake_quantize_per_channel(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                               axis: int, lo: int, hi: int) -> torch.Tensor:
-    """``torch.fake_quantize_per_channel_affine``: the same forward and gradient, faster on CPU."""
+    """``torch.fake_quantize_per_channel_affine``: the same forward and gradient, faster on CPU.
+    Other than float32, torch's op (it computes the grid in float32 for every input dtype)."""
+    if x.dtype != torch.float32:
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point.to(torch.int32), axis,
+                                                      lo, hi)
     shape = [1] * x.dim()
     shape[axis] = -1
     s = scale.detach().to(x.dtype).reshape(shape)
@@ -56,7 +61,10 @@ def fake_quantize_per_channel(x: torch.Tensor, scale: torch.Tensor, zero_point: 
 
 def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                              lo: int, hi: int) -> torch.Tensor:
-    """``torch.fake_quantize_per_tensor_affine``: the same forward and gradient, faster on CPU."""
+    """``torch.fake_quantize_per_tensor_affine``: the same forward and gradient, faster on CPU.
+    Other than float32, torch's op."""
+    if x.dtype != torch.float32:
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point.to(torch.int32), lo, hi)
     s = scale.detach().to(x.dtype).reshape(())
     return _FakeQuantSTE.apply(x, 1.0 / s, zero_point.to(x.dtype).reshape(()), s, lo, hi)
 

@@ -56,7 +56,8 @@ def latency_metrics(fp32_model: nn.Module, path: Path, data, repeats: int,
     """Median latency (ms) at batch 1 and the loader's batch of the int8 file against two fp32
     baselines: the torch model (the pipeline's fp32 deployable) and the same model exported to
     ONNX and run by onnxruntime (same runtime, same tap trimming). All on ``threads`` CPU
-    threads (few threads: stable numbers on a shared machine), the variants interleaved."""
+    threads (few threads: stable numbers on a shared machine), the three timed one after
+    another at each batch size."""
     import tempfile
 
     from .onnx_int8 import export_onnx
