@@ -86,6 +86,13 @@ def settings(quick: bool) -> dict:
             "repeats_b1": 50, "repeats_b64": 10, "qat_steps": 10}
 
 
+def qat_recipe(model: str) -> dict:
+    """The dense recipe's optimizer and weight decay at a tenth of its learning rate."""
+    recipe = dict(RECIPES.get(model, RECIPES["resnet18"]))
+    recipe["lr"] = recipe["lr"] / 10
+    return recipe
+
+
 def pipeline(model: str, out: Path, s: dict) -> dict:
     """dense -> ptq -> qat on digits 32x32 (ptq keeps the fp32 weights: both start alike)."""
     return {
@@ -98,7 +105,8 @@ def pipeline(model: str, out: Path, s: dict) -> dict:
                                         "label_smoothing": 0.1,
                                         **RECIPES.get(model, RECIPES["resnet18"])}},
             {"name": "ptq", "ptq": {"calibration_batches": 8, "latency_repeats": 0}},
-            {"name": "qat", "qat": {"epochs": s["qat_epochs"], "lr": 0.005,
+            # fine-tuning with the optimizer the model was trained with, at a tenth of its rate
+            {"name": "qat", "qat": {"epochs": s["qat_epochs"], **qat_recipe(model),
                                     "freeze_bn_after": max(s["qat_epochs"] - 1, 0),
                                     "latency_repeats": 0}},
         ],
@@ -242,7 +250,7 @@ def int8_untrimmed(path: Path, fp32_full: Path, dest: Path) -> Path:
     import onnx
     from onnx import numpy_helper
 
-    from compresspipe.conv_taps import recorded_windows
+    from compresspipe.conv_taps import METADATA_KEY, recorded_windows
 
     proto, reference = onnx.load(str(path)), onnx.load(str(fp32_full))
     windows = recorded_windows(proto)
@@ -256,14 +264,22 @@ def int8_untrimmed(path: Path, fp32_full: Path, dest: Path) -> Path:
             full[(slice(None), slice(None), *box)] = q
             tensor.CopyFrom(numpy_helper.from_array(full, tensor.name))
     producers = {o: n for n in proto.graph.node for o in n.output}
+    restored = set()
     for node in proto.graph.node:
         source = producers.get(node.input[1]) if node.op_type == "Conv" else None
         if source is not None and source.input[0] in windows:
+            restored.add(node.input[1])
             for attr in node.attribute:
                 if attr.name in ("kernel_shape", "pads"):
                     attr.ints[:] = geometry[source.input[0]][attr.name]
+    # as trim_padding_taps left it, less the record of the windows: the weights' shape
+    # entries are dropped (trimming dropped them too), the rest of the file is kept
+    kept = [v for v in proto.graph.value_info if v.name not in restored]
     del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
+    props = [p for p in proto.metadata_props if p.key != METADATA_KEY]
     del proto.metadata_props[:]
+    proto.metadata_props.extend(props)
     onnx.save(proto, str(dest))
     return dest
 

@@ -245,8 +245,10 @@ def headline_quantize(d: dict) -> list[str]:
         a, b, lat = r["accuracy"], r["model_bytes"], r["latency_ms"]
         batch = max(lat, key=lambda k: int(k[1:]))
         t = lat[batch]
+        full = r.get("qat_untrimmed_bytes")
+        untrimmed = f" ({b['dense'] / full:.2f}x with untrimmed kernels)" if full else ""
         out.append(f"{name} int8 (QAT): top-1 {a['qat']:.2f}% vs {a['dense']:.2f}% fp32, "
-                   f"**{b['dense'] / b['qat']:.2f}x** smaller; latency at batch {batch[1:]} "
+                   f"**{b['dense'] / b['qat']:.2f}x** smaller{untrimmed}; latency at batch {batch[1:]} "
                    f"{t['int8_onnxruntime'] / t['fp32_torch']:.2f}x fp32 torch's, "
                    f"{t['int8_onnxruntime'] / t['fp32_onnxruntime']:.2f}x fp32 onnxruntime's; "
                    f"QAT step {r['qat_step']['qat_over_fp32']:.2f}x fp32")
