@@ -156,8 +156,8 @@ def deployed_weights(path: Path | Any) -> dict[str, tuple[np.ndarray, np.ndarray
     """{parameter name: (stored values, zero point, channel axis or None)} read from the file
     (or from an already parsed ``onnx.ModelProto``).
 
-    int8 weights come with their zero point; weights the file keeps in float (a dynamic
-    model's convolutions) come with a zero point of 0.
+    int8 weights come with their zero point (see :func:`int8_weight_params`); weights the file
+    keeps in float (a dynamic model's convolutions) come with a zero point of 0.
     """
     import onnx
     from onnx import numpy_helper
@@ -169,21 +169,10 @@ def deployed_weights(path: Path | Any) -> dict[str, tuple[np.ndarray, np.ndarray
         values = numpy_helper.to_array(tensor)
         if values.dtype.kind == "f" and values.ndim >= 2:
             out[name] = (values, np.zeros((), values.dtype), None)
-    for node in proto.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in init:
-            values = numpy_helper.to_array(init[node.input[0]])
-            zp = (numpy_helper.to_array(init[node.input[2]]) if len(node.input) > 2
-                  and node.input[2] in init else np.zeros((), values.dtype))
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            out[node.input[0]] = (values, zp, axis if zp.ndim else None)
-        elif node.op_type in ("MatMulInteger", "ConvInteger") and node.input[1] in init:
-            values = numpy_helper.to_array(init[node.input[1]])
-            zp = (numpy_helper.to_array(init[node.input[3]]) if len(node.input) > 3
-                  and node.input[3] in init else np.zeros((), values.dtype))
-            # MatMulInteger's per-channel zero points run along the output (last) axis
-            # onnxruntime names them <weight>[_Transposed]_quantized
-            name = node.input[1].removesuffix("_quantized").removesuffix("_Transposed")
-            out[name] = (values, zp, values.ndim - 1 if zp.ndim else None)
+    for name, (_, zp, axis) in int8_weight_params(proto).items():
+        # onnxruntime's dynamic quantization names them <weight>[_Transposed]_quantized
+        param = name.removesuffix("_quantized").removesuffix("_Transposed")
+        out[param] = (numpy_helper.to_array(init[name]), zp, axis)
     return out
 
 
@@ -267,7 +256,7 @@ def _splittable(tensor) -> np.dtype | None:
         return None
     if any(d <= 0 for d in tensor.dims):
         return None
-    return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
+    return onnx_dtype(tensor)
 
 
 def split_initializers(proto) -> dict[str, np.ndarray]:
@@ -309,6 +298,7 @@ def fill_initializers(proto, arrays: dict[str, np.ndarray]) -> None:
 
 
 def onnx_dtype(tensor) -> np.dtype:
+    """The little-endian numpy dtype of an ONNX tensor's elements."""
     import onnx
 
     return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
