@@ -57,6 +57,11 @@ class QDQScheme:
     qat: bool = False
     observer: str = "histogram"  # PTQ activation observer: 'histogram' or 'minmax'
 
+    def describe(self) -> dict:
+        """The scheme as the artifact records it."""
+        return {"per_channel": self.per_channel,
+                "activations": "int8 symmetric" if self.symmetric_activations else "uint8 affine"}
+
 
 def activation_spec(scheme: QDQScheme) -> QuantizationSpec:
     """uint8 affine (asymmetric) or int8 symmetric per-tensor activations."""

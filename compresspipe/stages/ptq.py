@@ -68,8 +68,7 @@ class PTQStage(Stage):
             seen = calibrate(prepared, ctx.data.train_loader(torch.Generator().manual_seed(ctx.seed)),
                              cfg.calibration_batches)
             export_onnx(convert(prepared), example, path, trim_taps=cfg.trim_padding_taps)
-            info = {"method": "ptq-static", "format": "onnx-qdq", "per_channel": cfg.per_channel,
-                    "activations": "int8 symmetric" if cfg.symmetric_activations else "uint8 affine",
+            info = {"method": "ptq-static", "format": "onnx-qdq", **scheme.describe(),
                     "observer": cfg.observer, "calibration_images": seen}
         else:
             fp32_path = export_onnx(model, example, ctx.work_dir / "model.fp32.onnx",

@@ -91,23 +91,10 @@ class QATStage(Stage):
         ctx.trainer(prepared, cfg, hooks=hooks, masks=artifact.masks).fit()
 
         copy_trained_weights(prepared, artifact.model)
-        _drop_stale_clusters(artifact)
         path = export_onnx(convert(prepared), example, ctx.work_dir / INT8_FILE,
                            trim_taps=cfg.trim_padding_taps)
-        info = {"method": "qat", "format": "onnx-qdq", **_scheme_info(scheme),
+        info = {"method": "qat", "format": "onnx-qdq", **scheme.describe(),
                 "bn_scales_nudged": nudged}
         finish_int8(artifact, ctx, path, artifact.model, info, cfg.latency_repeats,
                     cfg.latency_threads, cfg.trim_padding_taps)
         return artifact
-
-
-def _scheme_info(scheme) -> dict:
-    return {"per_channel": scheme.per_channel,
-            "activations": "int8 symmetric" if scheme.symmetric_activations else "uint8 affine"}
-
-
-def _drop_stale_clusters(artifact: Artifact) -> None:
-    """Retraining moved the weights off any earlier codebooks: those no longer describe them."""
-    if artifact.quant.pop("cluster", None) is not None:
-        for key in [k for k in artifact.extras if k.startswith("cluster.")]:
-            del artifact.extras[key]
