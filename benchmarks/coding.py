@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import coding_codec  # noqa: E402
 
-from compresspipe.coding import cpz  # noqa: E402
+from compresspipe.formats import cpz
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PIPELINES = {
@@ -64,7 +64,7 @@ def stream_bounds(stats: list[dict]) -> dict[str, dict[str, float]]:
 def run_pipeline(name: str, overrides: list[str], workdir: Path) -> dict:
     import compresspipe
     from compresspipe.cli import quickstart_path
-    from compresspipe.cpz_model import read_model_cpz
+    from compresspipe.formats.cpz_model import read_model_cpz
 
     out = workdir / name.split(" ")[0] / str(len(overrides))
     started = time.perf_counter()
@@ -92,7 +92,7 @@ def synthetic_resnet18() -> dict:
     """coding_codec's model plus zstd/dahuffman baselines and a load into a runnable model."""
     import dahuffman
 
-    from compresspipe.cpz_model import read_model_cpz
+    from compresspipe.formats.cpz_model import read_model_cpz
 
     rng = np.random.default_rng(coding_codec.SEED)
     model = coding_codec.model_benchmark(rng)

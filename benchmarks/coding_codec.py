@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compresspipe.coding import cpz, huffman  # noqa: E402
+from compresspipe.formats import cpz, huffman
 
 SEED = 0
 SPARSITY = 0.9

@@ -41,13 +41,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compresspipe.config import DataConfig, DistillConfig, TrainConfig  # noqa: E402
-from compresspipe.data import build_data  # noqa: E402
-from compresspipe.distill import DistillHook, agreement  # noqa: E402
-from compresspipe.masks import MaskHook  # noqa: E402
-from compresspipe.measure import check_masks, evaluate  # noqa: E402
-from compresspipe.models import build_from_spec  # noqa: E402
-from compresspipe.training import Trainer  # noqa: E402
+from compresspipe.compress.distill.config import DistillConfig
+from compresspipe.compress.distill.distill import DistillHook, agreement
+from compresspipe.core.config import DataConfig, TrainConfig
+from compresspipe.core.data import build_data
+from compresspipe.core.masks import MaskHook
+from compresspipe.core.measure import check_masks, evaluate
+from compresspipe.core.models import build_from_spec
+from compresspipe.core.training import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distill.json"
 CPU = torch.device("cpu")

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 
-from compresspipe.masks import MaskHook
-from compresspipe.pruning.scopes import Targets, compute_masks, prunable_weights
+from compresspipe.compress.pruning.scopes import Targets, compute_masks, prunable_weights
+from compresspipe.core.masks import MaskHook
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

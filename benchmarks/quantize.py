@@ -9,7 +9,7 @@ For each model, in one process and on a fixed number of CPU threads:
    deploys it (torch, eager) and against the same fp32 model exported to onnxruntime (same
    runtime, fp32): median of timed runs after warm-up, the variants interleaved over rounds so
    background load hits all of them alike. The deployed files drop convolution taps that only
-   read padding (``compresspipe.conv_taps``); the fp32 onnxruntime baseline is trimmed the same
+   read padding (``compresspipe.compress.quant.conv_taps``); the fp32 onnxruntime baseline is trimmed the same
    way, and both files are also timed untrimmed, so the int8 gain and the trimming gain show
    separately;
 3. QAT training step time against the fp32 step (same batch, same optimizer), with compresspipe's
@@ -43,18 +43,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import compresspipe  # noqa: E402
-from compresspipe.config import DataConfig, TrainConfig  # noqa: E402
-from compresspipe.data import build_data  # noqa: E402
-from compresspipe.measure import evaluate, median_seconds  # noqa: E402
-from compresspipe.quantization.cluster import (  # noqa: E402
+from compresspipe.compress.quant.cluster import (
     CentroidHook,
     cluster_model,
     codebook_tensors,
     layer_bits,
     verify,
 )
-from compresspipe.quantization.onnx_int8 import INT8_FILE, OnnxModel, export_onnx  # noqa: E402
-from compresspipe.quantization.pt2e import (  # noqa: E402
+from compresspipe.compress.quant.onnx_int8 import INT8_FILE, OnnxModel, export_onnx
+from compresspipe.compress.quant.pt2e import (
     calibrate,
     convert,
     enable_train_eval,
@@ -63,8 +60,11 @@ from compresspipe.quantization.pt2e import (  # noqa: E402
     prepare_ptq,
     prepare_qat,
 )
-from compresspipe.quantization.qdq import QDQScheme  # noqa: E402
-from compresspipe.training import Trainer  # noqa: E402
+from compresspipe.compress.quant.qdq import QDQScheme
+from compresspipe.core.config import DataConfig, TrainConfig
+from compresspipe.core.data import build_data
+from compresspipe.core.measure import evaluate, median_seconds
+from compresspipe.core.training import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quantize.json"
 MODELS = ("resnet18", "mobilenetv3_small_100")
@@ -128,7 +128,7 @@ def qat_step_ratio(model: torch.nn.Module, data, steps: int) -> dict[str, float]
     x, y = next(iter(data.train_loader(torch.Generator().manual_seed(SEED))))
     from torchao.quantization.pt2e import FusedMovingAvgObsFakeQuantize
 
-    from compresspipe.quantization import qdq
+    from compresspipe.compress.quant import qdq
 
     fp32 = copy.deepcopy(model).train()
     nudge_zero_bn_scales(fp32, {})
@@ -216,7 +216,7 @@ def bench_model(name: str, s: dict, threads: int, root: Path) -> dict:
     data = build_data(DataConfig(name="digits", image_size=32, batch_size=64, augment=True))
     fp32 = compresspipe.load(out / "dense").model.eval()
     example = example_batch(data.test)
-    # the deployed files drop convolution taps that only read padding (compresspipe.conv_taps);
+    # the deployed files drop convolution taps that only read padding (compresspipe.compress.quant.conv_taps);
     # the fp32 baseline gets the same treatment, and both untrimmed files are timed too
     fp32_onnx = export_onnx(fp32, example, out / "fp32.onnx")
     fp32_full = export_onnx(fp32, example, out / "fp32.untrimmed.onnx", trim_taps=False)
@@ -250,7 +250,7 @@ def int8_untrimmed(path: Path, fp32_full: Path, dest: Path) -> Path:
     import onnx
     from onnx import numpy_helper
 
-    from compresspipe.conv_taps import METADATA_KEY, recorded_windows
+    from compresspipe.compress.quant.conv_taps import METADATA_KEY, recorded_windows
 
     proto, reference = onnx.load(str(path)), onnx.load(str(fp32_full))
     windows = recorded_windows(proto)

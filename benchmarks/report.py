@@ -259,7 +259,7 @@ def body_quantize(d: dict) -> str:
     res = d["results"]
     rows = [f"{d.get('threads', '?')} thread(s); accuracy and bytes of the int8 ONNX files reloaded "
             "from disk. The deployed files drop convolution taps that only ever read padding at "
-            "the fixed input size (`compresspipe.conv_taps`: resnet18's layer4 runs 3x3 convs on "
+            "the fixed input size (`compresspipe.compress.quant.conv_taps`: resnet18's layer4 runs 3x3 convs on "
             "1x1 maps at 32 px), which also shrinks them; the fp32 onnxruntime baseline gets the "
             "same trimming, and both are timed untrimmed in brackets.", "",
             "| model | fp32 top-1 | PTQ int8 | QAT int8 | fp32 bytes | int8 bytes (QAT) | "

@@ -299,7 +299,7 @@ def _mutate_text(rng: random.Random, text: str) -> str:
 
 
 def _mutate_cpz(rng: random.Random, data: bytes) -> bytes:
-    from compresspipe.coding import cpz
+    from compresspipe.formats import cpz
 
     kind = rng.choice(["bytes", "resealed", "json", "spec", "blob", "blob"])
     if kind in ("json", "spec", "blob"):
@@ -356,7 +356,7 @@ class Reader:
             self.text = FUZZ_YAML.format(out=work / "never-written")
             self.doc = yaml.safe_load(self.text)
         elif name == "cpz":
-            from compresspipe.coding import cpz, encode_clustered, encode_raw
+            from compresspipe.formats import cpz, encode_clustered, encode_raw
 
             rng = np.random.default_rng(7)
             tensors = {}
@@ -372,8 +372,8 @@ class Reader:
             import timm
             import torch
 
-            from compresspipe.artifact import Artifact
-            from compresspipe.cpz_model import write_model_cpz
+            from compresspipe.core.artifact import Artifact
+            from compresspipe.formats.cpz_model import write_model_cpz
 
             torch.manual_seed(0)
             spec = {"source": "timm", "name": "test_resnet",
@@ -387,9 +387,9 @@ class Reader:
 
     def run_case(self, seed: int, i: int) -> str:
         """The outcome of case ``i``: 'ok', or the clear error's type; anything else raises."""
-        from compresspipe.coding import CpzFormatError, unpack_cpz
-        from compresspipe.config import load_pipeline
-        from compresspipe.errors import ArtifactError, ConfigError
+        from compresspipe.core.errors import ArtifactError, ConfigError
+        from compresspipe.formats import CpzFormatError, unpack_cpz
+        from compresspipe.pipeline.loader import load_pipeline
 
         rng = random.Random(f"{seed}:{self.name}:{i}")
         if self.name == "canary":  # misbehaves on purpose, to prove the harness sees it
@@ -435,7 +435,7 @@ class Reader:
                 return "decoded"
             except CpzFormatError:
                 return "CpzFormatError"
-        from compresspipe.cpz_model import read_model_cpz
+        from compresspipe.formats.cpz_model import read_model_cpz
 
         path = self.work / "case.cpz"
         path.write_bytes(data)

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:  # one clear line for users, the traceback on request
-        from .errors import CompressPipeError, ConfigError
+        from .core.errors import CompressPipeError, ConfigError
 
         if args.debug:
             raise
@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from .config import load_pipeline
-    from .distributed import is_main
-    from .report import summary_table
-    from .runner import run_pipeline
+    from .core.distributed import is_main
+    from .pipeline.loader import load_pipeline
+    from .pipeline.runner import run_pipeline
+    from .tracking.report import summary_table
 
     pipeline = load_pipeline(args.file or quickstart_path(), args.overrides)
     if not args.debug:
@@ -125,8 +125,8 @@ def _run(args) -> int:
 def _validate(args) -> int:
     """Each file checked on its own: 'valid' on stdout or its errors on stderr; the exit code
     is 0 only when every file is valid (2 when only pipeline files were at fault)."""
-    from .config import load_pipeline
-    from .errors import CompressPipeError, ConfigError
+    from .core.errors import CompressPipeError, ConfigError
+    from .pipeline.loader import load_pipeline
 
     failures: list[int] = []
     for file in args.file:
@@ -153,7 +153,7 @@ def _validate(args) -> int:
 
 
 def _schema(args) -> int:
-    from .config import json_schema
+    from .pipeline.schema import json_schema
 
     text = json.dumps(json_schema(), indent=2)
     if args.output:
@@ -168,8 +168,8 @@ def _stages(args) -> int:
     import re
     import textwrap
 
-    from .docs import type_label, value_label
-    from .registry import list_stages
+    from .pipeline.docs import type_label, value_label
+    from .stages.registry import list_stages
 
     width = 100
     for name, cls in list_stages().items():
@@ -193,8 +193,8 @@ def _stages(args) -> int:
 def _inspect(args) -> int:
     import os
 
-    from .coding import CpzFormatError, inspect_cpz
-    from .errors import ArtifactError
+    from .core.errors import ArtifactError
+    from .formats import CpzFormatError, inspect_cpz
 
     try:
         rows = inspect_cpz(args.file)
@@ -214,8 +214,8 @@ def _inspect(args) -> int:
 def _decompress(args) -> int:
     from safetensors.torch import save_file
 
-    from .cpz_model import read_model_cpz, read_onnx_cpz
-    from .errors import ArtifactError
+    from .core.errors import ArtifactError
+    from .formats.cpz_model import read_model_cpz, read_onnx_cpz
 
     out = Path(args.output)
     if out.is_dir() or not out.parent.is_dir():

@@ -111,7 +111,7 @@ def yaml_paths(node: Any, prefix: tuple = ()) -> list[tuple]:
 
 def cpz_split(data: bytes) -> tuple[Any, Any, bytes]:
     """(metadata, section table, payload) of a well-formed .cpz file."""
-    from compresspipe.coding import cpz
+    from compresspipe.formats import cpz
 
     body = data[: -cpz._DIGEST_SIZE]
     pos, sections = cpz._HEADER.size, []
@@ -124,7 +124,7 @@ def cpz_split(data: bytes) -> tuple[Any, Any, bytes]:
 
 def cpz_assemble(meta: Any, table: Any, payload: bytes) -> bytes:
     """A .cpz file with every length and checksum valid, whatever the sections say."""
-    from compresspipe.coding import cpz
+    from compresspipe.formats import cpz
 
     blocks = [json.dumps(s, allow_nan=False).encode() for s in (meta, table)]
     size = cpz._HEADER.size + sum(cpz._SECTION.size + len(b) for b in blocks) + len(payload) \
@@ -139,7 +139,7 @@ def cpz_assemble(meta: Any, table: Any, payload: bytes) -> bytes:
 def cpz_reseal(body: bytes) -> bytes:
     """Fixes the header length and appends the file digest to mutated bytes (without the
     digest); the section crcs are left as they are."""
-    from compresspipe.coding import cpz
+    from compresspipe.formats import cpz
 
     body = bytearray(body)
     if len(body) >= cpz._HEADER.size:

@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_pipeline, write_yaml
 
 import compresspipe
-from compresspipe.config import Pipeline
-from compresspipe.errors import ArtifactError, ConfigError
+from compresspipe.core.errors import ArtifactError, ConfigError
+from compresspipe.pipeline.loader import Pipeline
 from compresspipe.stages.cluster import ClusterStage
 from compresspipe.stages.train import TrainStage
 
@@ -33,7 +33,7 @@ def test_public_names_are_lazy_and_pipeline_is_the_loaders_class():
     code = ("import sys, compresspipe; p = compresspipe.Pipeline; compresspipe.list_stages;"
             "print(p.__module__, 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.stdout.split() == ["compresspipe.config", "False"], result.stderr
+    assert result.stdout.split() == ["compresspipe.pipeline.loader", "False"], result.stderr
     assert compresspipe.Pipeline is Pipeline
     assert all(getattr(compresspipe, name) is not None for name in compresspipe.__all__)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):

@@ -10,8 +10,8 @@ import pytest
 import timm
 import torch
 
-from compresspipe.artifact import MODEL_FILE, Artifact
-from compresspipe.errors import ArtifactError
+from compresspipe.core.artifact import MODEL_FILE, Artifact
+from compresspipe.core.errors import ArtifactError
 
 SPEC = {"source": "timm", "name": "test_resnet", "kwargs": {"in_chans": 1, "num_classes": 10}}
 

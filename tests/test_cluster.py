@@ -10,9 +10,7 @@ from conftest import tiny_pipeline
 from safetensors.torch import load_file
 
 import compresspipe
-from compresspipe.config import load_pipeline
-from compresspipe.errors import ConfigError
-from compresspipe.quantization.cluster import (
+from compresspipe.compress.quant.cluster import (
     CODEBOOK_FILE,
     CentroidHook,
     centroid_gradient,
@@ -21,6 +19,8 @@ from compresspipe.quantization.cluster import (
     kmeans_1d,
     load_layers,
 )
+from compresspipe.core.errors import ConfigError
+from compresspipe.pipeline.loader import load_pipeline
 
 PRUNED = "layer1.0.conv1.weight"
 
@@ -178,10 +178,10 @@ def test_reported_accuracy_and_size_are_the_codebook_files(clustered_run):
     stored = load_file(str(out / "cluster" / CODEBOOK_FILE))
     assert stored[f"{PRUNED}.indices"].dtype == torch.uint8 and PRUNED not in stored
     art = compresspipe.load(out / "cluster")
-    from compresspipe.data import build_data
-    from compresspipe.measure import evaluate
+    from compresspipe.core.data import build_data
+    from compresspipe.core.measure import evaluate
 
-    data = build_data(compresspipe.config.DataConfig(name="digits", image_size=16))
+    data = build_data(compresspipe.core.config.DataConfig(name="digits", image_size=16))
     assert evaluate(art.deployed_model(out / "cluster"), data.test_loader()) == pytest.approx(
         {k: v for k, v in record["metrics"].items() if k in ("top1", "top5", "loss")})
     assert record["metrics"]["top1"] > 80.0

@@ -11,15 +11,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
 import compresspipe
-from compresspipe import registry
-from compresspipe.config import load_pipeline
-from compresspipe.errors import ConfigError
+import compresspipe.api
+from compresspipe.core.errors import ConfigError
+from compresspipe.pipeline.loader import load_pipeline
+from compresspipe.stages import registry
 
 MARK = "# <-"
 
@@ -247,9 +247,8 @@ def problem_matching(err: ConfigError, path: str, expected: list[str]):
 def no_training(monkeypatch):
     """Replace the runner: any call to it is recorded (and must not happen for a bad file)."""
     calls: list[tuple] = []
-    stub = types.ModuleType("compresspipe.runner")
-    stub.run_pipeline = lambda pipeline, resume=False: calls.append((pipeline, resume)) or {}
-    monkeypatch.setitem(sys.modules, "compresspipe.runner", stub)
+    monkeypatch.setattr(compresspipe.api, "run_pipeline",
+                        lambda pipeline, resume=False: calls.append((pipeline, resume)) or {})
     return calls
 
 

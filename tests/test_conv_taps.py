@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compresspipe.conv_taps import (
+from compresspipe.compress.quant.conv_taps import (
     Geometry,
     apply_window,
     recorded_windows,

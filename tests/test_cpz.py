@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from compresspipe.coding import (
+from compresspipe.formats import (
     ClusteredTensor,
     CpzFormatError,
     Int8Tensor,

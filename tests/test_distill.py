@@ -12,9 +12,8 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 import compresspipe
-from compresspipe.config import DataConfig, DistillConfig, TrainConfig
-from compresspipe.data import build_data
-from compresspipe.distill import (
+from compresspipe.compress.distill.config import DistillConfig
+from compresspipe.compress.distill.distill import (
     DistillHook,
     agreement,
     check_distill,
@@ -23,11 +22,13 @@ from compresspipe.distill import (
     resolve_teacher,
     stage_architecture,
 )
-from compresspipe.errors import ConfigError
-from compresspipe.masks import MaskHook
-from compresspipe.measure import evaluate
-from compresspipe.models import build_from_spec
-from compresspipe.training import Trainer, TrainHook
+from compresspipe.core.config import DataConfig, TrainConfig
+from compresspipe.core.data import build_data
+from compresspipe.core.errors import ConfigError
+from compresspipe.core.masks import MaskHook
+from compresspipe.core.measure import evaluate
+from compresspipe.core.models import build_from_spec
+from compresspipe.core.training import Trainer, TrainHook
 
 CPU = torch.device("cpu")
 
@@ -175,7 +176,7 @@ def test_logit_cache_runs_the_teacher_once_per_image(digits):
 
 
 def test_feature_distillation_rejects_cache():
-    with pytest.raises(compresspipe.errors.CompressPipeError, match="cache_teacher_logits"):
+    with pytest.raises(compresspipe.core.errors.CompressPipeError, match="cache_teacher_logits"):
         DistillHook(_mlp(8, 0), DistillConfig(teacher="x", cache_teacher_logits=True,
                                               features=[{"student": "1", "teacher": "1"}]),
                     _mlp(8, 0), (1, 8, 8))
@@ -478,8 +479,8 @@ def test_input_model_as_teacher_has_the_input_architecture(tmp_path):
 def test_registered_model_version_as_teacher(tmp_path):
     """models:/NAME/VERSION resolves in the pipeline's tracking store; an MLflow model (such
     as the export stage's ONNX file) is rejected with the runs:/ URI to use instead."""
-    from compresspipe.artifact import Artifact
-    from compresspipe.distill import TeacherError
+    from compresspipe.compress.distill.distill import TeacherError
+    from compresspipe.core.artifact import Artifact
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = compresspipe.load_pipeline(tiny_pipeline(tmp_path / "out", tracking={"uri": store}),

@@ -15,8 +15,8 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import RandomSampler
 
 import compresspipe
-from compresspipe.data import ShardSampler
-from compresspipe.distributed import DIGESTS_ENV, tensor_digest
+from compresspipe.core.data import ShardSampler
+from compresspipe.core.distributed import DIGESTS_ENV, tensor_digest
 
 TRAIN = 512  # digits limited to 512 training images, batches of 64
 BATCH = 64

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from compresspipe.cli import quickstart_path
-from compresspipe.config import load_pipeline
-from compresspipe.runner import run_pipeline
+from compresspipe.pipeline.loader import load_pipeline
+from compresspipe.pipeline.runner import run_pipeline
 
 PIPELINES = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.yaml"))
 TINY_DATA = {"image_size": 16, "batch_size": 32, "limit_train": 96, "limit_test": 48, "workers": 0}

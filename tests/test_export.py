@@ -24,18 +24,18 @@ from safetensors.torch import load_file
 from torch import nn
 
 import compresspipe
-import compresspipe.models
-import compresspipe.quantization.onnx_int8 as onnx_int8
-from compresspipe.errors import CompressPipeError, ConfigError, MaskViolation
-from compresspipe.export import (
+import compresspipe.compress.quant.onnx_int8 as onnx_int8
+import compresspipe.core.models
+from compresspipe.compress.quant.onnx_int8 import INT8_FILE, check_int8_masks
+from compresspipe.core.errors import CompressPipeError, ConfigError, MaskViolation
+from compresspipe.core.measure import check_tensor_masks
+from compresspipe.formats.export import (
     Exported,
     run_consumer,
     write_dense_safetensors,
     write_split,
     write_torch_export,
 )
-from compresspipe.measure import check_tensor_masks
-from compresspipe.quantization.onnx_int8 import INT8_FILE, check_int8_masks
 
 DENSE_FORMATS = ["safetensors", "onnx", "torch_export"]
 
@@ -214,7 +214,7 @@ def test_consumer_mismatch_fails_the_stage_loudly(tmp_path, monkeypatch):
     def wrong_model(module, example, path, opset=None, trim_taps=True):
         # a file that loads fine but is not the model: another network's weights
         torch.manual_seed(1)
-        return real(compresspipe.models.build_from_spec(
+        return real(compresspipe.core.models.build_from_spec(
             {"source": "timm", "name": "test_resnet", "kwargs": {"in_chans": 1,
                                                                   "num_classes": 10}}).eval(),
             example, path, opset, trim_taps)
@@ -236,8 +236,8 @@ def test_factory_model_is_checked_through_compresspipe(tmp_path):
 
     spec = {"source": "factory", "factory": "factories_for_tests:mlp",
             "kwargs": {"in_chans": 1, "num_classes": 10, "img": 8}}
-    compresspipe.models.allow_factory(spec["factory"])
-    model = compresspipe.models.build_from_spec(spec).eval()
+    compresspipe.core.models.allow_factory(spec["factory"])
+    model = compresspipe.core.models.build_from_spec(spec).eval()
     x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))
     with torch.no_grad():
         expected = 100.0 * (model(x).argmax(1) == y).float().mean().item()

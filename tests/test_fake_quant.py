@@ -11,7 +11,7 @@ from torchao.quantization.pt2e import (
     disable_observer,
 )
 
-from compresspipe.quantization.fake_quant import (
+from compresspipe.compress.quant.fake_quant import (
     FastMovingAvgObsFakeQuantize,
     fake_quantize_per_channel,
     fake_quantize_per_tensor,

@@ -23,9 +23,9 @@ from harness import cpz_assemble, cpz_blob_refs, cpz_reseal, cpz_split, yaml_pat
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from compresspipe.coding import CpzFormatError, cpz, encode_clustered, encode_raw, unpack_cpz
-from compresspipe.config import Pipeline, load_pipeline
-from compresspipe.errors import ArtifactError, ConfigError
+from compresspipe.core.errors import ArtifactError, ConfigError
+from compresspipe.formats import CpzFormatError, cpz, encode_clustered, encode_raw, unpack_cpz
+from compresspipe.pipeline.loader import Pipeline, load_pipeline
 
 EXAMPLES = 200
 FUZZ = settings(max_examples=EXAMPLES, deadline=10_000, derandomize=True, database=None,
@@ -322,8 +322,8 @@ def model_file(tmp_path_factory) -> bytes:
     import timm
     import torch
 
-    from compresspipe.artifact import Artifact
-    from compresspipe.cpz_model import write_model_cpz
+    from compresspipe.core.artifact import Artifact
+    from compresspipe.formats.cpz_model import write_model_cpz
 
     torch.manual_seed(0)
     spec = {"source": "timm", "name": "test_resnet", "kwargs": {"in_chans": 1, "num_classes": 10}}
@@ -338,7 +338,7 @@ def model_file(tmp_path_factory) -> bytes:
 @FUZZ
 @given(data=st.data())
 def test_cpz_model_reader(model_file, tmp_path_factory, data):
-    from compresspipe.cpz_model import read_model_cpz
+    from compresspipe.formats.cpz_model import read_model_cpz
 
     path = tmp_path_factory.getbasetemp() / "fuzzed.cpz"
     path.write_bytes(data.draw(mutated_cpz(model_file)))

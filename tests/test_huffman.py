@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compresspipe.coding import huffman
-from compresspipe.coding.huffman import HuffmanError
+from compresspipe.formats import huffman
+from compresspipe.formats.huffman import HuffmanError
 
 FIB = [1, 1]
 while len(FIB) < 40:

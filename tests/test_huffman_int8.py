@@ -17,16 +17,17 @@ from conftest import tiny_pipeline
 from onnx import numpy_helper
 
 import compresspipe
-import compresspipe.cpz_model
+import compresspipe.formats.cpz_model
 from compresspipe.cli import main as cli_main
-from compresspipe.coding import Int8Tensor, encode_raw, encode_tensor, read_cpz, write_cpz
-from compresspipe.config import DataConfig, load_pipeline
-from compresspipe.conv_taps import apply_window, recorded_windows
-from compresspipe.cpz_model import CPZ_FILE, ONNX_KEY, read_model_cpz, read_onnx_cpz
-from compresspipe.data import build_data
-from compresspipe.errors import ArtifactError, ConfigError
-from compresspipe.quantization.onnx_int8 import INT8_FILE, OnnxModel
-from compresspipe.quantization.pt2e import example_batch
+from compresspipe.compress.quant.conv_taps import apply_window, recorded_windows
+from compresspipe.compress.quant.onnx_int8 import INT8_FILE, OnnxModel
+from compresspipe.compress.quant.pt2e import example_batch
+from compresspipe.core.config import DataConfig
+from compresspipe.core.data import build_data
+from compresspipe.core.errors import ArtifactError, ConfigError
+from compresspipe.formats import Int8Tensor, encode_raw, encode_tensor, read_cpz, write_cpz
+from compresspipe.formats.cpz_model import CPZ_FILE, ONNX_KEY, read_model_cpz, read_onnx_cpz
+from compresspipe.pipeline.loader import load_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,7 +117,7 @@ def _rewrite(src, dest, **replace):
 def test_hostile_skeleton_and_tensors_give_one_clear_error(run, tmp_path, monkeypatch):
     out, _ = run
     # a small cap stands in for the real one (256 MiB) without inflating that much here
-    monkeypatch.setattr(compresspipe.cpz_model, "MAX_GRAPH_BYTES", 1 << 20)
+    monkeypatch.setattr(compresspipe.formats.cpz_model, "MAX_GRAPH_BYTES", 1 << 20)
     src = out / "huffman" / CPZ_FILE
     graph = read_cpz(src)[1][ONNX_KEY]["graph"]
 

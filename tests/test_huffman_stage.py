@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import compresspipe
-from compresspipe.cpz_model import read_model_cpz
-from compresspipe.errors import ArtifactError
+from compresspipe.core.errors import ArtifactError
+from compresspipe.formats.cpz_model import read_model_cpz
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_cpz_is_the_measured_deployable(chain):
 def test_decoded_weights_bit_exact_in_fresh_process(chain):
     out, _ = chain
     clustered = compresspipe.load(out / "huffman")
-    code = ("import sys, torch; from compresspipe.cpz_model import read_model_cpz;"
+    code = ("import sys, torch; from compresspipe.formats.cpz_model import read_model_cpz;"
             "m = read_model_cpz(sys.argv[1]).model;"
             "from safetensors.torch import save_file;"
             "save_file({k: v.contiguous() for k, v in m.state_dict().items()}, sys.argv[2])")
@@ -77,7 +77,7 @@ def test_corrupt_cpz_is_one_clear_error(chain, tmp_path):
 
 
 def test_batchnorm_statistics_are_folded_out_of_the_file(chain):
-    from compresspipe.coding import read_cpz
+    from compresspipe.formats import read_cpz
 
     out, summary = chain
     tensors, metadata = read_cpz(out / "huffman" / "model.cpz")
@@ -90,11 +90,11 @@ def test_batchnorm_statistics_are_folded_out_of_the_file(chain):
 
 
 def test_hostile_bn_folded_metadata_is_rejected(chain, tmp_path):
-    from compresspipe.coding import read_cpz, write_cpz
+    from compresspipe.formats import read_cpz, write_cpz
 
     out, _ = chain
     tensors, metadata = read_cpz(out / "huffman" / "model.cpz")
-    from compresspipe.coding import encode_raw
+    from compresspipe.formats import encode_raw
 
     raw = {n: encode_raw(np.asarray(t.to_dense())) for n, t in tensors.items()}
     for bad in (["fc"], ["../../etc"], "bn1", [3]):
@@ -107,9 +107,9 @@ def test_hostile_bn_folded_metadata_is_rejected(chain, tmp_path):
 def test_fold_statistics_keeps_outputs_and_shrinks_the_file(tmp_path):
     import timm
 
-    from compresspipe.artifact import Artifact
-    from compresspipe.batchnorm import fold_statistics, folded_variance
-    from compresspipe.cpz_model import write_model_cpz
+    from compresspipe.compress.quant.batchnorm import fold_statistics, folded_variance
+    from compresspipe.core.artifact import Artifact
+    from compresspipe.formats.cpz_model import write_model_cpz
 
     for eps in (1e-5, 1e-3, 0.1):
         assert np.float32(folded_variance(eps)) + np.float32(eps) == np.float32(1.0)
@@ -131,7 +131,7 @@ def test_fold_statistics_keeps_outputs_and_shrinks_the_file(tmp_path):
 
 
 def test_coding_summary_matches_the_file(chain):
-    from compresspipe.coding import coding_summary, inspect_cpz
+    from compresspipe.formats import coding_summary, inspect_cpz
 
     out, _ = chain
     path = out / "huffman" / "model.cpz"

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import compresspipe
-from compresspipe.config import DataConfig, ModelConfig
-from compresspipe.data import build_data
-from compresspipe.errors import CompressPipeError
-from compresspipe.models import build_model, read_checkpoint
+from compresspipe.core.config import DataConfig, ModelConfig
+from compresspipe.core.data import build_data
+from compresspipe.core.errors import CompressPipeError
+from compresspipe.core.models import build_model, read_checkpoint
 
 
 def _factory_pipeline(out, **model):

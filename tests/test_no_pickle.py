@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_pipeline
 
-from compresspipe.artifact import Artifact
-from compresspipe.coding import encode_raw, pack_cpz
-from compresspipe.config import load_pipeline
-from compresspipe.cpz_model import read_model_cpz
-from compresspipe.errors import ArtifactError, ConfigError
+from compresspipe.core.artifact import Artifact
+from compresspipe.core.errors import ArtifactError, ConfigError
+from compresspipe.formats import encode_raw, pack_cpz
+from compresspipe.formats.cpz_model import read_model_cpz
+from compresspipe.pipeline.loader import load_pipeline
 
 PACKAGE = ROOT / "compresspipe"
 
@@ -240,7 +240,7 @@ def test_a_factory_named_by_the_pipeline_file_is_imported(tmp_path, evil_module)
 
 
 def test_deploy_module_outside_compresspipe_is_never_imported(tmp_path, evil_module):
-    from compresspipe.models import allow_factory
+    from compresspipe.core.models import allow_factory
 
     name, marker = evil_module
     allow_factory("torch.nn:Linear")  # the spec is trusted here; the deploy module is not
@@ -300,7 +300,7 @@ def test_artifact_deploy_files_must_be_inside_the_directory(tmp_path, files):
 
 
 def test_summary_names_cannot_delete_outside_output_dir(tmp_path):
-    from compresspipe.runner import Runner
+    from compresspipe.pipeline.runner import Runner
 
     out = tmp_path / "out"
     out.mkdir()
@@ -317,8 +317,8 @@ def test_summary_names_cannot_delete_outside_output_dir(tmp_path):
 
 
 def test_summary_of_the_wrong_shape_is_a_clear_error(tmp_path):
-    from compresspipe.errors import CompressPipeError
-    from compresspipe.runner import Runner
+    from compresspipe.core.errors import CompressPipeError
+    from compresspipe.pipeline.runner import Runner
 
     out = tmp_path / "out"
     out.mkdir()
@@ -340,7 +340,7 @@ def test_stage_names_from_the_pipeline_file_cannot_be_paths(tmp_path, name):
 def test_cpz_tensor_names_cannot_be_paths(tmp_path):
     """The reader refuses path-like tensor names; decompress writes only the file it is told."""
     from compresspipe.cli import main
-    from compresspipe.coding import CpzFormatError, unpack_cpz
+    from compresspipe.formats import CpzFormatError, unpack_cpz
 
     good = pack_cpz({"w": encode_raw(np.ones(3, np.float32))}, {})
     for name in ("../w", "/w", "a\\w", ".w"):
@@ -362,7 +362,7 @@ def _rename_tensor(data: bytes, old: str, new: str) -> bytes:
     import struct
     import zlib
 
-    from compresspipe.coding import cpz
+    from compresspipe.formats import cpz
 
     body = data[: -cpz._DIGEST_SIZE]
     pos = cpz._HEADER.size

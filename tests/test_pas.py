@@ -11,10 +11,10 @@ from test_structured import SHAPE, build
 from torch import nn
 
 import compresspipe
-from compresspipe.errors import ConfigError
-from compresspipe.measure import count_macs
-from compresspipe.pruning import structured as S
-from compresspipe.pruning.pas import BinaryGate, PaSHook
+from compresspipe.compress.structured import structured as S
+from compresspipe.compress.structured.pas import BinaryGate, PaSHook
+from compresspipe.core.errors import ConfigError
+from compresspipe.core.measure import count_macs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,7 +143,7 @@ def test_pas_search_budget_keeps_exactly_the_open_gates(tmp_path):
 def test_pas_config_problems_name_the_place(tmp_path):
     cfg = _pas_pipeline(tmp_path, ignore=["*"])
     with pytest.raises(ConfigError, match=r"stages\[1\]\.pas\.ignore.*no channel group"):
-        compresspipe.config.load_pipeline(cfg)
+        compresspipe.pipeline.loader.load_pipeline(cfg)
     cfg = _pas_pipeline(tmp_path, p=1.2)
     with pytest.raises(ConfigError, match=r"stages\[1\]\.pas\.p"):
-        compresspipe.config.load_pipeline(cfg)
+        compresspipe.pipeline.loader.load_pipeline(cfg)

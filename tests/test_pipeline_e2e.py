@@ -116,7 +116,7 @@ def test_mask_revival_is_caught(tmp_path):
         {"name": "train", "train": {"epochs": 1}},
         {"name": "revive", "stages_for_tests:Revive": {}},
     ]
-    with pytest.raises(compresspipe.errors.MaskViolation, match="fc.weight"):
+    with pytest.raises(compresspipe.core.errors.MaskViolation, match="fc.weight"):
         compresspipe.run(cfg)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     # training after pruning kept the mask; only the reviving stage failed

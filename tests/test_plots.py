@@ -11,8 +11,8 @@ from conftest import tiny_pipeline
 from mlflow.tracking import MlflowClient
 
 import compresspipe
-from compresspipe import plots
-from compresspipe.coding import inspect_cpz
+from compresspipe.formats import inspect_cpz
+from compresspipe.tracking import plots
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,7 @@ import pytest
 import torch
 
 import compresspipe
-from compresspipe.config import load_pipeline
-from compresspipe.errors import ConfigError
-from compresspipe.pruning.schedules import (
+from compresspipe.compress.pruning.schedules import (
     OriginalSchedule,
     allr_eta_init,
     cubic_sparsity,
@@ -18,7 +16,9 @@ from compresspipe.pruning.schedules import (
     imp_sparsities,
     norm_removed,
 )
-from compresspipe.pruning.scopes import Targets, compute_masks, nm_layout
+from compresspipe.compress.pruning.scopes import Targets, compute_masks, nm_layout
+from compresspipe.core.errors import ConfigError
+from compresspipe.pipeline.loader import load_pipeline
 
 
 def _pipeline(out, *stages, dense_epochs=1, record=None):
@@ -234,8 +234,8 @@ def test_bad_combinations_rejected_at_validation(tmp_path, prune, message):
 
 
 def test_original_schedule_replay():
-    from compresspipe.config import TrainConfig
-    from compresspipe.pruning.schedules import retrain_schedule
+    from compresspipe.compress.pruning.schedules import retrain_schedule
+    from compresspipe.core.config import TrainConfig
 
     orig = OriginalSchedule(TrainConfig(epochs=10, lr=0.1, schedule="step", step_size=5,
                                         gamma=0.1), steps_per_epoch=10)

@@ -21,16 +21,17 @@ from mlflow.tracking import MlflowClient
 from onnx import numpy_helper
 
 import compresspipe
-import compresspipe.distill
-from compresspipe.config import DataConfig, load_pipeline
-from compresspipe.conv_taps import apply_window, recorded_windows
-from compresspipe.data import build_data
-from compresspipe.errors import CompressPipeError, ConfigError, MaskViolation
-from compresspipe.quantization.onnx_int8 import INT8_FILE, check_int8_masks
-from compresspipe.quantization.pt2e import example_batch
+import compresspipe.compress.distill.distill
+from compresspipe.compress.quant.conv_taps import apply_window, recorded_windows
+from compresspipe.compress.quant.onnx_int8 import INT8_FILE, check_int8_masks
+from compresspipe.compress.quant.pt2e import example_batch
+from compresspipe.core.config import DataConfig
+from compresspipe.core.data import build_data
+from compresspipe.core.errors import CompressPipeError, ConfigError, MaskViolation
+from compresspipe.pipeline.loader import load_pipeline
 from compresspipe.stages.base import Stage, StageConfig
 
-_REAL_DISTILL_HOOK = compresspipe.distill.distill_hook
+_REAL_DISTILL_HOOK = compresspipe.compress.distill.distill.distill_hook
 # layer4.0.conv2 runs on a 1x1 feature map at 16x16 inputs: the file keeps only its centre taps
 PRUNED = ("layer1.0.conv1.weight", "fc.weight", "layer4.0.conv2.weight")
 
@@ -80,7 +81,7 @@ def int8_run(tmp_path_factory):
     ]
     _HOOK_CALLS.clear()
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
-        mp.setattr(compresspipe.distill, "distill_hook", _recording_distill_hook)
+        mp.setattr(compresspipe.compress.distill.distill, "distill_hook", _recording_distill_hook)
         warnings.simplefilter("always")
         summary = compresspipe.run(cfg)
     return out, summary, caught
@@ -239,13 +240,13 @@ def test_qat_schedule_freezes_bn_then_observers():
     import timm
     from torchao.quantization.pt2e import FakeQuantizeBase
 
-    from compresspipe.quantization.pt2e import (
+    from compresspipe.compress.quant.pt2e import (
         QATScheduleHook,
         enable_train_eval,
         nudge_zero_bn_scales,
         prepare_qat,
     )
-    from compresspipe.quantization.qdq import QDQScheme
+    from compresspipe.compress.quant.qdq import QDQScheme
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", in_chans=1, num_classes=10)
@@ -279,8 +280,12 @@ def test_qat_schedule_freezes_bn_then_observers():
 def test_evaluation_does_not_fit_the_int8_grid_to_test_images():
     import timm
 
-    from compresspipe.quantization.pt2e import enable_train_eval, nudge_zero_bn_scales, prepare_qat
-    from compresspipe.quantization.qdq import QDQScheme
+    from compresspipe.compress.quant.pt2e import (
+        enable_train_eval,
+        nudge_zero_bn_scales,
+        prepare_qat,
+    )
+    from compresspipe.compress.quant.qdq import QDQScheme
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", in_chans=1, num_classes=10)
@@ -307,7 +312,7 @@ def test_evaluation_does_not_fit_the_int8_grid_to_test_images():
 def test_zero_bn_scales_are_nudged_but_a_pruned_one_is_an_error():
     import timm
 
-    from compresspipe.quantization.pt2e import ZERO_GAMMA, nudge_zero_bn_scales
+    from compresspipe.compress.quant.pt2e import ZERO_GAMMA, nudge_zero_bn_scales
 
     model = timm.create_model("test_resnet", in_chans=1, num_classes=10)  # zero-init last BNs
     nudged = nudge_zero_bn_scales(model, {})
@@ -321,9 +326,9 @@ def test_zero_bn_scales_are_nudged_but_a_pruned_one_is_an_error():
 def test_static_symmetric_per_tensor_scheme(tmp_path):
     import timm
 
-    from compresspipe.quantization.onnx_int8 import OnnxModel, export_onnx
-    from compresspipe.quantization.pt2e import calibrate, convert, prepare_ptq
-    from compresspipe.quantization.qdq import QDQScheme
+    from compresspipe.compress.quant.onnx_int8 import OnnxModel, export_onnx
+    from compresspipe.compress.quant.pt2e import calibrate, convert, prepare_ptq
+    from compresspipe.compress.quant.qdq import QDQScheme
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", in_chans=1, num_classes=10).eval()

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from compresspipe import docs, registry
-from compresspipe.errors import CompressPipeError
+from compresspipe.core.errors import CompressPipeError
+from compresspipe.pipeline import docs
+from compresspipe.stages import registry
 from compresspipe.stages.base import Stage, StageConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -15,7 +16,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_matches_registry_and_examples():
     text = README.read_text(encoding="utf-8")
-    assert docs.render(text, README) == text, "README is out of date: python -m compresspipe.docs"
+    assert docs.render(text, README) == text, "README is out of date: python -m compresspipe.pipeline.docs"
     for name, cls in registry.list_stages().items():
         if not registry.is_dotted_path(name):
             assert f"| `{name}` | {docs.summary_line(cls.__doc__)[:20]}" in text

@@ -119,8 +119,8 @@ def test_cpz_bytes_do_not_depend_on_timings(tmp_path):
     """A resumed run re-times its stages; the deployed file, and so model_bytes, must not change."""
     import timm
 
-    from compresspipe.artifact import Artifact
-    from compresspipe.cpz_model import read_model_cpz, write_model_cpz
+    from compresspipe.core.artifact import Artifact
+    from compresspipe.formats.cpz_model import read_model_cpz, write_model_cpz
 
     spec = {"source": "timm", "name": "test_resnet", "kwargs": {"in_chans": 1, "num_classes": 10}}
     model = timm.create_model("test_resnet", **spec["kwargs"])
@@ -160,7 +160,7 @@ def test_sigterm_inside_a_tracking_call_waits_for_it_to_finish():
     # and the clean-up that marks runs KILLED would wait on it
     import pytest
 
-    from compresspipe.signals import Interrupted, critical, raise_interrupted
+    from compresspipe.core.signals import Interrupted, critical, raise_interrupted
 
     done = []
     with pytest.raises(Interrupted, match="signal 15"), critical():

@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import compresspipe
-from compresspipe.artifact import Artifact
-from compresspipe.errors import CompressPipeError, ConfigError
-from compresspipe.measure import count_macs
-from compresspipe.pruning import structured as S
+from compresspipe.compress.structured import structured as S
+from compresspipe.core.artifact import Artifact
+from compresspipe.core.errors import CompressPipeError, ConfigError
+from compresspipe.core.measure import count_macs
 
 SHAPE = (1, 1, 32, 32)
 # the tiny timm variant of each family the issue names (ViT with 4 heads over 8x8 patches)
@@ -294,13 +294,13 @@ def test_channel_prune_config_errors_name_the_place(tmp_path):
     ]
     for stage, where in cases:
         with pytest.raises(ConfigError) as info:
-            compresspipe.config.load_pipeline(_stage_pipeline(tmp_path, stage))
+            compresspipe.pipeline.loader.load_pipeline(_stage_pipeline(tmp_path, stage))
         assert where in str(info.value), (stage, str(info.value))
     cfg = _stage_pipeline(tmp_path, {"criterion": "bn_scale"})
     cfg["model"] = {"name": "test_vit", "kwargs": {"img_size": 16, "patch_size": 4}}
     with pytest.raises(ConfigError, match="criterion: 'bn_scale' reads BatchNorm"):
-        compresspipe.config.load_pipeline(cfg)
+        compresspipe.pipeline.loader.load_pipeline(cfg)
     cfg = _stage_pipeline(tmp_path, {})
     cfg["model"] = {"name": "test_vit_relpos", "kwargs": {"img_size": 16, "patch_size": 4}}
     with pytest.raises(ConfigError, match=r"layer 'blocks\.0\.attn\.rel_pos' \(RelPosMlp\)"):
-        compresspipe.config.load_pipeline(cfg)
+        compresspipe.pipeline.loader.load_pipeline(cfg)

@@ -23,11 +23,11 @@ from mlflow.protos.databricks_pb2 import (
 from mlflow.tracking import MlflowClient
 
 import compresspipe
-from compresspipe.artifact import Artifact
-from compresspipe.config import TrackingConfig
-from compresspipe.errors import TrackingError
+from compresspipe.core.artifact import Artifact
+from compresspipe.core.errors import TrackingError
 from compresspipe.stages.base import Stage
-from compresspipe.tracking import Tracker, backoff_delays, is_transient, redact
+from compresspipe.tracking.config import TrackingConfig
+from compresspipe.tracking.tracker import Tracker, backoff_delays, is_transient, redact
 
 FAST_RETRY = {"retries": 8, "retry_timeout_s": 30.0, "retry_backoff_s": 0.02,
               "request_timeout_s": 20.0}

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from compresspipe.config import DataConfig, TrainConfig
-from compresspipe.data import build_data
-from compresspipe.masks import MaskHook
-from compresspipe.training import (
+from compresspipe.core.config import DataConfig, TrainConfig
+from compresspipe.core.data import build_data
+from compresspipe.core.masks import MaskHook
+from compresspipe.core.training import (
     Trainer,
     TrainHook,
     _flatten_optimizer,
@@ -106,7 +106,7 @@ def test_diverging_loss_gives_clear_error(digits):
     model = _mlp()
     with torch.no_grad():
         model[1].weight.fill_(math.inf)
-    from compresspipe.errors import CompressPipeError
+    from compresspipe.core.errors import CompressPipeError
 
     with pytest.raises(CompressPipeError, match="lower the learning rate"):
         Trainer(model, digits, TrainConfig(epochs=1), device=torch.device("cpu"), seed=0).fit()

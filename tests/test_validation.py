@@ -4,17 +4,16 @@ the ``validate`` / ``stages`` commands."""
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
 import compresspipe
+import compresspipe.api
 from compresspipe.cli import main
-from compresspipe.config import load_pipeline
-from compresspipe.errors import ConfigError
+from compresspipe.core.errors import ConfigError
+from compresspipe.pipeline.loader import load_pipeline
 
 HEAD = """\
 name: t
@@ -40,9 +39,8 @@ def problems_of(source, **kwargs) -> dict[str, tuple[int | None, str]]:
 def no_training(monkeypatch):
     """Any call to the runner is recorded (and must not happen for a bad file)."""
     calls: list = []
-    stub = types.ModuleType("compresspipe.runner")
-    stub.run_pipeline = lambda pipeline, resume=False: calls.append(pipeline) or {}
-    monkeypatch.setitem(sys.modules, "compresspipe.runner", stub)
+    monkeypatch.setattr(compresspipe.api, "run_pipeline",
+                        lambda pipeline, resume=False: calls.append(pipeline) or {})
     return calls
 
 
@@ -185,8 +183,8 @@ def test_imagefolder_channels(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from compresspipe.config import DataConfig
-    from compresspipe.data import build_data
+    from compresspipe.core.config import DataConfig
+    from compresspipe.core.data import build_data
 
     rng = np.random.default_rng(0)
     for split in ("train", "val"):

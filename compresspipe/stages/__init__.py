@@ -1,8 +1,3 @@
-"""Built-in stages: every module in this package is imported, which registers its stages."""
-
-import importlib
-import pkgutil
-
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
+"""The stages: one module per stage type, each turning its Config into calls to ``compress`` and
+``formats`` and reporting metrics. ``registry.list_stages()`` imports them all (registering
+them); importing this package alone imports none, so the registry stays cheap to reach."""

@@ -7,16 +7,16 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import StrictModel, TrainConfig
-from ..registry import register_stage
+from ..core.config import StrictModel, TrainConfig
 from .base import Stage, StageConfig
+from .registry import register_stage
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..artifact import Artifact
-    from ..config import PipelineConfig
-    from ..context import StageContext
+    from ..core.artifact import Artifact
+    from ..pipeline.schema import PipelineConfig
+    from .context import StageContext
 
 
 class LatencyConfig(StrictModel):
@@ -84,14 +84,14 @@ class ChannelPruneStage(Stage):
     Config = ChannelPruneConfig
 
     def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
-        from ..pruning.structured import check_graph, unit_scores
+        from ..compress.structured.structured import check_graph, unit_scores
 
         cfg = self.config
         graph, problems = check_graph(model, pipeline.data, cfg.ignore)
         if problems:
             return problems
         if cfg.criterion == "bn_scale":
-            from ..pruning.structured import make_importance
+            from ..compress.structured.structured import make_importance
 
             if all(s is None for s in unit_scores(graph, make_importance("bn_scale"))):
                 return [("criterion", "'bn_scale' reads BatchNorm scales, and no prunable "
@@ -99,7 +99,7 @@ class ChannelPruneStage(Stage):
         return []
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        from ..pruning import structured as S
+        from ..compress.structured import structured as S
 
         cfg = self.config
         model, shape, dense, graph = S.stage_start(artifact, ctx, self.name, cfg.ignore)
@@ -125,9 +125,9 @@ class ChannelPruneStage(Stage):
     def _prune_step(self, graph, artifact: Artifact, ctx: StageContext, goal: float,
                     step: int) -> dict:
         """Score, allocate and remove one step's channels; return what was predicted."""
-        from ..errors import CompressPipeError
-        from ..measure import count_macs
-        from ..pruning import structured as S
+        from ..compress.structured import structured as S
+        from ..core.errors import CompressPipeError
+        from ..core.measure import count_macs
 
         cfg = self.config
         cost = S.CostModel(graph)

@@ -6,16 +6,17 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..config import DistillConfig, TrainConfig
-from ..registry import register_stage
+from ..compress.distill.config import DistillConfig
+from ..core.config import TrainConfig
 from .base import Stage, StageConfig
+from .registry import register_stage
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..artifact import Artifact
-    from ..config import PipelineConfig
-    from ..context import StageContext
+    from ..core.artifact import Artifact
+    from ..pipeline.schema import PipelineConfig
+    from .context import StageContext
 
 
 def _default_finetune() -> TrainConfig:
@@ -72,9 +73,9 @@ class ClusterStage(Stage):
     Config = ClusterConfig
 
     def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
-        from ..distill import check_distill
-        from ..quantization.cluster import layer_bits, unmatched_overrides
-        from ..validation import unmatched_pattern_problems
+        from ..compress.distill.distill import check_distill
+        from ..compress.quant.cluster import layer_bits, unmatched_overrides
+        from ..pipeline.checks import unmatched_pattern_problems
 
         cfg = self.config
         problems = [(f"overrides.{p}", f"pattern {p!r} matches no conv or linear layer of the "
@@ -87,8 +88,7 @@ class ClusterStage(Stage):
         return problems + check_distill(cfg.distill, model, pipeline, "distill")
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        from ..measure import evaluate
-        from ..quantization.cluster import (
+        from ..compress.quant.cluster import (
             CentroidHook,
             attach_deployable,
             cluster_model,
@@ -96,6 +96,7 @@ class ClusterStage(Stage):
             store,
             verify,
         )
+        from ..core.measure import evaluate
 
         cfg = self.config
         model = artifact.model.to(ctx.device)
@@ -106,7 +107,7 @@ class ClusterStage(Stage):
         if cfg.finetune.epochs > 0:
             hooks = [CentroidHook(layers, cfg.centroid_grad)]
             if cfg.distill is not None:
-                from ..distill import distill_hook
+                from ..compress.distill.distill import distill_hook
 
                 hooks.append(distill_hook(cfg.distill, ctx, model))
             try:

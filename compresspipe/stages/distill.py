@@ -6,16 +6,17 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from ..config import DistillConfig, ModelConfig, TrainConfig
-from ..registry import register_stage
+from ..compress.distill.config import DistillConfig
+from ..core.config import ModelConfig, TrainConfig
 from .base import Stage
+from .registry import register_stage
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..artifact import Artifact
-    from ..config import PipelineConfig
-    from ..context import StageContext
+    from ..core.artifact import Artifact
+    from ..pipeline.schema import PipelineConfig
+    from .context import StageContext
 
 
 class DistillStageConfig(DistillConfig):
@@ -42,7 +43,7 @@ class DistillStage(Stage):
     Config = DistillStageConfig
 
     def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
-        from ..distill import check_distill
+        from ..compress.distill.distill import check_distill
         from .train import TrainStage
 
         cfg: DistillStageConfig = self.config  # type: ignore[assignment]
@@ -58,8 +59,8 @@ class DistillStage(Stage):
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
         import torch
 
-        from ..distill import agreement, distill_hook
-        from ..measure import check_masks, evaluate
+        from ..compress.distill.distill import agreement, distill_hook
+        from ..core.measure import check_masks, evaluate
 
         cfg: DistillStageConfig = self.config  # type: ignore[assignment]
         if cfg.student is not None:
@@ -92,8 +93,8 @@ def _with_new_student(artifact: Artifact, student: ModelConfig, ctx: StageContex
     state and extras describe a network that is gone."""
     import torch
 
-    from ..artifact import Artifact
-    from ..models import build_model
+    from ..core.artifact import Artifact
+    from ..core.models import build_model
 
     torch.manual_seed(ctx.seed)  # the student's initialisation does not depend on earlier stages
     model, spec = build_model(student, ctx.pipeline.config.data)
@@ -104,9 +105,8 @@ def _with_new_student(artifact: Artifact, student: ModelConfig, ctx: StageContex
 def _check_student(student: ModelConfig, pipeline: PipelineConfig) -> tuple[nn.Module | None,
                                                                            list[tuple[str, str]]]:
     """Build the ``student:`` network without hub weights; (model or None, problems)."""
-    from ..errors import CompressPipeError
-    from ..models import build_from_spec, load_weights, model_spec, read_checkpoint
-    from ..registry import suggest
+    from ..core.errors import CompressPipeError, suggest
+    from ..core.models import build_from_spec, load_weights, model_spec, read_checkpoint
 
     if student.name is not None:
         import timm

@@ -16,18 +16,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from ..registry import register_stage
 from .base import Stage, StageConfig
+from .registry import register_stage
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from torch import nn
 
-    from ..artifact import Artifact
-    from ..config import PipelineConfig
-    from ..context import StageContext
-    from ..export import Exported
+    from ..core.artifact import Artifact
+    from ..formats.export import Exported
+    from ..pipeline.schema import PipelineConfig
+    from .context import StageContext
 
 ExportFormat = Literal["cpz", "safetensors", "onnx", "torch_export"]
 INT8_STAGES = ("ptq", "qat")  # their deployed model is an int8 ONNX file
@@ -89,7 +89,7 @@ class Incoming:
     @property
     def int8(self) -> bool:
         """Whether the deployed model is an int8 ONNX model (its file, or a .cpz of it)."""
-        from ..quantization.onnx_int8 import OnnxModel
+        from ..compress.quant.onnx_int8 import OnnxModel
 
         return isinstance(self.deployed, OnnxModel)
 
@@ -121,8 +121,8 @@ class ExportStage(Stage):
         return problems
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        from ..distributed import is_main
-        from ..export import (
+        from ..core.distributed import is_main
+        from ..formats.export import (
             MANIFEST_FILE,
             example_inputs,
             run_consumer,
@@ -177,9 +177,11 @@ class ExportStage(Stage):
         import torch
         from safetensors.torch import load_file
 
-        from ..cpz_model import CPZ_FILE, read_model_cpz, read_onnx_cpz, write_model_cpz
-        from ..errors import CompressPipeError
-        from ..export import (
+        from ..compress.quant.onnx_int8 import DEPLOY_FORMAT, export_onnx
+        from ..core.errors import CompressPipeError
+        from ..core.measure import check_tensor_masks
+        from ..formats.cpz_model import CPZ_FILE, read_model_cpz, read_onnx_cpz, write_model_cpz
+        from ..formats.export import (
             DENSE_FILE,
             ONNX_FILE,
             PROGRAM_FILE,
@@ -191,8 +193,6 @@ class ExportStage(Stage):
             write_dense_safetensors,
             write_torch_export,
         )
-        from ..measure import check_tensor_masks
-        from ..quantization.onnx_int8 import DEPLOY_FORMAT, export_onnx
 
         masks, where = artifact.masks, f"stage {self.name!r}: format {fmt!r}"
         holds_deployed = incoming.format in DENSE_DEPLOYS and not incoming.int8  # fp32 formats
@@ -264,8 +264,8 @@ def _incoming(name: str, source: Artifact, artifact: Artifact, ctx: StageContext
     """The previous stage's deployed model and its accuracy, computed here as the runner does."""
     import torch
 
-    from ..measure import evaluate
-    from ..quantization.onnx_int8 import OnnxModel
+    from ..compress.quant.onnx_int8 import OnnxModel
+    from ..core.measure import evaluate
 
     directory = ctx.pipeline.output_dir / name
     deployed = source.deployed_model(directory)
@@ -311,7 +311,7 @@ def _copier(src: Path):
 
 
 def _mismatch(stage: str, item: Exported, tolerance: float, device) -> Exception:
-    from ..errors import CompressPipeError
+    from ..core.errors import CompressPipeError
 
     hint = ""
     if device.type != "cpu":

@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from ..registry import register_stage
 from .base import Stage, StageConfig
+from .registry import register_stage
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from torch import nn
 
-    from ..artifact import Artifact
-    from ..config import PipelineConfig
-    from ..context import StageContext
+    from ..core.artifact import Artifact
+    from ..pipeline.schema import PipelineConfig
+    from .context import StageContext
 
 INT8_STAGES = ("ptq", "qat")  # their deployed model is an int8 ONNX file
 
@@ -64,9 +64,9 @@ class HuffmanStage(Stage):
         if onnx_file is not None:
             return self._run_int8(artifact, ctx, onnx_file)
 
-        from ..coding import coding_summary, inspect_cpz
-        from ..cpz_model import CPZ_FILE, read_model_cpz, write_model_cpz
-        from ..errors import CompressPipeError
+        from ..core.errors import CompressPipeError
+        from ..formats import coding_summary, inspect_cpz
+        from ..formats.cpz_model import CPZ_FILE, read_model_cpz, write_model_cpz
 
         dtype = self.config.float_dtype
         folded = self._fold_bn(artifact, ctx) if self.config.fold_bn else []
@@ -91,14 +91,14 @@ class HuffmanStage(Stage):
                          "bn_folded": len(folded),
                          **{f"cpz_{k}": v for k, v in coding.items()}}, None)
         artifact.outputs[CPZ_FILE] = lambda path: write_model_cpz(artifact, path, dtype, folded)
-        artifact.deploy = {"format": "cpz", "files": [CPZ_FILE], "module": "compresspipe.cpz_model"}
+        artifact.deploy = {"format": "cpz", "files": [CPZ_FILE], "module": "compresspipe.formats.cpz_model"}
         return artifact
 
     def _fold_bn(self, artifact: Artifact, ctx: StageContext) -> list[str]:
         """Fold BatchNorm statistics in place (clustered tensors untouched); log the deviation."""
         import torch
 
-        from ..batchnorm import fold_statistics
+        from ..compress.quant.batchnorm import fold_statistics
 
         model = artifact.model.eval()
         layers = set(artifact.quant.get("cluster", {}).get("layers", {}))
@@ -112,7 +112,7 @@ class HuffmanStage(Stage):
 
     def _incoming_int8(self, ctx: StageContext) -> Path | None:
         """The int8 ONNX file the previous stage deploys, if it deploys one."""
-        from ..quantization.onnx_int8 import DEPLOY_FORMAT
+        from ..compress.quant.onnx_int8 import DEPLOY_FORMAT
 
         name = ctx.previous_stage
         deploy = ctx.load_stage(name).deploy  # on every rank: a collective under torchrun
@@ -126,13 +126,13 @@ class HuffmanStage(Stage):
 
         import onnx
 
-        from ..coding import coding_summary, inspect_cpz
-        from ..cpz_model import CPZ_FILE, read_onnx_cpz, write_int8_cpz
-        from ..distributed import is_main
-        from ..errors import CompressPipeError
-        from ..quantization.onnx_int8 import check_int8_masks
+        from ..compress.quant.onnx_int8 import check_int8_masks
+        from ..core.distributed import is_main
+        from ..core.errors import CompressPipeError
+        from ..formats import coding_summary, inspect_cpz
+        from ..formats.cpz_model import CPZ_FILE, read_onnx_cpz, write_int8_cpz
 
-        artifact.deploy = {"format": "cpz", "files": [CPZ_FILE], "module": "compresspipe.cpz_model"}
+        artifact.deploy = {"format": "cpz", "files": [CPZ_FILE], "module": "compresspipe.formats.cpz_model"}
         if not is_main():  # rank 0 writes the file; the others go on with its artifact
             return artifact
         path = ctx.work_dir / CPZ_FILE

@@ -7,17 +7,17 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from ..config import TrainConfig
-from ..registry import register_stage
+from ..core.config import TrainConfig
 from .base import Stage, StageConfig
 from .channel_prune import LatencyConfig
+from .registry import register_stage
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..artifact import Artifact
-    from ..config import PipelineConfig
-    from ..context import StageContext
+    from ..core.artifact import Artifact
+    from ..pipeline.schema import PipelineConfig
+    from .context import StageContext
 
 
 class PaSConfig(StageConfig):
@@ -50,14 +50,14 @@ class PaSStage(Stage):
     Config = PaSConfig
 
     def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
-        from ..pruning.structured import check_graph
+        from ..compress.structured.structured import check_graph
 
         return check_graph(model, pipeline.data, self.config.ignore, "searched",
                            need_gateable=True)[1]
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        from ..pruning import structured as S
-        from ..pruning.pas import PaSHook
+        from ..compress.structured import structured as S
+        from ..compress.structured.pas import PaSHook
 
         cfg = self.config
         model, shape, dense, graph = S.stage_start(artifact, ctx, self.name, cfg.ignore,

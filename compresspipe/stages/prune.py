@@ -15,16 +15,17 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..config import DistillConfig, StrictModel, TrainConfig
-from ..registry import register_stage
+from ..compress.distill.config import DistillConfig
+from ..core.config import StrictModel, TrainConfig
 from .base import Stage, StageConfig
+from .registry import register_stage
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..artifact import Artifact
-    from ..config import PipelineConfig
-    from ..context import StageContext
+    from ..core.artifact import Artifact
+    from ..pipeline.schema import PipelineConfig
+    from .context import StageContext
 
 Method = Literal["oneshot", "imp", "lth", "bimp", "gmp", "dsd", "at_init"]
 Criterion = Literal["magnitude", "random", "snip", "grasp", "synflow", "wanda"]
@@ -167,8 +168,8 @@ class PruneStage(Stage):
     Config = PruneConfig
 
     def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
-        from ..pruning.scopes import parse_nm, prunable_weights, select_targets
-        from ..validation import unmatched_pattern_problems
+        from ..compress.pruning.scopes import parse_nm, prunable_weights, select_targets
+        from ..pipeline.checks import unmatched_pattern_problems
 
         c = self.config
         problems = unmatched_pattern_problems(model, c.include, "include", weights=True)
@@ -198,11 +199,11 @@ class PruneStage(Stage):
             problems.append(("rewind_to", "weight rewinding needs a rewind point: add "
                              "record_rewind: {epoch: 1} to an earlier train stage, or set "
                              "rewind_to: init"))
-        from ..distill import check_distill
+        from ..compress.distill.distill import check_distill
 
         return problems + check_distill(c.distill, model, pipeline, "distill")
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        from ..pruning.methods import run_method
+        from ..compress.pruning.methods import run_method
 
         return run_method(self.config, artifact, ctx)

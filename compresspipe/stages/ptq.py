@@ -6,16 +6,16 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from ..config import Int8Options
-from ..registry import register_stage
+from ..compress.quant.config import Int8Options
 from .base import Stage
+from .registry import register_stage
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..artifact import Artifact
-    from ..config import PipelineConfig
-    from ..context import StageContext
+    from ..core.artifact import Artifact
+    from ..pipeline.schema import PipelineConfig
+    from .context import StageContext
 
 
 class PTQConfig(Int8Options):
@@ -50,10 +50,10 @@ class PTQStage(Stage):
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
         import torch
 
-        from ..quantization.int8 import finish_int8
-        from ..quantization.onnx_int8 import INT8_FILE, export_onnx, quantize_dynamic_onnx
-        from ..quantization.pt2e import calibrate, convert, example_batch, prepare_ptq
-        from ..quantization.qdq import QDQScheme
+        from ..compress.quant.int8 import finish_int8
+        from ..compress.quant.onnx_int8 import INT8_FILE, export_onnx, quantize_dynamic_onnx
+        from ..compress.quant.pt2e import calibrate, convert, example_batch, prepare_ptq
+        from ..compress.quant.qdq import QDQScheme
 
         cfg = self.config
         example = example_batch(ctx.data.test)

@@ -6,16 +6,18 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, model_validator
 
-from ..config import DistillConfig, Int8Options, TrainConfig
-from ..registry import register_stage
+from ..compress.distill.config import DistillConfig
+from ..compress.quant.config import Int8Options
+from ..core.config import TrainConfig
 from .base import Stage
+from .registry import register_stage
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..artifact import Artifact
-    from ..config import PipelineConfig
-    from ..context import StageContext
+    from ..core.artifact import Artifact
+    from ..pipeline.schema import PipelineConfig
+    from .context import StageContext
 
 
 class QATConfig(TrainConfig, Int8Options):
@@ -50,7 +52,7 @@ class QATStage(Stage):
     Config = QATConfig
 
     def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
-        from ..validation import unmatched_pattern_problems
+        from ..pipeline.checks import unmatched_pattern_problems
 
         cfg = self.config
         problems = unmatched_pattern_problems(model, cfg.freeze, "freeze")
@@ -58,14 +60,14 @@ class QATStage(Stage):
             problems.append(("distill.features", "feature distillation needs module hooks, which "
                              "the captured QAT graph does not have; use logit distillation here"))
             return problems
-        from ..distill import check_distill
+        from ..compress.distill.distill import check_distill
 
         return problems + check_distill(cfg.distill, model, pipeline, "distill")
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        from ..quantization.int8 import finish_int8
-        from ..quantization.onnx_int8 import INT8_FILE, export_onnx
-        from ..quantization.pt2e import (
+        from ..compress.quant.int8 import finish_int8
+        from ..compress.quant.onnx_int8 import INT8_FILE, export_onnx
+        from ..compress.quant.pt2e import (
             QATScheduleHook,
             convert,
             copy_trained_weights,
@@ -74,7 +76,7 @@ class QATStage(Stage):
             nudge_zero_bn_scales,
             prepare_qat,
         )
-        from ..quantization.qdq import QDQScheme
+        from ..compress.quant.qdq import QDQScheme
 
         cfg = self.config
         scheme = QDQScheme(per_channel=cfg.per_channel,
@@ -85,7 +87,7 @@ class QATStage(Stage):
         modes = enable_train_eval(prepared)
         hooks = [QATScheduleHook(prepared, modes, cfg.freeze_bn_after, cfg.freeze_observers_after)]
         if cfg.distill is not None:
-            from ..distill import distill_hook
+            from ..compress.distill.distill import distill_hook
 
             hooks.append(distill_hook(cfg.distill, ctx, prepared))
         ctx.trainer(prepared, cfg, hooks=hooks, masks=artifact.masks).fit()

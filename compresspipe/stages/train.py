@@ -6,16 +6,16 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, model_validator
 
-from ..config import StrictModel, TrainConfig
-from ..registry import register_stage
+from ..core.config import StrictModel, TrainConfig
 from .base import Stage
+from .registry import register_stage
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..artifact import Artifact
-    from ..config import PipelineConfig
-    from ..context import StageContext
+    from ..core.artifact import Artifact
+    from ..pipeline.schema import PipelineConfig
+    from .context import StageContext
 
 REWIND_PREFIX = "rewind/"
 
@@ -46,8 +46,8 @@ class TrainStage(Stage):
     Config = TrainStageConfig
 
     def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
-        from ..training import frozen_parameters
-        from ..validation import unmatched_pattern_problems
+        from ..core.training import frozen_parameters
+        from ..pipeline.checks import unmatched_pattern_problems
 
         problems = unmatched_pattern_problems(model, self.config.freeze, "freeze")
         if self.config.freeze and len(frozen_parameters(model, self.config.freeze)) == len(
@@ -69,7 +69,7 @@ class TrainStage(Stage):
         if hooks:
             step = hooks[0].target_step(trainer.steps_per_epoch)
             if step > trainer.total_steps:
-                from ..errors import CompressPipeError
+                from ..core.errors import CompressPipeError
 
                 raise CompressPipeError(f"stage {self.name!r}: record_rewind at step {step} is "
                                         f"after the end of training ({trainer.total_steps} steps)")
@@ -83,7 +83,7 @@ def RewindRecorder(model, point: RewindPoint):  # noqa: N802 - a factory that hi
     import torch
     from torch import nn
 
-    from ..training import TrainHook
+    from ..core.training import TrainHook
 
     class _Recorder(TrainHook):
         def __init__(self):

@@ -1,0 +1,1 @@
+"""Knowledge distillation: the losses, the training hook and where a teacher comes from."""

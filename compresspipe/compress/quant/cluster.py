@@ -1,0 +1,381 @@
+"""Deep Compression weight sharing: per-layer k-means codebooks, centroid fine-tuning.
+
+Han et al. (2016): the weights of one layer are clustered into k = 2^bits shared values
+(1-D k-means, centroids initialised linearly between the layer's min and max); each weight then
+stores only its cluster index. Fine-tuning trains the centroids: the gradient of centroid
+C_k is the sum of the gradients of its members, dL/dC_k = sum_{i: idx_i = k} dL/dW_i.
+
+Implemented as a training hook on the unchanged model (so parameter names, masks, checkpoints
+and the one training loop all still apply): a gradient hook replaces every member's gradient by
+its centroid's summed gradient. All members of a cluster then receive identical updates from
+any element-wise optimizer (SGD with momentum and weight decay, AdamW) and stay equal; after each
+step the layer is re-projected onto its codebook anyway, so ``weight == codebook[indices]``
+holds bit-exactly at every step.
+
+Storage convention (what the Huffman stage consumes)
+----------------------------------------------------
+For every clustered parameter ``P`` (a conv or linear ``.weight``):
+
+* ``artifact.extras["cluster.P.indices"]``: the index of every weight, same shape as the
+  weight, dtype ``uint8`` for bits <= 8 else ``uint16``;
+* ``artifact.extras["cluster.P.codebook"]``: ``float32`` of length exactly ``2**bits``
+  (entries no weight uses are kept, so every index value is valid);
+* the weight is ``codebook[indices.long()]``, bit-exactly equal to the model's ``P``;
+* ``artifact.quant["cluster"]["layers"][P]``: ``bits``, ``shape``, ``index_dtype``,
+  ``zero_index``, ``used_centroids``, ``pruned``.
+
+``zero_index`` is ``0`` when the parameter has a pruning mask: then ``codebook[0] == 0.0``
+exactly, is never trained, and **index 0 is used by exactly the pruned weights** (mask False);
+the other ``2**bits - 1`` centroids cluster the surviving weights. Without a mask,
+``zero_index`` is ``None`` and all ``2**bits`` centroids are free.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...core.artifact import Artifact, register_deploy_format
+from ...core.errors import CompressPipeError
+from ...core.training import TrainHook
+
+EXTRA_PREFIX = "cluster."
+DEPLOY_FORMAT = "codebook"
+CODEBOOK_FILE = "model.codebook.safetensors"
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class ClusteredLayer:
+    """One parameter's codebook and indices (indices kept as int64 while training)."""
+
+    name: str
+    bits: int
+    indices: torch.Tensor  # int64, shape of the weight
+    codebook: torch.Tensor  # float32, 2**bits entries
+    zero_index: int | None
+    representatives: torch.Tensor = field(init=False)  # one member's flat position per centroid
+
+    def __post_init__(self) -> None:
+        self.representatives = first_member(self.indices, self.codebook.numel())
+
+    def weight(self) -> torch.Tensor:
+        return self.codebook[self.indices]
+
+
+# -- which layers, how many bits ------------------------------------------------------------------
+
+
+def layer_bits(model: nn.Module, conv_bits: int | None, linear_bits: int | None,
+               overrides: Mapping[str, int | None]) -> dict[str, int]:
+    """{weight name: bits} for every conv and linear layer. An override pattern (fnmatch on
+    the module or the weight name; the first matching pattern wins) sets bits, or None to
+    leave that layer unclustered."""
+    out: dict[str, int] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, CONV_TYPES):
+            bits = conv_bits
+        elif isinstance(module, nn.Linear):
+            bits = linear_bits
+        else:
+            continue
+        name = f"{module_name}.weight"
+        for pattern, value in overrides.items():
+            if fnmatch.fnmatch(module_name, pattern) or fnmatch.fnmatch(name, pattern):
+                bits = value
+                break
+        if bits is not None:
+            out[name] = bits
+    return out
+
+
+def unmatched_overrides(model: nn.Module, overrides: Mapping[str, Any]) -> list[str]:
+    """Override patterns that name no conv or linear layer (a typo must not pass silently)."""
+    names = [(m, f"{m}.weight") for m, mod in model.named_modules()
+             if isinstance(mod, (*CONV_TYPES, nn.Linear))]
+    return [p for p in overrides
+            if not any(fnmatch.fnmatch(m, p) or fnmatch.fnmatch(w, p) for m, w in names)]
+
+
+# -- k-means --------------------------------------------------------------------------------------
+
+
+def kmeans_1d(values: torch.Tensor, k: int, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on scalars with linear initialisation; returns (centroids float64 sorted,
+    assignment int64). Deterministic: same values, same result."""
+    x = values.detach().reshape(-1).double().cpu()
+    if x.numel() == 0:
+        return torch.zeros(k, dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
+    centroids = torch.linspace(float(x.min()), float(x.max()), k, dtype=torch.float64)
+    assign = _nearest(x, centroids)
+    for _ in range(iters):
+        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, x)
+        counts = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, torch.ones_like(x))
+        # an empty cluster keeps its centroid (it stays a valid, unused code)
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        centroids, _ = centroids.sort()
+        new = _nearest(x, centroids)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return centroids, assign
+
+
+def _nearest(x: torch.Tensor, sorted_centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid: binary search on the midpoints between neighbours."""
+    mids = (sorted_centroids[1:] + sorted_centroids[:-1]) / 2
+    return torch.bucketize(x, mids)
+
+
+def cluster_weight(name: str, weight: torch.Tensor, bits: int, mask: torch.Tensor | None,
+                   iters: int = 30) -> ClusteredLayer:
+    """Cluster one weight tensor; pruned weights (mask False) get the fixed zero centroid 0."""
+    k = 2 ** bits
+    w = weight.detach().cpu()
+    if mask is None:
+        centroids, assign = kmeans_1d(w, k, iters)
+        return ClusteredLayer(name, bits, assign.view(w.shape), centroids.float(), None)
+    keep = mask.bool().cpu().reshape(-1)
+    centroids, assign = kmeans_1d(w.reshape(-1)[keep], k - 1, iters)
+    indices = torch.zeros(w.numel(), dtype=torch.int64)
+    indices[keep] = assign + 1
+    codebook = torch.cat([torch.zeros(1), centroids.float()])
+    return ClusteredLayer(name, bits, indices.view(w.shape), codebook, 0)
+
+
+def cluster_model(model: nn.Module, bits: Mapping[str, int], masks: Mapping[str, torch.Tensor],
+                  iters: int = 30) -> dict[str, ClusteredLayer]:
+    """Cluster every named weight and write ``codebook[indices]`` into the model."""
+    params = dict(model.named_parameters())
+    layers = {}
+    for name, b in bits.items():
+        layer = cluster_weight(name, params[name], b, masks.get(name), iters)
+        with torch.no_grad():
+            params[name].copy_(layer.weight().to(params[name].device, params[name].dtype))
+        layers[name] = layer
+    return layers
+
+
+def first_member(indices: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat position of one member of each cluster (-1 for an empty cluster)."""
+    flat = indices.reshape(-1)
+    positions = torch.arange(flat.numel(), dtype=torch.int64)
+    first = torch.full((k,), flat.numel(), dtype=torch.int64)
+    first = first.scatter_reduce(0, flat, positions, reduce="amin")
+    return torch.where(first == flat.numel(), torch.full_like(first, -1), first)
+
+
+# -- centroid fine-tuning -------------------------------------------------------------------------
+
+
+def centroid_gradient(grad: torch.Tensor, indices: torch.Tensor, k: int) -> torch.Tensor:
+    """dL/dC_k = sum of dL/dW_i over the members i of cluster k."""
+    flat = indices.reshape(-1).to(grad.device)
+    return torch.zeros(k, dtype=grad.dtype, device=grad.device).index_add_(
+        0, flat, grad.reshape(-1))
+
+
+class CentroidHook(TrainHook):
+    """Trains centroids instead of weights (see the module docstring). ``reduce='mean'`` divides
+    each centroid's gradient by its member count, for learning rates on the per-weight scale."""
+
+    def __init__(self, layers: dict[str, ClusteredLayer], reduce: str = "sum"):
+        self.layers, self.reduce = layers, reduce
+        self._params: dict[str, nn.Parameter] = {}
+        self._handles: list[Any] = []
+        self._counts: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer) -> None:
+        self.attach(trainer.model)
+
+    def attach(self, model: nn.Module) -> None:
+        """Register the gradient hooks on ``model``'s clustered weights."""
+        self.close()
+        params = dict(model.named_parameters())
+        for name, layer in self.layers.items():
+            param = params[name]
+            layer.indices = layer.indices.to(param.device)
+            k = layer.codebook.numel()
+            self._counts[name] = torch.bincount(layer.indices.reshape(-1), minlength=k).to(
+                param.dtype)
+            self._params[name] = param
+            self._handles.append(param.register_hook(
+                lambda grad, name=name: self.shared_gradient(name, grad)))
+        self.project()
+
+    def shared_gradient(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """Every member's gradient becomes its centroid's (summed) gradient."""
+        layer = self.layers[name]
+        g = centroid_gradient(grad, layer.indices, layer.codebook.numel())
+        if self.reduce == "mean":
+            g = g / self._counts[name].to(g.device).clamp(min=1)
+        if layer.zero_index is not None:
+            g[layer.zero_index] = 0  # the pruned-weight centroid is exactly zero, always
+        return g[layer.indices]
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.project()
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Read each centroid from one of its members and write codebook[indices] back."""
+        for name, param in self._params.items():
+            layer = self.layers[name]
+            reps = layer.representatives.to(param.device)
+            used = reps >= 0
+            values = param.reshape(-1)[reps.clamp(min=0)].detach().float().cpu()
+            layer.codebook = torch.where(used.cpu(), values, layer.codebook)
+            if layer.zero_index is not None:
+                layer.codebook[layer.zero_index] = 0.0
+            param.copy_(layer.codebook.to(param.device, param.dtype)[layer.indices])
+
+    def close(self) -> None:
+        """Remove the gradient hooks (the model trains normally again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._params = [], {}
+
+
+# -- the artifact ---------------------------------------------------------------------------------
+
+
+def index_dtype(bits: int) -> torch.dtype:
+    return torch.uint8 if bits <= 8 else torch.uint16
+
+
+def store(artifact: Artifact, layers: dict[str, ClusteredLayer]) -> dict[str, Any]:
+    """Write indices and codebooks into ``artifact.extras`` and describe them in ``quant``."""
+    for key in [k for k in artifact.extras if k.startswith(EXTRA_PREFIX)]:
+        del artifact.extras[key]
+    described = {}
+    for name, layer in layers.items():
+        dtype = index_dtype(layer.bits)
+        indices = layer.indices.cpu()
+        artifact.extras[f"{EXTRA_PREFIX}{name}.indices"] = indices.to(dtype)
+        artifact.extras[f"{EXTRA_PREFIX}{name}.codebook"] = layer.codebook.float().cpu()
+        counts = torch.bincount(indices.reshape(-1), minlength=layer.codebook.numel())
+        described[name] = {
+            "bits": layer.bits, "shape": list(indices.shape), "index_dtype": str(dtype)[6:],
+            "zero_index": layer.zero_index, "used_centroids": int((counts > 0).sum()),
+            "pruned": int(counts[0]) if layer.zero_index is not None else 0,
+        }
+    info = {"version": 1, "layers": described,
+            "convention": "weight = codebook[indices]; codebook float32 of 2**bits entries; "
+                          "zero_index 0 means codebook[0] == 0.0 holds exactly the pruned weights"}
+    artifact.quant["cluster"] = info
+    return info
+
+
+def load_layers(extras: Mapping[str, torch.Tensor], quant: Mapping[str, Any]
+                ) -> dict[str, ClusteredLayer]:
+    """The clustered layers an artifact describes (indices as int64)."""
+    layers = {}
+    for name, desc in quant.get("cluster", {}).get("layers", {}).items():
+        try:
+            indices = extras[f"{EXTRA_PREFIX}{name}.indices"]
+            codebook = extras[f"{EXTRA_PREFIX}{name}.codebook"]
+        except KeyError as exc:
+            raise CompressPipeError(f"cluster: extras lack {exc.args[0]!r} for {name}") from None
+        if codebook.numel() != 2 ** desc["bits"]:
+            raise CompressPipeError(f"cluster: codebook of {name} has {codebook.numel()} entries, "
+                                    f"expected 2**{desc['bits']}")
+        layers[name] = ClusteredLayer(name, desc["bits"], indices.to(torch.int64),
+                                      codebook.float(), desc.get("zero_index"))
+    return layers
+
+
+def verify(model: nn.Module, layers: Mapping[str, ClusteredLayer],
+           masks: Mapping[str, torch.Tensor]) -> None:
+    """Raise unless every clustered weight equals codebook[indices] bit-exactly and the zero
+    centroid holds exactly the pruned weights."""
+    params = dict(model.named_parameters())
+    for name, layer in layers.items():
+        weight = params[name].detach().cpu()
+        if not torch.equal(layer.weight().to(weight.dtype), weight):
+            raise CompressPipeError(f"cluster: {name} is not equal to codebook[indices]")
+        if name in masks:
+            pruned = layer.indices.cpu() == layer.zero_index
+            if not torch.equal(pruned, ~masks[name].bool().cpu()):
+                raise CompressPipeError(f"cluster: zero centroid of {name} does not hold exactly "
+                                        "its pruned weights")
+            if layer.codebook[layer.zero_index] != 0:
+                raise CompressPipeError(f"cluster: zero centroid of {name} is not 0.0")
+
+
+def drop_stale(artifact: Artifact) -> list[str]:
+    """Forget the weight sharing of layers whose weights no longer equal codebook[indices]
+    (a stage after ``cluster`` retrained them); return their names.
+
+    Stale indices would make the huffman stage code a model that is not the one evaluated."""
+    quant = artifact.quant.get("cluster")
+    if not quant:
+        return []
+    params = dict(artifact.model.named_parameters())
+    stale = [name for name, layer in load_layers(artifact.extras, artifact.quant).items()
+             if name not in params
+             or not torch.equal(layer.weight().to(params[name].dtype), params[name].detach().cpu())]
+    for name in stale:
+        del quant["layers"][name]
+        for part in ("indices", "codebook"):
+            artifact.extras.pop(f"{EXTRA_PREFIX}{name}.{part}", None)
+    if not quant["layers"]:
+        del artifact.quant["cluster"]
+    return stale
+
+
+# -- deployable form: indices + codebooks + the unclustered tensors ---------------------------------
+
+
+def codebook_tensors(model: nn.Module, layers: Mapping[str, ClusteredLayer]
+                     ) -> dict[str, torch.Tensor]:
+    """What ``model.codebook.safetensors`` holds: every state tensor except the clustered
+    weights, which are replaced by ``<name>.indices`` and ``<name>.codebook``."""
+    out = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
+           if k not in layers}
+    for name, layer in layers.items():
+        out[f"{name}.indices"] = layer.indices.cpu().to(index_dtype(layer.bits))
+        out[f"{name}.codebook"] = layer.codebook.float().cpu()
+    return out
+
+
+def rebuild_state(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``codebook_tensors``: a plain state dict with weights = codebook[indices]."""
+    state = {}
+    for key, value in tensors.items():
+        if key.endswith(".indices"):
+            base = key.removesuffix(".indices")
+            state[base] = tensors[f"{base}.codebook"][value.to(torch.int64)]
+        elif not key.endswith(".codebook"):
+            state[key] = value
+    return state
+
+
+@register_deploy_format(DEPLOY_FORMAT)
+def load_codebook_model(directory: Path, artifact: Artifact) -> nn.Module:
+    """Rebuild the model from the codebook file alone: the weights the runner evaluates."""
+    from safetensors.torch import load_file
+
+    from ...core.models import build_from_spec
+
+    files = (artifact.deploy or {}).get("files") or [CODEBOOK_FILE]
+    model = build_from_spec(artifact.spec)
+    try:
+        model.load_state_dict(rebuild_state(load_file(str(Path(directory) / files[0]))))
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise CompressPipeError(f"{directory / files[0]}: cannot rebuild the model: {exc}") from exc
+    return model.eval()
+
+
+def attach_deployable(artifact: Artifact, layers: Mapping[str, ClusteredLayer]) -> None:
+    """Make the codebook file (uint8/uint16 indices + fp32 codebooks) the deployed model."""
+    from safetensors.torch import save_file
+
+    tensors = codebook_tensors(artifact.model, layers)
+    artifact.outputs[CODEBOOK_FILE] = lambda path: save_file(tensors, str(path))
+    artifact.deploy = {"format": DEPLOY_FORMAT, "files": [CODEBOOK_FILE], "module": __name__}

@@ -1,0 +1,203 @@
+"""Checks that need the real model: architecture names, kwargs, the checkpoint's tensors, and
+the module names each stage mentions, against the network that stage will really receive."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from typing import Any
+
+from torch import nn
+
+from ..compress.distill.config import DistillConfig
+from ..core.config import ModelConfig
+from ..core.errors import CompressPipeError, Problem, suggest
+from ..stages.registry import get_stage
+from ..stages.spec import UNKNOWN_STUDENT, StageSpec, stage_references
+from .schema import INPUT_STAGE, PipelineConfig
+
+
+def check_against_model(config: PipelineConfig, stages: list[StageSpec]) -> list[Problem]:
+    """Build the model (without downloading weights, with the checkpoint's) and let each stage
+    check its names against the architecture it receives: the pipeline's model, or the
+    ``student`` of the last distill stage before it. Each distinct architecture is built once.
+
+    Stages whose config did not parse (``parsed`` False) are not checked; after one that may
+    switch to a network the file does not tell, no later stage is. A stage whose ``stage:``
+    references are unresolved is not checked either: its teacher is unknown."""
+    from ..core.models import build_from_spec, model_spec
+
+    problems: list[Problem] = []
+    if config.model.name is not None:
+        import timm
+
+        if not timm.is_model(config.model.name):
+            names = timm.list_models()
+            return [Problem("model.name", f"unknown timm model {config.model.name!r}"
+                            f"{suggest(config.model.name, names)}")]
+    spec = model_spec(config.model, config.data)
+    kwargs = config.model.kwargs
+    expected = config.data.dataset_num_classes()
+    if expected is not None and "num_classes" in kwargs and kwargs["num_classes"] != expected:
+        problems.append(Problem("model.kwargs.num_classes",
+                                f"the model has {kwargs['num_classes']} classes but dataset "
+                                f"{config.data.name!r} has {expected}"))
+    try:
+        model = build_from_spec(spec)
+    except CompressPipeError as exc:
+        return [*problems, Problem("model.factory" if config.model.factory else "model", str(exc))]
+    except (TypeError, ValueError, RuntimeError, AssertionError, KeyError) as exc:
+        return [*problems, Problem("model.kwargs", f"cannot build the model with "
+                                   f"{spec['kwargs']}: {type(exc).__name__}: {exc}")]
+    # an image folder whose classes cannot be counted (its root is broken, which is reported):
+    # the model has timm's default head, so nothing that depends on the class count is said
+    classes_known = "num_classes" in spec["kwargs"]
+    if classes_known:
+        problems += _checkpoint_problems(model, config.model)
+
+    built: dict[str, nn.Module | None] = {_key(spec): model}
+    current: dict[str, Any] | None = spec
+    for i, stage_spec in enumerate(stages):
+        if current is None:
+            break  # the network this stage receives is unknown
+        model = built[_key(current)]
+        if (model is not None and stage_spec.parsed
+                and _references_resolve(stage_spec, stages[:i])
+                and (classes_known or not _uses_teacher(stage_spec.config))):
+            stage = get_stage(stage_spec.type)(stage_spec.config, stage_spec.name)
+            stage.earlier = stages[:i]  # stages may depend on what runs before them
+            for rel, message in stage.check(model, config):
+                problems.append(Problem(f"{stage_spec.path}.{rel}", message))
+        current = _output_architecture(stage_spec, current, config)
+        if current is not None and _key(current) not in built:
+            built[_key(current)] = _build_quietly(current)
+    return problems
+
+
+def _key(spec: dict[str, Any]) -> str:
+    return json.dumps(spec, sort_keys=True, default=str)
+
+
+def _build_quietly(spec: dict[str, Any]) -> nn.Module | None:
+    """The architecture, or None where it cannot be built (the stage that names it says why)."""
+    from ..core.models import build_from_spec
+
+    try:
+        return build_from_spec(spec)
+    except Exception:  # noqa: BLE001 - the distill stage's own check reports the reason
+        return None
+
+
+def _output_architecture(stage: StageSpec, incoming: dict[str, Any],
+                         config: PipelineConfig) -> dict[str, Any] | None:
+    """The spec of the network ``stage`` passes on (None: unknown). Only a distill stage's
+    ``student`` replaces the network, as at run time."""
+    from ..core.models import model_spec
+
+    student = getattr(stage.config, "student", None)
+    if student is UNKNOWN_STUDENT:
+        return None
+    if stage.type == "distill" and isinstance(student, ModelConfig):
+        try:
+            return model_spec(student, config.data)
+        except (OSError, CompressPipeError):
+            return None
+    return incoming
+
+
+def _references_resolve(stage: StageSpec, earlier: list[StageSpec]) -> bool:
+    """Every 'stage:NAME' of ``stage`` names exactly one earlier stage (and the file tells
+    the name of every earlier stage: an unnamed one might be the stage meant)."""
+    refs = [ref for _, ref in stage_references(stage)]
+    if refs and not all(s.known_name for s in earlier):
+        return False
+    names = [s.name for s in earlier]
+    return all(ref == INPUT_STAGE or names.count(ref) == 1 for ref in refs)
+
+
+def _uses_teacher(config: Any) -> bool:
+    return isinstance(config, DistillConfig) or isinstance(getattr(config, "distill", None),
+                                                           DistillConfig)
+
+
+def _checkpoint_problems(model: nn.Module, model_cfg: ModelConfig) -> list[Problem]:
+    """Load ``model.checkpoint`` (never unpickling) into the model built for the checks; its
+    tensors must be exactly the model's, with the model's shapes."""
+    from ..core.models import read_checkpoint, weight_mismatches
+
+    path = model_cfg.checkpoint
+    if path is None or not path.is_file():
+        return []  # a missing file is reported with the paths
+    try:
+        tensors = read_checkpoint(path)
+    except CompressPipeError as exc:
+        return [Problem("model.checkpoint", str(exc))]
+    mismatches = weight_mismatches(model, tensors)
+    if mismatches:
+        return [Problem("model.checkpoint", f"{path.name}: the weights do not fit model "
+                        f"{model_cfg.name or model_cfg.factory!r}: {'; '.join(mismatches)}")]
+    model.load_state_dict(tensors, strict=True)
+    return []
+
+
+def unmatched_pattern_problems(model: nn.Module, patterns: list[str], key: str,
+                               kind: str = "parameter", weights: bool = False,
+                               by_key: bool = False) -> list[tuple[str, str]]:
+    """(path, message) for each fnmatch pattern that matches no parameter (or module) name;
+    the path is ``key[i]``, or ``key.PATTERN`` (``by_key``) for the keys of a mapping.
+
+    The hint names the pattern that would work: a module's parameters for a pattern that names
+    a module (``fc`` -> ``fc.*``, or ``fc.weight`` with ``weights``: patterns that select
+    weights), a misspelt first name corrected, else the model's top-level names."""
+    params = [n for n, _ in model.named_parameters()]
+    modules = dict(model.named_modules())
+    names = params if kind == "parameter" else [n for n in modules if n]
+    prefixes = sorted({n.split(".")[0] for n in names})
+    problems = []
+    for i, pattern in enumerate(patterns):
+        if any(fnmatch.fnmatch(n, pattern) for n in names):
+            continue
+        hint = _pattern_hint(pattern, names, modules, kind, weights, prefixes)
+        path = f"{key}.{pattern}" if by_key else f"{key}[{i}]"
+        problems.append((path, f"pattern {pattern!r} matches no {kind} of the model"
+                         f"{hint}"))
+    return problems
+
+
+def _pattern_hint(pattern: str, names: list[str], modules: dict[str, nn.Module], kind: str,
+                  weights: bool, prefixes: list[str]) -> str:
+    if kind == "parameter":
+        if (fixed := _module_form(pattern, names, modules, weights)) is not None:
+            return f" but names a module; did you mean {fixed!r}?"
+        if any(n.startswith(pattern) for n in names):  # a prefix of names: 'layer1.0.conv'
+            return f"; did you mean {pattern + '*'!r}?"
+    head, dot, rest = pattern.partition(".")
+    close = [c for c in _close(head, prefixes) if c != head]
+    if close:
+        fixed = close[0] + dot + rest
+        if any(fnmatch.fnmatch(n, fixed) for n in names):
+            return f"; did you mean {fixed!r}?"
+        if kind == "parameter" and (form := _module_form(fixed, names, modules, weights)):
+            return f"; did you mean {form!r}?"
+    if (whole := _close(pattern, names)):  # a misspelt name: 'conv1.wieght'
+        return f"; did you mean {whole[0]!r}?"
+    listing = ", ".join(prefixes[:12])
+    return f" (top-level names: {listing})"
+
+
+def _module_form(pattern: str, params: list[str], modules: dict[str, nn.Module],
+                 weights: bool) -> str | None:
+    """For a pattern naming modules, the pattern of their parameters (None: it names none)."""
+    matched = [m for name, m in modules.items() if name and fnmatch.fnmatch(name, pattern)]
+    if not matched or not any(fnmatch.fnmatch(p, pattern + ".*") for p in params):
+        return None
+    leaves_with_weight = all(not any(True for _ in m.children())
+                             and isinstance(getattr(m, "weight", None), nn.Parameter)
+                             for m in matched)
+    return f"{pattern}.weight" if weights and leaves_with_weight else f"{pattern}.*"
+
+
+def _close(name: str, choices: list[str]) -> list[str]:
+    import difflib
+
+    return difflib.get_close_matches(name, choices, n=1, cutoff=0.6)

@@ -1,0 +1,81 @@
+"""One stage entry of a pipeline file as the stages and the checks see it: its name, type and
+typed config, and the 'stage:NAME' references it makes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+)
+
+
+@dataclass
+class StageSpec:
+    """One validated stage entry: its unique name, type and typed config.
+
+    While a file with errors is checked, a stage whose config did not parse has ``parsed``
+    False and a ``RawConfig`` of what the file says; ``known_name`` is False where the file
+    does not tell its name (an invalid name, or an item that is no stage)."""
+
+    index: int
+    name: str
+    type: str
+    config: BaseModel | RawConfig
+    parsed: bool = True
+    known_name: bool = True
+
+    @property
+    def path(self) -> str:
+        return f"stages[{self.index}].{self.type}" if self.type else f"stages[{self.index}]"
+
+
+class RawConfig(SimpleNamespace):
+    """The keys of a stage config that failed to parse, as written (``student`` parsed on its
+    own where it can be, else ``UNKNOWN_STUDENT``): enough for the checks that only read them."""
+
+
+# a stage config that names a student network the checks cannot build or cannot read
+UNKNOWN_STUDENT = object()
+
+
+@dataclass
+class UnparsedStage:
+    """A stage item of a file with errors whose config failed to parse; it keeps the item's
+    place, so that later stages' default names and the architecture each receives stay right."""
+
+    name: str | None  # None: the file does not say (missing or invalid)
+    type: str  # '' for an item that names no single stage type
+    params: BaseModel | RawConfig  # the config, where only unknown keys or the name were wrong
+    named: bool = True  # False: an explicit name that is invalid
+
+
+def stage_references(spec: StageSpec) -> list[tuple[str, str]]:
+    """(path in the stage's config, NAME) of every 'stage:NAME' value the stage gives."""
+    config = spec.config
+    data = (config.model_dump(mode="json") if isinstance(config, BaseModel)
+            else plain_data(vars(config)))
+    return _stage_refs(data)
+
+
+def _stage_refs(value: Any, path: str = "") -> list[tuple[str, str]]:
+    if isinstance(value, str) and value.startswith("stage:"):
+        return [(path, value.removeprefix("stage:"))]
+    if isinstance(value, dict):
+        return [r for k, v in value.items() for r in _stage_refs(v, f"{path}.{k}" if path else k)]
+    if isinstance(value, list):
+        return [r for i, v in enumerate(value) for r in _stage_refs(v, f"{path}[{i}]")]
+    return []
+
+
+def plain_data(value: Any) -> Any:
+    """Plain data for the loader: pydantic models (stage configs) become their dicts."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_unset=True)
+    if isinstance(value, dict):
+        return {k: plain_data(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_data(v) for v in value]
+    return value

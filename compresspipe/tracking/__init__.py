@@ -1,0 +1,1 @@
+"""MLflow tracking, plots and the summary report. Imports ``formats``, ``compress`` and ``core``."""
