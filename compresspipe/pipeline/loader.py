@@ -24,6 +24,7 @@ from ..core.config import ModelConfig
 from ..core.errors import CompressPipeError, ConfigError, Problem, suggest
 from ..stages.registry import get_stage, is_dotted_path, list_stages
 from ..stages.spec import (
+    INPUT_STAGE,
     UNKNOWN_STUDENT,
     RawConfig,
     StageSpec,
@@ -31,7 +32,7 @@ from ..stages.spec import (
     plain_data,
     stage_references,
 )
-from .schema import INPUT_STAGE, NAME_PATTERN, PipelineConfig, pipeline_model, stage_item_model
+from .schema import NAME_PATTERN, PipelineConfig, pipeline_model, stage_item_model
 from .yaml_source import PathKey, SourceMap, apply_override, format_path, parse_yaml
 
 

@@ -35,10 +35,10 @@ from ..core.models import allow_named_factories
 from ..core.signals import raise_interrupted
 from ..stages.context import StageContext
 from ..stages.registry import get_stage
-from ..stages.spec import StageSpec
+from ..stages.spec import INPUT_STAGE, StageSpec
 from ..tracking.tracker import Tracker
 from .loader import Pipeline
-from .schema import INPUT_STAGE, NAME_PATTERN
+from .schema import NAME_PATTERN
 
 SUMMARY_FILE = "summary.json"
 

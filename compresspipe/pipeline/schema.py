@@ -22,7 +22,6 @@ from ..stages.registry import get_stage, list_stages
 from ..tracking.config import TrackingConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-INPUT_STAGE = "input"  # the stage name of the starting model (the runner saves it first)
 
 
 class PipelineConfig(StrictModel):

@@ -1,17 +1,17 @@
-"""What every stage is: a pydantic config and one ``run(artifact, ctx) -> artifact`` method."""
+"""What every stage is: a pydantic config, ``check`` against the real model, one
+``run(artifact, ctx) -> artifact`` method, and traits the runner reads instead of naming stage
+types."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+from torch import nn
 
-if TYPE_CHECKING:
-    from torch import nn
-
-    from ..core.artifact import Artifact
-    from ..pipeline.schema import PipelineConfig
-    from .context import StageContext
+from ..core.artifact import Artifact
+from .context import StageContext
+from .spec import PipelineView
 
 
 class StageConfig(BaseModel):
@@ -22,18 +22,39 @@ class StageConfig(BaseModel):
 
 class Stage:
     """A pipeline step. Subclasses set ``Config`` and implement ``run``; register with
-    ``@register_stage("name")``. Stage modules import torch lazily so the CLI starts fast."""
+    ``@register_stage("name")``.
+
+    Traits (class attributes and methods the runner and the checks read):
+
+    * ``logs_weight_histograms``: the stage moves weights onto a grid (weight sharing, int8),
+      so the runner logs their histograms before and after;
+    * ``releases_masks()``: the stage may drop the incoming pruning masks (a new network);
+    * ``output_architecture(spec, view)``: the spec of the network the stage passes on, as far
+      as its config tells before anything runs (default: the one it receives).
+    """
 
     type_name: ClassVar[str] = ""
     Config: ClassVar[type[StageConfig]] = StageConfig
+    logs_weight_histograms: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig, name: str):
         self.config = config
         self.name = name
 
-    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
-        """Checks against the real model before anything runs: (path in config, message)."""
+    def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
+        """Checks against the real model before anything runs: (path in config, message).
+        ``view.earlier`` lists the stages that run before this one."""
         return []
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
         raise NotImplementedError
+
+    def releases_masks(self) -> bool:
+        """True where this stage may return an artifact without the incoming masks."""
+        return False
+
+    def output_architecture(self, spec: dict[str, Any],
+                            view: PipelineView) -> dict[str, Any] | None:
+        """The model spec this stage passes on, given the ``spec`` it receives (None: unknown
+        before it runs)."""
+        return spec

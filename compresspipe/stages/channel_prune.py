@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..core.artifact import Artifact
-    from ..pipeline.schema import PipelineConfig
     from .context import StageContext
 
 
@@ -83,7 +82,7 @@ class ChannelPruneStage(Stage):
 
     Config = ChannelPruneConfig
 
-    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+    def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
         from ..compress.structured.structured import check_graph, unit_scores
 
         cfg = self.config

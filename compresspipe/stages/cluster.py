@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..core.artifact import Artifact
-    from ..pipeline.schema import PipelineConfig
     from .context import StageContext
 
 
@@ -72,10 +71,10 @@ class ClusterStage(Stage):
 
     Config = ClusterConfig
 
-    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+    def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
         from ..compress.distill.distill import check_distill
         from ..compress.quant.cluster import layer_bits, unmatched_overrides
-        from ..pipeline.checks import unmatched_pattern_problems
+        from .patterns import unmatched_pattern_problems
 
         cfg = self.config
         problems = [(f"overrides.{p}", f"pattern {p!r} matches no conv or linear layer of the "

@@ -42,7 +42,7 @@ class DistillStage(Stage):
 
     Config = DistillStageConfig
 
-    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+    def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
         from ..compress.distill.distill import check_distill
         from .train import TrainStage
 

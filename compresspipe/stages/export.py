@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
     from ..core.artifact import Artifact
     from ..formats.export import Exported
-    from ..pipeline.schema import PipelineConfig
     from .context import StageContext
 
 ExportFormat = Literal["cpz", "safetensors", "onnx", "torch_export"]
@@ -101,7 +100,7 @@ class ExportStage(Stage):
 
     Config = ExportConfig
 
-    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+    def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
         cfg = self.config
         earlier = getattr(self, "earlier", [])
         problems = []

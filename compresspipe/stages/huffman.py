@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..core.artifact import Artifact
-    from ..pipeline.schema import PipelineConfig
     from .context import StageContext
 
 INT8_STAGES = ("ptq", "qat")  # their deployed model is an int8 ONNX file
@@ -47,7 +46,7 @@ class HuffmanStage(Stage):
 
     Config = HuffmanConfig
 
-    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+    def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
         earlier = getattr(self, "earlier", [])
         if earlier and earlier[-1].type in INT8_STAGES and self.config.float_dtype != "float32":
             return [("float_dtype", f"the int8 ONNX model of stage {earlier[-1].name!r} is "

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..core.artifact import Artifact
-    from ..pipeline.schema import PipelineConfig
     from .context import StageContext
 
 
@@ -49,7 +48,7 @@ class PaSStage(Stage):
 
     Config = PaSConfig
 
-    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+    def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
         from ..compress.structured.structured import check_graph
 
         return check_graph(model, pipeline.data, self.config.ignore, "searched",

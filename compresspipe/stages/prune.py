@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..core.artifact import Artifact
-    from ..pipeline.schema import PipelineConfig
     from .context import StageContext
 
 Method = Literal["oneshot", "imp", "lth", "bimp", "gmp", "dsd", "at_init"]
@@ -167,9 +166,9 @@ class PruneStage(Stage):
 
     Config = PruneConfig
 
-    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+    def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
         from ..compress.pruning.scopes import parse_nm, prunable_weights, select_targets
-        from ..pipeline.checks import unmatched_pattern_problems
+        from .patterns import unmatched_pattern_problems
 
         c = self.config
         problems = unmatched_pattern_problems(model, c.include, "include", weights=True)

@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..core.artifact import Artifact
-    from ..pipeline.schema import PipelineConfig
     from .context import StageContext
 
 
@@ -38,7 +37,7 @@ class PTQStage(Stage):
 
     Config = PTQConfig
 
-    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+    def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
         from torch import nn
 
         if self.config.mode == "dynamic" and not any(isinstance(m, nn.Linear)

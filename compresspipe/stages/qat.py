@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..core.artifact import Artifact
-    from ..pipeline.schema import PipelineConfig
     from .context import StageContext
 
 
@@ -51,8 +50,8 @@ class QATStage(Stage):
 
     Config = QATConfig
 
-    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
-        from ..pipeline.checks import unmatched_pattern_problems
+    def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
+        from .patterns import unmatched_pattern_problems
 
         cfg = self.config
         problems = unmatched_pattern_problems(model, cfg.freeze, "freeze")

@@ -3,13 +3,17 @@ typed config, and the 'stage:NAME' references it makes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from pydantic import (
-    BaseModel,
-)
+from pydantic import BaseModel
+
+from ..core.config import DataConfig, ModelConfig
+from ..tracking.config import TrackingConfig
+
+INPUT_STAGE = "input"  # the stage name of the starting model (the runner saves it first)
 
 
 @dataclass
@@ -50,6 +54,33 @@ class UnparsedStage:
     type: str  # '' for an item that names no single stage type
     params: BaseModel | RawConfig  # the config, where only unknown keys or the name were wrong
     named: bool = True  # False: an explicit name that is invalid
+
+
+@dataclass(frozen=True)
+class PipelineView:
+    """The pipeline as a stage sees it, in checks and at run time: where the network and the
+    data come from, where runs are tracked, every stage's spec and where outputs are saved.
+
+    ``index`` is the position of the stage being served; ``earlier`` the stages before it."""
+
+    model: ModelConfig
+    data: DataConfig
+    tracking: TrackingConfig
+    output_dir: Path
+    stages: list[StageSpec] = field(default_factory=list)
+    index: int = 0
+
+    @property
+    def earlier(self) -> list[StageSpec]:
+        return self.stages[: self.index]
+
+    def resolved_output_dir(self) -> Path:
+        return self.output_dir
+
+    def at(self, index: int) -> PipelineView:
+        """The same pipeline seen from the stage at ``index``."""
+        return PipelineView(self.model, self.data, self.tracking, self.output_dir, self.stages,
+                            index)
 
 
 def stage_references(spec: StageSpec) -> list[tuple[str, str]]:

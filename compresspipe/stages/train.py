@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..core.artifact import Artifact
-    from ..pipeline.schema import PipelineConfig
     from .context import StageContext
 
 REWIND_PREFIX = "rewind/"
@@ -45,9 +44,9 @@ class TrainStage(Stage):
 
     Config = TrainStageConfig
 
-    def check(self, model: nn.Module, pipeline: PipelineConfig) -> list[tuple[str, str]]:
+    def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
         from ..core.training import frozen_parameters
-        from ..pipeline.checks import unmatched_pattern_problems
+        from .patterns import unmatched_pattern_problems
 
         problems = unmatched_pattern_problems(model, self.config.freeze, "freeze")
         if self.config.freeze and len(frozen_parameters(model, self.config.freeze)) == len(

@@ -892,7 +892,7 @@ def check_graph(model: nn.Module, data_cfg, ignore: Sequence[str], what: str = "
                 **graph_kwargs) -> tuple[StructuredGraph | None, list[tuple[str, str]]]:
     """The dependency graph a structured stage would work on, or the validation problems
     (``ignore`` patterns that match nothing, a layer the graph cannot handle, no group left)."""
-    from ...pipeline.checks import unmatched_pattern_problems
+    from ...stages.patterns import unmatched_pattern_problems
 
     problems = unmatched_pattern_problems(model, ignore, "ignore", kind="module")
     if problems:
