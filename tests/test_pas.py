@@ -11,7 +11,9 @@ from test_structured import SHAPE, build
 from torch import nn
 
 import compresspipe
-from compresspipe.compress.structured import structured as S
+from compresspipe.compress.structured.allocate import remove_units
+from compresspipe.compress.structured.cost import CostModel
+from compresspipe.compress.structured.graph import StructuredGraph
 from compresspipe.compress.structured.pas import BinaryGate, PaSHook
 from compresspipe.core.errors import ConfigError
 from compresspipe.core.measure import count_macs
@@ -47,8 +49,8 @@ def _randomise_norms(model: nn.Module, seed: int) -> None:
 def test_gated_model_equals_model_with_channels_removed(family):
     model, _ = build(family, seed=1)
     _randomise_norms(model, 0)
-    graph = S.StructuredGraph(model, SHAPE, need_gateable=True)
-    cost = S.CostModel(graph)
+    graph = StructuredGraph(model, SHAPE, need_gateable=True)
+    cost = CostModel(graph)
     search = PaSHook(graph, cost, p=0.5, alpha=0.1)
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -65,7 +67,7 @@ def test_gated_model_equals_model_with_channels_removed(family):
     allocation = search.removals("search", max_ratio=0.9)
     assert sum(len(r) for r in allocation.removals) > 0
     dense_macs = count_macs(model, SHAPE)["macs"]
-    S.remove_units(graph, allocation.removals)
+    remove_units(graph, allocation.removals)
     with torch.no_grad():
         pruned = model(x)
     assert torch.allclose(gated, pruned, atol=1e-4, rtol=1e-4), (gated - pruned).abs().max()
@@ -75,7 +77,7 @@ def test_gated_model_equals_model_with_channels_removed(family):
 
 def test_searchable_groups_exclude_layernorm_mixing():
     model, _ = build("convnext")
-    graph = S.StructuredGraph(model, SHAPE, need_gateable=True)
+    graph = StructuredGraph(model, SHAPE, need_gateable=True)
     assert graph.groups and all(".mlp.fc1" in g.name for g in graph.groups)
     assert any("LayerNorm" in r for r in graph.skipped.values())
 
@@ -83,8 +85,8 @@ def test_searchable_groups_exclude_layernorm_mixing():
 def test_macs_term_pulls_every_gate_down_and_ce_reaches_the_gates():
     model, _ = build("resnet")
     _randomise_norms(model, 1)
-    graph = S.StructuredGraph(model, SHAPE, need_gateable=True)
-    search = PaSHook(graph, S.CostModel(graph), p=0.3, alpha=0.1)
+    graph = StructuredGraph(model, SHAPE, need_gateable=True)
+    search = PaSHook(graph, CostModel(graph), p=0.3, alpha=0.1)
     x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3])
     loss = search.extra_loss(model, x, torch.zeros(4, 10), y)["macs"]
     gates = sum(g.units for g in graph.groups)

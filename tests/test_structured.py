@@ -16,10 +16,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import compresspipe
-from compresspipe.compress.structured import structured as S
+from compresspipe.compress.structured.allocate import allocate, remove_units
+from compresspipe.compress.structured.cost import CostModel
+from compresspipe.compress.structured.graph import StructuredGraph
+from compresspipe.compress.structured.importance import make_importance, unit_scores
 from compresspipe.core.artifact import Artifact
 from compresspipe.core.errors import CompressPipeError, ConfigError
 from compresspipe.core.measure import count_macs
+from compresspipe.core.structure import apply_structure, describe_structure
+from compresspipe.stages.structured_support import base_model, layer_widths
 
 SHAPE = (1, 1, 32, 32)
 # the tiny timm variant of each family the issue names (ViT with 4 heads over 8x8 patches)
@@ -44,17 +49,17 @@ def family_spec(family: str) -> dict:
 def build(family: str, seed: int = 0) -> tuple[nn.Module, dict]:
     torch.manual_seed(seed)
     spec = family_spec(family)
-    return S.base_model(spec).eval(), spec
+    return base_model(spec).eval(), spec
 
 
 def prune(model: nn.Module, ratio: float, target: str = "macs", scope: str = "global",
           criterion: str = "l1", masks=None, **kwargs):
-    graph = S.StructuredGraph(model, SHAPE, kwargs.pop("ignore", ()))
-    cost = S.CostModel(graph)
+    graph = StructuredGraph(model, SHAPE, kwargs.pop("ignore", ()))
+    cost = CostModel(graph)
     goal = float(cost.evaluate()[target]) * (1 - ratio)
-    scores = S.unit_scores(graph, S.make_importance(criterion))
-    allocation = S.allocate(graph, cost, scores, target, goal, scope, **kwargs)
-    new_masks = S.remove_units(graph, allocation.removals, masks)
+    scores = unit_scores(graph, make_importance(criterion))
+    allocation = allocate(graph, cost, scores, target, goal, scope, **kwargs)
+    new_masks = remove_units(graph, allocation.removals, masks)
     return graph, allocation, goal, new_masks
 
 
@@ -85,7 +90,7 @@ def test_family_prunes_runs_and_counts_exactly(family):
 def test_targets_are_met_within_two_percent(family, target, scope, ratio):
     model, _ = build(family)
     _, allocation, goal, _ = prune(model, ratio, target=target, scope=scope)
-    graph = S.StructuredGraph(model, SHAPE)
+    graph = StructuredGraph(model, SHAPE)
     value = {"macs": count_macs(model, SHAPE)["macs"],
              "params": sum(p.numel() for p in model.parameters()),
              "channels": allocation.predicted["channels"]}[target]
@@ -100,7 +105,7 @@ def test_targets_are_met_within_two_percent(family, target, scope, ratio):
 def test_any_budget_is_allocated_within_two_percent(ratio, target, scope, family):
     graph, cost, scores = _analysed(family)
     goal = float(cost.evaluate()[target]) * (1 - ratio)
-    allocation = S.allocate(graph, cost, scores, target, goal, scope)
+    allocation = allocate(graph, cost, scores, target, goal, scope)
     assert abs(allocation.predicted[target] - goal) <= 0.02 * goal
 
 
@@ -110,9 +115,9 @@ _ANALYSED: dict = {}
 def _analysed(family: str):
     """Graph, cost model and L1 scores of an unpruned model (allocation does not modify it)."""
     if family not in _ANALYSED:
-        graph = S.StructuredGraph(build(family)[0], SHAPE)
-        _ANALYSED[family] = (graph, S.CostModel(graph),
-                             S.unit_scores(graph, S.make_importance("l1")))
+        graph = StructuredGraph(build(family)[0], SHAPE)
+        _ANALYSED[family] = (graph, CostModel(graph),
+                             unit_scores(graph, make_importance("l1")))
     return _ANALYSED[family]
 
 
@@ -166,7 +171,7 @@ def test_structure_reloads_in_a_fresh_process(tmp_path):
     for family in ("resnet", "convnext", "vit"):  # BatchNorm, layer scale + LayerNorm, heads
         model, spec = build(family)
         prune(model, 0.5)
-        structure = S.describe_structure(model, S.base_model(spec))
+        structure = describe_structure(model, base_model(spec))
         assert structure["layers"]
         json.dumps(structure)  # JSON, not pickle
         Artifact(model=model, spec={**spec, "structure": structure}).save(tmp_path / family)
@@ -195,11 +200,11 @@ def test_structure_reloads_in_a_fresh_process(tmp_path):
 def test_apply_structure_rejects_what_does_not_fit():
     model, spec = build("resnet")
     with pytest.raises(CompressPipeError, match="'layer9.conv'"):
-        S.apply_structure(S.base_model(spec), {"version": 1, "layers": {"layer9.conv": {"out": 3}}})
+        apply_structure(base_model(spec), {"version": 1, "layers": {"layer9.conv": {"out": 3}}})
     with pytest.raises(CompressPipeError, match="'fc'.*cannot narrow to 900"):
-        S.apply_structure(S.base_model(spec), {"version": 1, "layers": {"fc": {"in": 900}}})
+        apply_structure(base_model(spec), {"version": 1, "layers": {"fc": {"in": 900}}})
     with pytest.raises(CompressPipeError, match="version"):
-        S.apply_structure(S.base_model(spec), {"version": 99})
+        apply_structure(base_model(spec), {"version": 99})
 
 
 def test_unsupported_attention_is_a_clear_error_naming_the_layer():
@@ -207,30 +212,30 @@ def test_unsupported_attention_is_a_clear_error_naming_the_layer():
     spec = {"source": "timm", "name": "test_vit_relpos",
             "kwargs": {"num_classes": 10, "in_chans": 1, "img_size": 32}}
     with pytest.raises(CompressPipeError, match=r"'blocks\.0\.attn\.rel_pos' \(RelPosMlp\)"):
-        S.StructuredGraph(S.base_model(spec), SHAPE)
+        StructuredGraph(base_model(spec), SHAPE)
 
 
 def test_groups_that_must_keep_their_width_say_why():
     model, _ = build("vit")
-    reasons = " | ".join(S.StructuredGraph(model, SHAPE).skipped.values())
+    reasons = " | ".join(StructuredGraph(model, SHAPE).skipped.values())
     assert "head produces the model output" in reasons
     assert "token embedding" in reasons  # the residual stream of a ViT keeps its width
-    graph = S.StructuredGraph(model, SHAPE, ignore=["blocks.0"])
+    graph = StructuredGraph(model, SHAPE, ignore=["blocks.0"])
     assert graph.skipped["blocks.0.attn (heads)"] == "blocks.0.attn.qkv is ignored"
     assert graph.skipped["blocks.0.mlp.fc1"] == "blocks.0.mlp.fc1 is ignored"
     assert not any(g.name.startswith("blocks.0.") for g in graph.groups)
     grouped = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(),
                             nn.LazyLinear(4))
     grouped(torch.randn(1, 1, 8, 8))
-    graph = S.StructuredGraph(grouped, (1, 1, 8, 8))
+    graph = StructuredGraph(grouped, (1, 1, 8, 8))
     assert any("grouped convolution 1 (groups=2)" in r for r in graph.skipped.values())
 
 
 def test_ignore_and_round_to():
     model, spec = build("resnet")
-    base = S.base_model(spec)
+    base = base_model(spec)
     prune(model, 0.5, ignore=["layer4"], round_to=8)
-    widths = {r["layer"]: r for r in S.layer_widths(model, base)}
+    widths = {r["layer"]: r for r in layer_widths(model, base)}
     assert widths["layer4.0.conv1"]["kept"] == widths["layer4.0.conv1"]["total"]
     assert any(r["kept"] < r["total"] for r in widths.values())
     assert all(r["kept"] % 8 == 0 or r["layer"] == "fc" for r in widths.values())

@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import DataConfig, ModelConfig
 from .errors import CompressPipeError
+from .structure import apply_structure
 
 # Factories a pipeline file (or the caller, through allow_factory) named in this process. A spec
 # read back from artifact.json or .cpz metadata may only use these: metadata must never choose
@@ -72,8 +73,6 @@ def build_from_spec(spec: dict[str, Any], pretrained: bool = False) -> nn.Module
     """
     model = _build_base(spec, pretrained)
     if spec.get("structure"):
-        from ..compress.structured.structured import apply_structure
-
         apply_structure(model, spec["structure"])
     return model
 

@@ -3,19 +3,30 @@ graph, to a channel, parameter or MACs budget, in one or several steps with fine
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
+from torch import nn
 
+from ..compress.structured.allocate import allocate, remove_units
+from ..compress.structured.cost import CostModel
+from ..compress.structured.graph import StructuredGraph
+from ..compress.structured.importance import (
+    BatchNormL1,
+    accumulate_gradients,
+    group_batchnorms,
+    make_importance,
+    unit_scores,
+)
+from ..core.artifact import Artifact
 from ..core.config import StrictModel, TrainConfig
+from ..core.errors import CompressPipeError
+from ..core.measure import count_macs
 from .base import Stage, StageConfig
+from .context import StageContext
 from .registry import register_stage
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from ..core.artifact import Artifact
-    from .context import StageContext
+from .spec import PipelineView
+from .structured_support import check_graph, record_result, stage_start
 
 
 class LatencyConfig(StrictModel):
@@ -83,34 +94,28 @@ class ChannelPruneStage(Stage):
     Config = ChannelPruneConfig
 
     def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
-        from ..compress.structured.structured import check_graph, unit_scores
-
         cfg = self.config
-        graph, problems = check_graph(model, pipeline.data, cfg.ignore)
+        graph, problems = check_graph(model, view.data, cfg.ignore)
         if problems:
             return problems
-        if cfg.criterion == "bn_scale":
-            from ..compress.structured.structured import make_importance
-
-            if all(s is None for s in unit_scores(graph, make_importance("bn_scale"))):
-                return [("criterion", "'bn_scale' reads BatchNorm scales, and no prunable "
-                         "group of this model has a BatchNorm layer; use l1, l2, fpgm or taylor")]
+        if cfg.criterion == "bn_scale" and all(
+                s is None for s in unit_scores(graph, make_importance("bn_scale"))):
+            return [("criterion", "'bn_scale' reads BatchNorm scales, and no prunable "
+                     "group of this model has a BatchNorm layer; use l1, l2, fpgm or taylor")]
         return []
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        from ..compress.structured import structured as S
-
         cfg = self.config
-        model, shape, dense, graph = S.stage_start(artifact, ctx, self.name, cfg.ignore)
+        model, shape, dense, graph = stage_start(artifact, ctx, self.name, cfg.ignore)
         if cfg.sparsity is not None:
-            hook = S.BatchNormL1(S.group_batchnorms(graph), cfg.sparsity.l1)
+            hook = BatchNormL1(group_batchnorms(graph), cfg.sparsity.l1)
             ctx.trainer(model, cfg.sparsity.train, hooks=[hook], masks=artifact.masks,
                         key="sparsity").fit()
-        reference = float(S.CostModel(graph).evaluate()[cfg.target])
+        reference = float(CostModel(graph).evaluate()[cfg.target])
         steps = []
         for step in range(1, cfg.steps + 1):
             if step > 1:
-                graph = S.StructuredGraph(model, shape, cfg.ignore)
+                graph = StructuredGraph(model, shape, cfg.ignore)
             goal = reference * (1 - cfg.ratio * step / cfg.steps)
             steps.append(self._prune_step(graph, artifact, ctx, goal, step))
             if cfg.train is not None and cfg.train.epochs > 0:
@@ -118,30 +123,26 @@ class ChannelPruneStage(Stage):
         info = {"method": "channel_prune", "criterion": cfg.criterion, "target": cfg.target,
                 "ratio": cfg.ratio, "scope": cfg.scope, "steps": steps,
                 "kept_groups": graph.skipped}
-        S.record_result(artifact, ctx, dense, shape, cfg.latency, info)
+        record_result(artifact, ctx, dense, shape, cfg.latency, info)
         return artifact
 
-    def _prune_step(self, graph, artifact: Artifact, ctx: StageContext, goal: float,
+    def _prune_step(self, graph: StructuredGraph, artifact: Artifact, ctx: StageContext, goal: float,
                     step: int) -> dict:
         """Score, allocate and remove one step's channels; return what was predicted."""
-        from ..compress.structured import structured as S
-        from ..core.errors import CompressPipeError
-        from ..core.measure import count_macs
-
         cfg = self.config
-        cost = S.CostModel(graph)
+        cost = CostModel(graph)
         if cfg.criterion == "taylor":
-            S.accumulate_gradients(graph.model, ctx.data.train_loader(shard=False), ctx.device,
-                                   cfg.taylor_batches)
-        scores = S.unit_scores(graph, S.make_importance(cfg.criterion))
+            accumulate_gradients(graph.model, ctx.data.train_loader(shard=False), ctx.device,
+                                 cfg.taylor_batches)
+        scores = unit_scores(graph, make_importance(cfg.criterion))
         if all(s is None for s in scores):
             raise CompressPipeError(f"stage {self.name!r}: criterion {cfg.criterion!r} finds "
                                     "nothing to score in any prunable group")
-        allocation = S.allocate(graph, cost, scores, cfg.target, goal, cfg.scope,
-                                cfg.max_layer_ratio, cfg.round_to)
+        allocation = allocate(graph, cost, scores, cfg.target, goal, cfg.scope,
+                              cfg.max_layer_ratio, cfg.round_to)
         widths = [{"group": g.name, "kind": g.kind, "kept": g.units - len(r), "total": g.units}
                   for g, r in zip(graph.groups, allocation.removals, strict=True)]
-        artifact.masks = S.remove_units(graph, allocation.removals, artifact.masks)
+        artifact.masks = remove_units(graph, allocation.removals, artifact.masks)
         measured = count_macs(graph.model, graph.input_shape)
         ctx.log_metrics({"step_macs": measured["macs"], "step_params": measured["params"]}, step)
         return {"step": step, "goal": goal, "predicted": allocation.predicted,

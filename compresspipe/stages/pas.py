@@ -3,20 +3,22 @@ then remove the gated-off channels physically and fine-tune."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field
+from torch import nn
 
+from ..compress.structured.allocate import remove_units
+from ..compress.structured.cost import CostModel
+from ..compress.structured.pas import PaSHook
+from ..core.artifact import Artifact
 from ..core.config import TrainConfig
 from .base import Stage, StageConfig
 from .channel_prune import LatencyConfig
+from .context import StageContext
 from .registry import register_stage
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from ..core.artifact import Artifact
-    from .context import StageContext
+from .spec import PipelineView
+from .structured_support import check_graph, record_result, stage_start
 
 
 class PaSConfig(StageConfig):
@@ -49,19 +51,14 @@ class PaSStage(Stage):
     Config = PaSConfig
 
     def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
-        from ..compress.structured.structured import check_graph
-
-        return check_graph(model, pipeline.data, self.config.ignore, "searched",
+        return check_graph(model, view.data, self.config.ignore, "searched",
                            need_gateable=True)[1]
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        from ..compress.structured import structured as S
-        from ..compress.structured.pas import PaSHook
-
         cfg = self.config
-        model, shape, dense, graph = S.stage_start(artifact, ctx, self.name, cfg.ignore,
-                                                   "searched", need_gateable=True)
-        cost = S.CostModel(graph)
+        model, shape, dense, graph = stage_start(artifact, ctx, self.name, cfg.ignore,
+                                                 "searched", need_gateable=True)
+        cost = CostModel(graph)
         search = PaSHook(graph, cost, cfg.p, cfg.alpha, cfg.gate_scale)
         try:
             ctx.trainer(model, cfg.search, hooks=[search], masks=artifact.masks,
@@ -71,12 +68,12 @@ class PaSStage(Stage):
         searched = search.searched_widths()
         searched_ratio = float(search.macs_ratio().detach())
         allocation = search.removals(cfg.budget, cfg.max_layer_ratio)
-        artifact.masks = S.remove_units(graph, allocation.removals, artifact.masks)
+        artifact.masks = remove_units(graph, allocation.removals, artifact.masks)
         if cfg.finetune is not None and cfg.finetune.epochs > 0:
             ctx.trainer(model, cfg.finetune, masks=artifact.masks, key="finetune").fit()
         info = {"method": "pas", "p": cfg.p, "alpha": cfg.alpha, "budget": cfg.budget,
                 "gate_scale": search.gates[0].scale,
                 "searched_macs_ratio": searched_ratio, "searched_widths": searched,
                 "predicted": allocation.predicted, "kept_groups": graph.skipped}
-        S.record_result(artifact, ctx, dense, shape, cfg.latency, info)
+        record_result(artifact, ctx, dense, shape, cfg.latency, info)
         return artifact

@@ -8,7 +8,7 @@ through to v. Training minimises
     CE + alpha * (N / 10) * ((MACs(gates) - (1 - p) * MACs_dense) / MACs_dense)^2
 
 where MACs(gates) is the exact MAC count of the network with the gated-off channels removed
-(``structured.CostModel``), a differentiable function of the binarised gates, and N the number
+(``cost.CostModel``), a differentiable function of the binarised gates, and N the number
 of gates. Normalisation: MACs as a fraction of the dense count make the term independent of the
 network's size; one gate's share of that fraction is about 2/N (MACs are bilinear in the
 widths), so the factor N keeps the budget's pull on a single gate from fading as networks get
@@ -36,16 +36,15 @@ channels, so a gated channel would still shift its statistics.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from ...core.structure import CONV
 from ...core.training import TrainHook
-from .structured import _CONV, Allocation, allocate, is_depthwise
-
-if TYPE_CHECKING:
-    from .structured import ChannelGroup, CostModel, StructuredGraph
+from .allocate import Allocation, allocate
+from .cost import CostModel
+from .graph import ChannelGroup, StructuredGraph, is_depthwise
 
 THRESHOLD = 0.5
 PULL_PER_GATE = 0.1  # the MACs term is scaled by N * this (see the module docstring)
@@ -78,10 +77,10 @@ def _gate_points(graph: StructuredGraph, g: ChannelGroup) -> list[tuple[nn.Modul
     points: dict[int, tuple[nn.Module, torch.Tensor]] = {}
     for it in g.items:
         target = it.dep.target.module
-        if (not isinstance(target, (*_CONV, nn.Linear)) or graph.is_out(it.dep.handler)
+        if (not isinstance(target, (*CONV, nn.Linear)) or graph.is_out(it.dep.handler)
                 or is_depthwise(target)):
             continue
-        width = target.in_channels if isinstance(target, _CONV) else target.in_features
+        width = target.in_channels if isinstance(target, CONV) else target.in_features
         roots = points.get(id(target), (target, torch.full((width,), -1, dtype=torch.long)))[1]
         roots[torch.tensor(it.idxs, dtype=torch.long)] = torch.tensor(it.root_idxs,
                                                                       dtype=torch.long)
