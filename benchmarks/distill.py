@@ -42,7 +42,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compresspipe.compress.distill.config import DistillConfig
-from compresspipe.compress.distill.distill import DistillHook, agreement
+from compresspipe.compress.distill.hook import DistillHook, agreement
 from compresspipe.core.config import DataConfig, TrainConfig
 from compresspipe.core.data import build_data
 from compresspipe.core.masks import MaskHook

@@ -13,15 +13,8 @@ from torch import nn
 
 import compresspipe
 from compresspipe.compress.distill.config import DistillConfig
-from compresspipe.compress.distill.distill import (
-    DistillHook,
-    agreement,
-    check_distill,
-    kd_loss,
-    load_teacher,
-    resolve_teacher,
-    stage_architecture,
-)
+from compresspipe.compress.distill.hook import DistillHook, agreement
+from compresspipe.compress.distill.losses import kd_loss
 from compresspipe.core.config import DataConfig, TrainConfig
 from compresspipe.core.data import build_data
 from compresspipe.core.errors import ConfigError
@@ -29,6 +22,13 @@ from compresspipe.core.masks import MaskHook
 from compresspipe.core.measure import evaluate
 from compresspipe.core.models import build_from_spec
 from compresspipe.core.training import Trainer, TrainHook
+from compresspipe.stages.spec import PipelineView
+from compresspipe.stages.teacher import (
+    check_distill,
+    load_teacher,
+    resolve_teacher,
+    stage_architecture,
+)
 
 CPU = torch.device("cpu")
 
@@ -250,7 +250,7 @@ def test_teacher_from_path_checkpoint_and_mlflow_uri(distilled, tmp_path):
     for source in sources:
         teacher = load_teacher(DistillConfig(teacher=source), pipeline)
         assert all(torch.equal(dense[k], v) for k, v in teacher.state_dict().items()), source
-    ctx = SimpleNamespace(pipeline=SimpleNamespace(config=pipeline),
+    ctx = SimpleNamespace(view=pipeline,
                           load_stage=lambda name: compresspipe.load(out / name))
     teacher = resolve_teacher(DistillConfig(teacher="stage:dense"), ctx)
     assert all(torch.equal(dense[k], v) for k, v in teacher.state_dict().items())
@@ -468,18 +468,21 @@ def test_input_model_as_teacher_has_the_input_architecture(tmp_path):
     cfg["stages"] = [{"name": "dense", "train": {"epochs": 1}},
                      {"name": "small", "distill": {"teacher": "stage:dense",
                                                    "student": {"name": "test_efficientnet"}}}]
-    config = compresspipe.load_pipeline(cfg).config
-    assert stage_architecture(config, "input")["name"] == "test_resnet"
-    student = build_from_spec(stage_architecture(config, "small"))
+    pipeline = compresspipe.load_pipeline(cfg)
+    config = pipeline.config
+    view = PipelineView(config.model, config.data, config.tracking, config.resolved_output_dir(),
+                        pipeline.stages)
+    assert stage_architecture(view, "input")["name"] == "test_resnet"
+    student = build_from_spec(stage_architecture(view, "small"))
     features = [{"student": "conv_head", "teacher": "layer3"}]
     assert check_distill(DistillConfig(teacher="stage:input", features=features), student,
-                         config) == []
+                         view) == []
 
 
 def test_registered_model_version_as_teacher(tmp_path):
     """models:/NAME/VERSION resolves in the pipeline's tracking store; an MLflow model (such
     as the export stage's ONNX file) is rejected with the runs:/ URI to use instead."""
-    from compresspipe.compress.distill.distill import TeacherError
+    from compresspipe.compress.distill.teacher import TeacherError
     from compresspipe.core.artifact import Artifact
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -21,7 +21,8 @@ from mlflow.tracking import MlflowClient
 from onnx import numpy_helper
 
 import compresspipe
-import compresspipe.compress.distill.distill
+import compresspipe.stages.qat
+import compresspipe.stages.teacher
 from compresspipe.compress.quant.conv_taps import apply_window, recorded_windows
 from compresspipe.compress.quant.onnx_int8 import INT8_FILE, check_int8_masks
 from compresspipe.compress.quant.pt2e import example_batch
@@ -31,7 +32,7 @@ from compresspipe.core.errors import CompressPipeError, ConfigError, MaskViolati
 from compresspipe.pipeline.loader import load_pipeline
 from compresspipe.stages.base import Stage, StageConfig
 
-_REAL_DISTILL_HOOK = compresspipe.compress.distill.distill.distill_hook
+_REAL_DISTILL_HOOK = compresspipe.stages.teacher.distill_hook
 # layer4.0.conv2 runs on a 1x1 feature map at 16x16 inputs: the file keeps only its centre taps
 PRUNED = ("layer1.0.conv1.weight", "fc.weight", "layer4.0.conv2.weight")
 
@@ -81,7 +82,7 @@ def int8_run(tmp_path_factory):
     ]
     _HOOK_CALLS.clear()
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
-        mp.setattr(compresspipe.compress.distill.distill, "distill_hook", _recording_distill_hook)
+        mp.setattr(compresspipe.stages.qat, "distill_hook", _recording_distill_hook)
         warnings.simplefilter("always")
         summary = compresspipe.run(cfg)
     return out, summary, caught

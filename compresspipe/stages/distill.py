@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
+import torch
 from pydantic import Field
+from torch import nn
 
 from ..compress.distill.config import DistillConfig
-from ..core.config import ModelConfig, TrainConfig
+from ..compress.distill.hook import agreement
+from ..core import artifact_keys
+from ..core.artifact import Artifact
+from ..core.config import DataConfig, ModelConfig, TrainConfig
+from ..core.errors import CompressPipeError, suggest
+from ..core.measure import check_masks, evaluate
+from ..core.models import build_from_spec, build_model, load_weights, model_spec, read_checkpoint
 from .base import Stage
+from .context import StageContext
 from .registry import register_stage
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from ..core.artifact import Artifact
-    from ..pipeline.schema import PipelineConfig
-    from .context import StageContext
+from .spec import UNKNOWN_STUDENT, PipelineView
+from .teacher import check_distill, distill_hook
+from .train import TrainStage
 
 
 class DistillStageConfig(DistillConfig):
@@ -43,25 +48,36 @@ class DistillStage(Stage):
     Config = DistillStageConfig
 
     def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
-        from ..compress.distill.distill import check_distill
-        from .train import TrainStage
-
         cfg: DistillStageConfig = self.config  # type: ignore[assignment]
         problems: list[tuple[str, str]] = []
         if cfg.student is not None:
-            model, problems = _check_student(cfg.student, pipeline)
+            model, problems = _check_student(cfg.student, view.data)
             if model is None:
                 return problems
         problems += [(f"train.{path}", msg)
-                     for path, msg in TrainStage(cfg.train, self.name).check(model, pipeline)]
-        return problems + check_distill(cfg, model, pipeline)
+                     for path, msg in TrainStage(cfg.train, self.name).check(model, view)]
+        return problems + check_distill(cfg, model, view)
+
+    def releases_masks(self) -> bool:
+        """A new student network drops the incoming model's masks with the model."""
+        return self.config.student is not None
+
+    def output_architecture(self, spec: dict[str, Any],
+                            view: PipelineView) -> dict[str, Any] | None:
+        """The ``student``'s spec where it replaces the network (None where the file does not
+        tell which network, or it cannot be read), else the incoming ``spec``."""
+        # a config that did not parse (checks) is a RawConfig, which may lack ``student``
+        student = getattr(self.config, "student", None)
+        if student is UNKNOWN_STUDENT:
+            return None
+        if isinstance(student, ModelConfig):
+            try:
+                return model_spec(student, view.data)
+            except (OSError, CompressPipeError):
+                return None
+        return spec
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        import torch
-
-        from ..compress.distill.distill import agreement, distill_hook
-        from ..core.measure import check_masks, evaluate
-
         cfg: DistillStageConfig = self.config  # type: ignore[assignment]
         if cfg.student is not None:
             artifact = _with_new_student(artifact, cfg.student, ctx)
@@ -84,44 +100,36 @@ class DistillStage(Stage):
         if hook.cache is not None:
             metrics["teacher_cache_images"] = len(hook.cache)
         ctx.log_metrics(metrics, None)
-        artifact.meta["distill"] = {"stage": self.name, "teacher": cfg.teacher, **metrics}
+        artifact_keys.set_distill(artifact, {"stage": self.name, "teacher": cfg.teacher, **metrics})
         return artifact
 
 
 def _with_new_student(artifact: Artifact, student: ModelConfig, ctx: StageContext) -> Artifact:
     """A fresh artifact holding the new student network; the old model's masks, quantization
-    state and extras describe a network that is gone."""
-    import torch
-
-    from ..core.artifact import Artifact
-    from ..core.models import build_model
-
+    state and extras describe a network that is gone (``releases_masks`` tells the runner)."""
     torch.manual_seed(ctx.seed)  # the student's initialisation does not depend on earlier stages
-    model, spec = build_model(student, ctx.pipeline.config.data)
-    meta = {"masks_released": True} if artifact.masks else {}
-    return Artifact(model=model, spec=spec, meta=meta, lineage=artifact.lineage)
+    model, spec = build_model(student, ctx.view.data)
+    return Artifact(model=model, spec=spec, meta={}, lineage=artifact.lineage)
 
 
-def _check_student(student: ModelConfig, pipeline: PipelineConfig) -> tuple[nn.Module | None,
-                                                                           list[tuple[str, str]]]:
-    """Build the ``student:`` network without hub weights; (model or None, problems)."""
-    from ..core.errors import CompressPipeError, suggest
-    from ..core.models import build_from_spec, load_weights, model_spec, read_checkpoint
-
+def _check_student(student: ModelConfig, data: DataConfig) -> tuple[nn.Module | None,
+                                                                    list[tuple[str, str]]]:
+    """Build the ``student:`` network (for ``data``) without hub weights; (model or None,
+    problems)."""
     if student.name is not None:
-        import timm
+        import timm  # lazy: importing timm takes seconds
 
         if not timm.is_model(student.name):
             return None, [("student.name", f"unknown timm model {student.name!r}"
                            f"{suggest(student.name, timm.list_models())}")]
-    expected = pipeline.data.dataset_num_classes()
+    expected = data.dataset_num_classes()
     given = student.kwargs.get("num_classes")
     if expected is not None and given is not None and given != expected:
         return None, [("student.kwargs.num_classes", f"the student has {given} classes but "
-                       f"dataset {pipeline.data.name!r} has {expected}")]
+                       f"dataset {data.name!r} has {expected}")]
     if student.checkpoint is not None and not student.checkpoint.is_file():
         return None, [("student.checkpoint", f"file not found: {student.checkpoint}")]
-    spec = model_spec(student, pipeline.data)
+    spec = model_spec(student, data)
     try:
         model = build_from_spec(spec)
     except CompressPipeError as exc:

@@ -1,1 +1,4 @@
-"""Knowledge distillation: the losses, the training hook and where a teacher comes from."""
+"""Knowledge distillation without the pipeline: ``config`` (DistillConfig), ``losses`` (the KD
+and feature terms, feature probing), ``hook`` (DistillHook for the training loop, agreement) and
+``teacher`` (how a teacher string is read; timm, checkpoint and artifact teachers). Stage and
+MLflow teachers are resolved in ``compresspipe.stages.teacher``."""
