@@ -18,6 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check compresspipe tests benchmarks
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 # every benchmarks/*.py in full (long), then benchmarks/REPORT.md from benchmarks/results/
@@ -39,6 +40,7 @@ soak: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check compresspipe tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

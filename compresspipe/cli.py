@@ -7,9 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import re
 import sys
+import tempfile
+import textwrap
 from importlib import resources
 from pathlib import Path
+
+from . import __version__
+from .core.errors import ArtifactError, CompressPipeError, ConfigError
 
 EXIT_ERROR, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -66,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.version:
-        from . import __version__
-
         print(f"compresspipe {__version__}")
         return 0
     if args.command is None:
@@ -81,13 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # output piped into `head` and closed early: not an error of ours
-        import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:  # one clear line for users, the traceback on request
-        from .core.errors import CompressPipeError, ConfigError
-
         if args.debug:
             raise
         if isinstance(exc, CompressPipeError):
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    # lazy: only the command that runs loads what it needs; --help stays instant
     from .core.distributed import is_main
     from .pipeline.loader import load_pipeline
     from .pipeline.runner import run_pipeline
@@ -106,8 +110,6 @@ def _run(args) -> int:
 
     pipeline = load_pipeline(args.file or quickstart_path(), args.overrides)
     if not args.debug:
-        import logging
-
         # MLflow narrates creating its sqlite tables at INFO; our own lines say what happens
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     summary = run_pipeline(pipeline, resume=args.resume)
@@ -125,7 +127,7 @@ def _run(args) -> int:
 def _validate(args) -> int:
     """Each file checked on its own: 'valid' on stdout or its errors on stderr; the exit code
     is 0 only when every file is valid (2 when only pipeline files were at fault)."""
-    from .core.errors import CompressPipeError, ConfigError
+    # lazy: only the command that runs loads what it needs; --help stays instant
     from .pipeline.loader import load_pipeline
 
     failures: list[int] = []
@@ -153,6 +155,7 @@ def _validate(args) -> int:
 
 
 def _schema(args) -> int:
+    # lazy: only the command that runs loads what it needs; --help stays instant
     from .pipeline.schema import json_schema
 
     text = json.dumps(json_schema(), indent=2)
@@ -165,9 +168,7 @@ def _schema(args) -> int:
 
 
 def _stages(args) -> int:
-    import re
-    import textwrap
-
+    # lazy: only the command that runs loads what it needs; --help stays instant
     from .pipeline.docs import type_label, value_label
     from .stages.registry import list_stages
 
@@ -191,9 +192,7 @@ def _stages(args) -> int:
 
 
 def _inspect(args) -> int:
-    import os
-
-    from .core.errors import ArtifactError
+    # lazy: only the command that runs loads what it needs; --help stays instant
     from .formats import CpzFormatError, inspect_cpz
 
     try:
@@ -212,9 +211,9 @@ def _inspect(args) -> int:
 
 
 def _decompress(args) -> int:
+    # lazy: only the command that runs loads what it needs; --help stays instant
     from safetensors.torch import save_file
 
-    from .core.errors import ArtifactError
     from .formats.cpz_model import read_model_cpz, read_onnx_cpz
 
     out = Path(args.output)
@@ -236,8 +235,6 @@ def _decompress(args) -> int:
 
 def _write_atomically(path: Path, write) -> None:
     """``write(tmp)`` next to ``path``, then rename: a failure never leaves half a file."""
-    import os
-    import tempfile
 
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)

@@ -9,6 +9,7 @@ half-written artifact.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -20,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from .errors import ArtifactError
+from .models import build_from_saved_spec
 
 FORMAT_VERSION = 1
 META_FILE = "artifact.json"
@@ -61,10 +65,11 @@ class Artifact:
             return self.model.eval()
         fmt = self.deploy["format"]
         module = str(self.deploy.get("module", ""))
+        module = _MOVED_MODULES.get(module, module)
         if fmt not in _DEPLOY_LOADERS and module.startswith("compresspipe."):
-            # only our own modules: artifact metadata must never choose code to import
-            import importlib
-
+            # the module that registers the format is imported by name so that this layer does
+            # not import the layers above it; only our own modules: artifact metadata must
+            # never choose code to import
             importlib.import_module(module)
         if fmt not in _DEPLOY_LOADERS:
             raise ArtifactError(f"{directory}: unknown deploy format {fmt!r}")
@@ -85,8 +90,6 @@ class Artifact:
         return {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
 
     def _write_files(self, tmp: Path) -> None:
-        from safetensors.torch import save_file, save_model
-
         self.model.cpu()
         save_model(self.model, str(tmp / MODEL_FILE), metadata={"format": "compresspipe"})
         if self.masks:
@@ -124,9 +127,6 @@ class Artifact:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Artifact:
         """Rebuild the model from its spec and load its tensors; no pickle involved."""
-        from safetensors.torch import load_file, load_model
-
-        from .models import build_from_saved_spec
 
         directory = Path(directory)
         meta_path = directory / META_FILE
@@ -172,6 +172,14 @@ class Artifact:
         )
 
 
+# where the modules that register deploy formats lived before the package was layered (0.1.0
+# artifacts name them)
+_MOVED_MODULES = {
+    "compresspipe.cpz_model": "compresspipe.formats.cpz_model",
+    "compresspipe.quantization.cluster": "compresspipe.compress.quant.cluster",
+    "compresspipe.quantization.onnx_int8": "compresspipe.compress.quant.onnx_int8",
+}
+
 _DEPLOY_LOADERS: dict[str, Callable[[Path, Artifact], nn.Module]] = {}
 
 
@@ -191,8 +199,6 @@ def _load_optional(load_file, path: Path) -> dict[str, torch.Tensor]:
 
 def _file_elements(path: Path) -> int | None:
     """Tensor elements a safetensors file holds, from its header alone (None if unreadable)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118

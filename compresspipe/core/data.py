@@ -146,7 +146,7 @@ def _to_images(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
 
 
 def _digits(cfg: DataConfig):
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn loads only for the digits dataset
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
@@ -179,6 +179,7 @@ def _fake(cfg: DataConfig):
 
 
 def _torchvision(cfg: DataConfig):
+    # lazy: torchvision loads only for the datasets it provides
     from torchvision import datasets, transforms
 
     cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST,
@@ -203,7 +204,10 @@ def _torchvision(cfg: DataConfig):
 
 
 def _imagefolder(cfg: DataConfig):
+    # lazy: importing timm takes seconds; only model building needs it
     from timm.data import create_transform
+
+    # lazy: torchvision loads only for the datasets it provides
     from torchvision.datasets import ImageFolder
 
     root = Path(cfg.root or ".")
@@ -212,7 +216,10 @@ def _imagefolder(cfg: DataConfig):
     size = (channels, cfg.image_size, cfg.image_size)
     if channels == 1:
         # ImageFolder reads RGB; luminance first, normalised with ImageNet's mean statistics
+        # lazy: importing timm takes seconds; only model building needs it
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        # lazy: torchvision loads only for the datasets it provides
         from torchvision.transforms import Compose, Grayscale
 
         stats = {"mean": (sum(IMAGENET_DEFAULT_MEAN) / 3,), "std": (sum(IMAGENET_DEFAULT_STD) / 3,)}

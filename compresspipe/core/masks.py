@@ -21,6 +21,9 @@ class MaskHook(TrainHook):
                          for n, m in self.masks.items()]
         self.apply()
 
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        return self.masks
+
     @torch.no_grad()
     def apply(self) -> None:
         for param, mask in self._targets:

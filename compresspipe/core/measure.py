@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .errors import MaskViolation
 
@@ -106,8 +109,6 @@ def check_tensor_masks(tensors: Mapping[str, torch.Tensor], masks: dict[str, tor
 
 def _sdpa_cpu_macs_formula():
     """FlopCounterMode knows the CUDA attention kernels but not the CPU one; same formula."""
-    from torch.utils.flop_counter import sdpa_flop_count
-
     def flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return sdpa_flop_count(query_shape, key_shape, value_shape)
 
@@ -124,8 +125,6 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> di
     MACs are counted by torch's FlopCounterMode at the aten level (convolutions, matrix
     products, attention); one MAC is two FLOPs. Norms, activations and additions are not MACs.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     was_training = model.training
     model.eval()
     try:
@@ -145,9 +144,6 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> di
 def median_seconds(fn, repeats: int = 20, warmup: int = 3, sync=None) -> float:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls;
     ``sync()`` (e.g. a CUDA synchronize) runs before the clock starts and before it stops."""
-    import statistics
-    import time
-
     for _ in range(max(warmup, 0)):
         fn()
     times = []
@@ -193,8 +189,6 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...] |
                     threads: int | None = 1) -> dict[str, float]:
     """Median seconds per forward pass of each model, measured in interleaved rounds (A, B, A,
     B, ...) so that load from other processes hits every model alike."""
-    import statistics
-
     samples: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(max(rounds, 1)):
         for name, model in models.items():

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .config import DataConfig, ModelConfig
-from .errors import CompressPipeError
+from .errors import ArtifactError, CompressPipeError
 from .structure import apply_structure
 
 # Factories a pipeline file (or the caller, through allow_factory) named in this process. A spec
@@ -88,8 +89,6 @@ def build_from_saved_spec(spec: Any, where: str, file_elements: int | None = Non
 
     ``file_elements`` (the tensor elements the file holds) bounds the model: it is first built
     on the meta device, so a spec asking for billions of parameters allocates nothing."""
-    from .errors import ArtifactError
-
     if not (isinstance(spec, dict) and spec.get("source") in ("timm", "factory")
             and isinstance(spec.get("kwargs", {}), dict)
             and all(isinstance(k, str) for k in spec.get("kwargs", {}))):
@@ -120,7 +119,7 @@ def build_from_saved_spec(spec: Any, where: str, file_elements: int | None = Non
 def _build_base(spec: dict[str, Any], pretrained: bool) -> nn.Module:
     kwargs = dict(spec.get("kwargs", {}))
     if spec["source"] == "timm":
-        import timm
+        import timm  # lazy: importing timm takes seconds; only model building needs it
 
         return timm.create_model(spec["name"], pretrained=pretrained, **kwargs)
     if spec["source"] == "factory":
@@ -165,8 +164,6 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file or a state dict; never unpickles arbitrary objects."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as exc:

@@ -20,6 +20,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,8 +28,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load, load_file, save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .config import TrainConfig
@@ -53,6 +58,11 @@ class TrainHook:
 
     def on_train_start(self, trainer: Trainer) -> None:
         pass
+
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors every rank must hold rank 0's copy of under torchrun (pruning masks scored
+        on rank-local data differ); broadcast in place before training starts."""
+        return {}
 
     def extra_loss(self, model: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor,
                    targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -184,16 +194,12 @@ class Trainer:
         model wrapped in DistributedDataParallel (which averages its gradients)."""
         if dist.world_size() == 1:
             return
-        from torch.nn.parallel import DistributedDataParallel
-
-        from .masks import MaskHook
 
         dist.check_same_structure(self.model, self.desc)
         dist.broadcast_module(self.extra)
         for hook in self.hooks:
-            if isinstance(hook, MaskHook):
-                # masks scored on rank-local data differ: all ranks must train rank 0's
-                dist.broadcast_tensors(hook.masks)
+            if shared := hook.shared_tensors():
+                dist.broadcast_tensors(shared)
         if any(p.requires_grad for p in self.model.parameters()):
             ids = [self.device.index] if self.device.type == "cuda" else None
             self._ddp = DistributedDataParallel(self.model, device_ids=ids)
@@ -216,8 +222,6 @@ class Trainer:
         return dist.all_reduce_mean(metrics, len(loader.dataset))
 
     def _train_epoch(self, loader, epoch: int) -> dict[str, float]:
-        from tqdm.auto import tqdm
-
         self.model.train()
         self.extra.train()
         sums: dict[str, float] = {}
@@ -275,9 +279,7 @@ class Trainer:
     def _save_checkpoint(self, epochs_done: int) -> None:
         if self.checkpoint_dir is None:
             return
-        import os
 
-        from safetensors.torch import save_file
 
         tensors = {f"model.{k}": v.detach().cpu().contiguous()
                    for k, v in self.model.state_dict().items()}
@@ -298,8 +300,6 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         path = (self.checkpoint_dir / CHECKPOINT_FILE) if self.checkpoint_dir else None
-        from safetensors import safe_open
-        from safetensors.torch import load, load_file
 
         if dist.world_size() > 1:
             # rank 0 wrote it, possibly on another node: every rank resumes from its bytes

@@ -22,11 +22,30 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..compress.quant.batchnorm import STATISTICS, foldable, folded_statistics
+from ..compress.quant.onnx_int8 import (
+    OnnxModel,
+    fill_initializers,
+    int8_weight_params,
+    missing_initializers,
+    split_initializers,
+)
+from ..core import artifact_keys
 from ..core.artifact import Artifact, register_deploy_format
 from ..core.errors import ArtifactError
+from ..core.models import build_from_saved_spec
+from . import (
+    CpzFormatError,
+    Int8Tensor,
+    RawTensor,
+    encode_clustered,
+    encode_int8,
+    encode_raw,
+    read_cpz,
+    write_cpz,
+)
 
 CPZ_FILE = "model.cpz"
-CLUSTER_PREFIX = "cluster."
 ONNX_KEY = "onnx"  # metadata: {"graph": skeleton tensor name, "file": the ONNX file's name}
 MAX_GRAPH_BYTES = 1 << 28  # a hostile skeleton must not inflate without bound
 
@@ -43,8 +62,6 @@ def _json_safe(value: Any) -> Any:
 
 
 def _statistics_names(bn_folded: list[str]) -> set[str]:
-    from ..compress.quant.batchnorm import STATISTICS
-
     return {f"{bn}.{stat}" for bn in bn_folded for stat in STATISTICS}
 
 
@@ -54,9 +71,7 @@ def encode_state(artifact: Artifact, float_dtype: str = "float32",
 
     The statistics of the BatchNorms in ``bn_folded`` (see compresspipe.compress.quant.batchnorm) are left
     out: the decoder recreates them."""
-    from . import encode_clustered, encode_raw
-
-    layers = artifact.quant.get("cluster", {}).get("layers", {})
+    layers = artifact_keys.cluster_layers(artifact)
     omitted = _statistics_names(list(bn_folded))
     tensors, how = {}, {}
     for name, value in artifact.model.state_dict().items():
@@ -64,8 +79,8 @@ def encode_state(artifact: Artifact, float_dtype: str = "float32",
             continue
         if name in layers:
             info = layers[name]
-            indices = artifact.extras[f"{CLUSTER_PREFIX}{name}.indices"].numpy()
-            codebook = artifact.extras[f"{CLUSTER_PREFIX}{name}.codebook"].numpy()
+            indices, codebook = (t.numpy() for t in artifact_keys.cluster_tensors(artifact.extras,
+                                                                                   name))
             tensors[name] = encode_clustered(indices, codebook, tuple(value.shape),
                                              zero_index=info.get("zero_index"))
             how[name] = f"clustered {info['bits']}-bit"
@@ -83,8 +98,6 @@ def write_model_cpz(artifact: Artifact, path: str | os.PathLike, float_dtype: st
     """Write the artifact's model as a .cpz file; return its size in bytes.
 
     ``bn_folded`` names BatchNorms already folded with compresspipe.compress.quant.batchnorm.fold_statistics."""
-    from . import write_cpz
-
     tensors, how = encode_state(artifact, float_dtype, bn_folded)
     metadata = _json_safe({"spec": artifact.spec, "lineage": _stable_lineage(artifact.lineage),
                            "masks": sorted(artifact.masks), "encoding": how,
@@ -109,8 +122,6 @@ def _stable_lineage(lineage: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _folded_statistics(path, model: nn.Module, names: object) -> dict[str, torch.Tensor]:
     """The statistics tensors of the BatchNorms the file says were folded, checked by name."""
-    from ..compress.quant.batchnorm import foldable, folded_statistics
-
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ArtifactError(f"{path}: metadata 'bn_folded' must be a list of module names")
     modules = dict(model.named_modules())
@@ -132,8 +143,6 @@ def _stored_elements(coded: Any) -> int:
 
 
 def _read(path: str | os.PathLike) -> tuple[dict, dict]:
-    from . import CpzFormatError, read_cpz
-
     try:
         tensors, metadata = read_cpz(path)
     except CpzFormatError as exc:
@@ -146,8 +155,6 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict]:
 def read_model_cpz(path: str | os.PathLike) -> Artifact:
     """Decode a .cpz into a runnable model (rebuilt from its spec, or for int8 content the
     ONNX model run by onnxruntime; nothing unpickled)."""
-    from ..core.models import build_from_saved_spec
-
     tensors, metadata = _read(path)
     lineage = metadata.get("lineage")
     lineage = lineage if isinstance(lineage, list) else []
@@ -181,10 +188,8 @@ def write_int8_cpz(artifact: Artifact, onnx_path: str | os.PathLike,
                    path: str | os.PathLike) -> int:
     """Write the int8 ONNX model ``onnx_path`` (the deployed form of ``artifact``) as a .cpz;
     return its size in bytes."""
-    import onnx
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
 
-    from ..compress.quant.onnx_int8 import int8_weight_params, split_initializers
-    from . import encode_int8, encode_raw, write_cpz
 
     proto = onnx.load_model_from_string(Path(onnx_path).read_bytes())
     params = int8_weight_params(proto)  # reads scales and zero points: before the split
@@ -225,11 +230,9 @@ def read_onnx_cpz(path: str | os.PathLike) -> tuple[bytes, str] | None:
 def _rebuild_onnx(path, tensors: dict, metadata: dict) -> bytes:
     """The ONNX model bytes: the skeleton with every split-off initializer put back, checked
     name by name, type and shape against the skeleton."""
-    import onnx
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
     from google.protobuf.message import DecodeError
 
-    from ..compress.quant.onnx_int8 import fill_initializers, missing_initializers
-    from . import Int8Tensor, RawTensor
 
     info = metadata[ONNX_KEY]
     if not (isinstance(info, dict) and isinstance(info.get("graph"), str)
@@ -285,8 +288,6 @@ def _rebuild_onnx(path, tensors: dict, metadata: dict) -> bytes:
 
 
 def _onnx_model(path, data: bytes) -> nn.Module:
-    from ..compress.quant.onnx_int8 import OnnxModel
-
     try:
         return OnnxModel(data)
     except Exception as exc:  # onnxruntime's own exception types: its message is what helps

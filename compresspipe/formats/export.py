@@ -18,10 +18,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.lib.format import open_memmap
+from safetensors.torch import save_model
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..compress.quant.conv_taps import apply_window, recorded_windows
+from ..compress.quant.onnx_int8 import check_int8_masks, deployed_weights
+from ..core.artifact import write_json
 from ..core.errors import CompressPipeError
+from ..core.measure import file_bytes
 
 DENSE_FILE = "model.dense.safetensors"
 ONNX_FILE = "model.onnx"
@@ -48,8 +54,6 @@ class Exported:
 
     @property
     def bytes(self) -> int:
-        from ..core.measure import file_bytes
-
         return file_bytes([self.path])
 
     def record(self) -> dict[str, Any]:
@@ -72,8 +76,6 @@ def example_inputs(dataset, n: int = 2) -> torch.Tensor:
 def write_dense_safetensors(model: nn.Module, spec: dict[str, Any], path: Path) -> None:
     """The fp32 state dict, with metadata that says how to rebuild the network: plain timm
     (``timm_model``/``timm_kwargs``) where it can, and compresspipe's spec in any case."""
-    from safetensors.torch import save_model
-
     meta = {"producer": "compresspipe export", "compresspipe_spec": json.dumps(spec)}
     if timm_rebuildable(spec) is None:
         meta.update(timm_model=spec["name"], timm_kwargs=json.dumps(spec.get("kwargs", {})))
@@ -105,7 +107,7 @@ def write_torch_export(model: nn.Module, example: torch.Tensor, path: Path,
 
 
 def onnx_opset(path: Path) -> int:
-    import onnx
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
 
     proto = onnx.load(str(path), load_external_data=False)
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
@@ -119,10 +121,8 @@ def check_onnx_zeros(path: Path, masks: dict[str, torch.Tensor], stage: str) -> 
     return how many. Batch norm folded into a convolution makes a new tensor (its zeros stay
     zeros) that the exporter may name after the norm; the runner checks those weights in
     model.safetensors."""
-    import onnx
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
 
-    from ..compress.quant.conv_taps import apply_window, recorded_windows
-    from ..compress.quant.onnx_int8 import check_int8_masks, deployed_weights
 
     proto = onnx.load(str(path))
     stored = {name: values.shape for name, (values, _, _) in deployed_weights(proto).items()}
@@ -142,8 +142,6 @@ def check_onnx_zeros(path: Path, masks: dict[str, torch.Tensor], stage: str) -> 
 
 def write_split(loader: DataLoader, directory: Path) -> tuple[Path, Path]:
     """The test split as ``x.npy`` (float32 NCHW) and ``y.npy`` (int64), streamed to disk."""
-    from numpy.lib.format import open_memmap
-
     directory.mkdir(parents=True, exist_ok=True)
     x_path, y_path = directory / "x.npy", directory / "y.npy"
     n = len(loader.dataset)
@@ -283,6 +281,4 @@ def _consumer_name(kind: str) -> str:
 
 
 def write_manifest(path: Path, items: list[Exported], info: dict[str, Any]) -> None:
-    from ..core.artifact import write_json
-
     write_json(path, {**info, "formats": {i.format: i.record() for i in items}})

@@ -11,9 +11,11 @@ from torch import nn
 from ..compress.distill.config import DistillConfig
 from ..core.config import ModelConfig
 from ..core.errors import CompressPipeError, Problem, suggest
+from ..core.models import build_from_spec, model_spec, read_checkpoint, weight_mismatches
+from ..stages.architecture import passed_on
 from ..stages.registry import get_stage
-from ..stages.spec import INPUT_STAGE, UNKNOWN_STUDENT, StageSpec, stage_references
-from .schema import PipelineConfig
+from ..stages.spec import INPUT_STAGE, StageSpec, stage_references
+from .schema import PipelineConfig, view_of
 
 
 def check_against_model(config: PipelineConfig, stages: list[StageSpec]) -> list[Problem]:
@@ -24,11 +26,9 @@ def check_against_model(config: PipelineConfig, stages: list[StageSpec]) -> list
     Stages whose config did not parse (``parsed`` False) are not checked; after one that may
     switch to a network the file does not tell, no later stage is. A stage whose ``stage:``
     references are unresolved is not checked either: its teacher is unknown."""
-    from ..core.models import build_from_spec, model_spec
-
     problems: list[Problem] = []
     if config.model.name is not None:
-        import timm
+        import timm  # lazy: importing timm takes seconds; only model building needs it
 
         if not timm.is_model(config.model.name):
             names = timm.list_models()
@@ -64,10 +64,9 @@ def check_against_model(config: PipelineConfig, stages: list[StageSpec]) -> list
                 and _references_resolve(stage_spec, stages[:i])
                 and (classes_known or not _uses_teacher(stage_spec.config))):
             stage = get_stage(stage_spec.type)(stage_spec.config, stage_spec.name)
-            stage.earlier = stages[:i]  # stages may depend on what runs before them
-            for rel, message in stage.check(model, config):
+            for rel, message in stage.check(model, view_of(config, stages, i)):
                 problems.append(Problem(f"{stage_spec.path}.{rel}", message))
-        current = _output_architecture(stage_spec, current, config)
+        current = passed_on(stage_spec, current, view_of(config, stages, i))
         if current is not None and _key(current) not in built:
             built[_key(current)] = _build_quietly(current)
     return problems
@@ -79,29 +78,10 @@ def _key(spec: dict[str, Any]) -> str:
 
 def _build_quietly(spec: dict[str, Any]) -> nn.Module | None:
     """The architecture, or None where it cannot be built (the stage that names it says why)."""
-    from ..core.models import build_from_spec
-
     try:
         return build_from_spec(spec)
     except Exception:  # noqa: BLE001 - the distill stage's own check reports the reason
         return None
-
-
-def _output_architecture(stage: StageSpec, incoming: dict[str, Any],
-                         config: PipelineConfig) -> dict[str, Any] | None:
-    """The spec of the network ``stage`` passes on (None: unknown). Only a distill stage's
-    ``student`` replaces the network, as at run time."""
-    from ..core.models import model_spec
-
-    student = getattr(stage.config, "student", None)
-    if student is UNKNOWN_STUDENT:
-        return None
-    if stage.type == "distill" and isinstance(student, ModelConfig):
-        try:
-            return model_spec(student, config.data)
-        except (OSError, CompressPipeError):
-            return None
-    return incoming
 
 
 def _references_resolve(stage: StageSpec, earlier: list[StageSpec]) -> bool:
@@ -122,8 +102,6 @@ def _uses_teacher(config: Any) -> bool:
 def _checkpoint_problems(model: nn.Module, model_cfg: ModelConfig) -> list[Problem]:
     """Load ``model.checkpoint`` (never unpickling) into the model built for the checks; its
     tensors must be exactly the model's, with the model's shapes."""
-    from ..core.models import read_checkpoint, weight_mismatches
-
     path = model_cfg.checkpoint
     if path is None or not path.is_file():
         return []  # a missing file is reported with the paths
@@ -137,3 +115,67 @@ def _checkpoint_problems(model: nn.Module, model_cfg: ModelConfig) -> list[Probl
                         f"{model_cfg.name or model_cfg.factory!r}: {'; '.join(mismatches)}")]
     model.load_state_dict(tensors, strict=True)
     return []
+
+
+def check_references(stages: list[StageSpec]) -> list[Problem]:
+    """Unique stage names; every 'stage:NAME' value refers to an earlier stage or to
+    'stage:input', the model the pipeline starts from. After a stage whose name the file does
+    not tell, a reference that matches no name is not reported."""
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    uncertain = False
+    for spec in stages:
+        if spec.known_name and spec.name == INPUT_STAGE:
+            problems.append(Problem(f"stages[{spec.index}].name", f"{INPUT_STAGE!r} is the "
+                                    "pipeline's starting model (output_dir/input); give the "
+                                    "stage another name"))
+        if spec.known_name and spec.name in seen:
+            problems.append(Problem(f"stages[{spec.index}].name", f"stage name {spec.name!r} "
+                                    f"is already used by stages[{seen[spec.name]}]"))
+        for rel, ref in stage_references(spec):
+            if ref not in seen and ref != INPUT_STAGE and not uncertain:
+                earlier = list(seen)
+                hint = suggest(ref, earlier) or (f" (earlier stages: {', '.join(earlier)})"
+                                                 if earlier else " (no stage runs before this one)")
+                problems.append(Problem(f"{spec.path}.{rel}",
+                                        f"'stage:{ref}' does not name an earlier stage{hint}"))
+        if spec.known_name:
+            seen.setdefault(spec.name, spec.index)
+        else:
+            uncertain = True
+    return problems
+
+
+def check_paths(config: PipelineConfig, broken: set[str] | None = None) -> list[Problem]:
+    """Input files and directories must exist before any work starts (the sections in
+    ``broken`` failed to parse and are not looked at)."""
+    problems: list[Problem] = []
+    ckpt = config.model.checkpoint if config.model is not None else None
+    if ckpt is not None and not ckpt.is_file():
+        problems.append(Problem("model.checkpoint", f"file not found: {ckpt}"))
+    data = config.data
+    if data is None or "data" in (broken or ()):
+        return problems
+    if data.channels not in (None, 1, 3) and data.name not in ("digits", "fake"):
+        problems.append(Problem("data.channels", f"{data.name!r} images can be given 1 "
+                                f"(grayscale) or 3 (RGB) channels, not {data.channels}"))
+    if data.name == "imagefolder":
+        if data.root is None:
+            problems.append(Problem("data.root", "'imagefolder' needs a root directory"))
+        elif not data.root.is_dir():
+            problems.append(Problem("data.root", f"directory not found: {data.root}"))
+        else:
+            if not (data.root / "train").is_dir():
+                problems.append(Problem("data.root", f"no 'train' subdirectory in {data.root}"))
+            if not any((data.root / d).is_dir() for d in ("val", "test", "validation")):
+                problems.append(Problem("data.root",
+                                        f"no 'val' or 'test' subdirectory in {data.root}"))
+    elif data.name in ("mnist", "fashion_mnist", "cifar10", "cifar100"):
+        if data.root is None:
+            problems.append(Problem("data.root", f"{data.name!r} needs a root directory"))
+        elif not data.download and not data.root.is_dir():
+            problems.append(Problem("data.root", f"directory not found: {data.root} "
+                                    "(set download: true to fetch it)"))
+    elif data.root is not None:
+        problems.append(Problem("data.root", f"{data.name!r} takes no root directory"))
+    return problems

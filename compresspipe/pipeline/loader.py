@@ -9,10 +9,8 @@ import copy
 import difflib
 import os
 import re
-import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Any
 
 import yaml
 from pydantic import (
@@ -24,28 +22,22 @@ from ..core.config import ModelConfig
 from ..core.errors import CompressPipeError, ConfigError, Problem, suggest
 from ..stages.registry import get_stage, is_dotted_path, list_stages
 from ..stages.spec import (
-    INPUT_STAGE,
     UNKNOWN_STUDENT,
     RawConfig,
     StageSpec,
     UnparsedStage,
     plain_data,
-    stage_references,
 )
-from .schema import NAME_PATTERN, PipelineConfig, pipeline_model, stage_item_model
-from .yaml_source import PathKey, SourceMap, apply_override, format_path, parse_yaml
+from .checks import check_against_model, check_paths, check_references
+from .diagnostics import locate, pydantic_problems, short
+from .runner import run_pipeline
+from .schema import NAME_PATTERN, PipelineConfig, PipelineFile, pipeline_model, stage_item_model
+from .yaml_source import SourceMap, apply_override, parse_yaml
 
 
-@dataclass
-class Pipeline:
+class Pipeline(PipelineFile):
     """A loaded, validated pipeline: ``Pipeline.from_yaml(path)`` or ``Pipeline.from_dict(d)``,
     then ``.stages`` (name, type and typed config of each), ``.validate()``, ``.run()``."""
-
-    config: PipelineConfig
-    stages: list[StageSpec]
-    file: str
-    raw: dict[str, Any]
-    source_map: SourceMap
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
@@ -59,7 +51,7 @@ class Pipeline:
         """Validate a pipeline given as a dict; stage parameters may be stage ``Config``
         objects, e.g. ``{"train": TrainStage.Config(epochs=2)}``."""
         if not isinstance(data, dict):
-            raise ConfigError("<dict>", [Problem("", f"expected a dict, found {_short(data)}")])
+            raise ConfigError("<dict>", [Problem("", f"expected a dict, found {short(data)}")])
         return load_pipeline(plain_data(data), overrides, check_model)
 
     def validate(self, check_model: bool = True) -> Pipeline:
@@ -67,30 +59,12 @@ class Pipeline:
         paths and (``check_model``) module names against the real model. Returns self."""
         problems = _checks(self.config, self.stages, check_model, set())
         if problems:
-            raise ConfigError(self.file, _locate(problems, self.source_map))
+            raise ConfigError(self.file, locate(problems, self.source_map))
         return self
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run every stage (``resume``: continue an interrupted run); return the summary."""
-        from .runner import run_pipeline
-
         return run_pipeline(self.validate(check_model=False), resume=resume)
-
-    @property
-    def output_dir(self) -> Path:
-        return self.config.resolved_output_dir()
-
-    def __repr__(self) -> str:
-        stages = ", ".join(f"{s.name} ({s.type})" for s in self.stages)
-        return f"Pipeline({self.config.name!r}, file={self.file!r}, stages=[{stages}])"
-
-    def resolved_yaml(self) -> str:
-        """The pipeline with overrides applied and every default filled in."""
-        data = self.config.model_dump(mode="json", exclude={"stages"})
-        data["stages"] = [
-            {"name": s.name, s.type: s.config.model_dump(mode="json")} for s in self.stages
-        ]
-        return yaml.safe_dump(data, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,14 +91,14 @@ def load_pipeline(
         model_cls = pipeline_model(stage_types)
     except CompressPipeError as exc:
         problems.append(Problem("stages", str(exc)))
-        raise ConfigError(file, _locate(problems, smap)) from None
+        raise ConfigError(file, locate(problems, smap)) from None
 
     config: PipelineConfig | None = None
     broken: set[str] = set()  # top-level keys whose value failed to parse
     try:
         config = model_cls.model_validate(raw)
     except ValidationError as exc:
-        problems += _pydantic_problems(exc, model_cls, bad_items)
+        problems += pydantic_problems(exc, model_cls, bad_items)
         config, broken = _partial_config(raw, exc, bad_items)
 
     stages: list[StageSpec] = []
@@ -133,7 +107,7 @@ def load_pipeline(
         problems += _checks(config, stages, check_model, broken)
 
     if problems:
-        raise ConfigError(file, _locate(problems, smap))
+        raise ConfigError(file, locate(problems, smap))
     assert config is not None
     return Pipeline(config=config, stages=stages, file=file, raw=raw, source_map=smap)
 
@@ -146,11 +120,9 @@ def _checks(config: PipelineConfig, stages: list[StageSpec], check_model: bool,
             broken: set[str]) -> list[Problem]:
     """The checks beyond the schema, each run where the parts it reads parsed: stage
     references, input paths and (``check_model``) names against the real model."""
-    problems = _check_references(stages)
-    problems += _check_paths(config, broken)
+    problems = check_references(stages)
+    problems += check_paths(config, broken)
     if check_model and not broken.intersection(_MODEL_CHECK_NEEDS):
-        from .checks import check_against_model
-
         problems += check_against_model(config, stages)
     return problems
 
@@ -304,7 +276,7 @@ def _prevalidate_stages(raw: dict, problems: list[Problem]) -> tuple[list[str], 
         where = f"stages[{i}]"
         if not isinstance(item, dict):
             problems.append(Problem(where, f"expected a mapping like '- train: {{...}}', "
-                                           f"found {_short(item)}"))
+                                           f"found {short(item)}"))
             bad.add(i)
             continue
         keys = [k for k in item if k != "name"]
@@ -330,101 +302,6 @@ def _prevalidate_stages(raw: dict, problems: list[Problem]) -> tuple[list[str], 
     return types or known, bad
 
 
-def _pydantic_problems(
-    exc: ValidationError, model_cls: type[BaseModel], bad_items: set[int]
-) -> list[Problem]:
-    problems = []
-    # With several stage types the item union is tagged and pydantic puts the tag in the loc;
-    # with one type there is no tag, and stages[i].<type> is the item's own params field.
-    item_type = typing.get_args(model_cls.model_fields["stages"].annotation)[0]
-    tagged = typing.get_origin(item_type) is Annotated
-    for err in exc.errors(include_url=False):
-        loc = _strip_tag(tuple(err["loc"]), tagged)
-        if len(loc) >= 2 and loc[0] == "stages" and loc[1] in bad_items:
-            continue  # already reported by _prevalidate_stages
-        problems.append(Problem(format_path(loc), _message(err, model_cls, tuple(err["loc"]))))
-    # a misspelled required key ('modle') is one mistake: drop the 'missing' report for the key
-    # that the typo's suggestion already names
-    suggested = {(p.path.rpartition(".")[0], m.group(1)) for p in problems
-                 if (m := re.search(r"did you mean '([^']+)'", p.message))}
-    return [p for p in problems if not (p.message == "required key is missing"
-                                        and tuple(p.path.rpartition(".")[::2]) in suggested)]
-
-
-def _strip_tag(loc: PathKey, tagged: bool) -> PathKey:
-    """Drop the union tag pydantic inserts: ('stages', 0, 'train', 'train', 'lr') -> without it."""
-    if tagged and len(loc) >= 3 and loc[0] == "stages" and isinstance(loc[1], int):
-        return loc[:2] + loc[3:]
-    return loc
-
-
-def _message(err: dict, model_cls: type[BaseModel], loc: PathKey) -> str:
-    kind = err["type"]
-    found = _short(err.get("input"))
-    if kind == "extra_forbidden":
-        allowed = _field_names(model_cls, loc[:-1])
-        key = str(loc[-1])
-        listing = f" (allowed: {', '.join(allowed)})" if allowed else ""
-        return f"unknown key {key!r}{suggest(key, allowed)}{listing}"
-    if kind == "missing":
-        return "required item is missing" if isinstance(loc[-1], int) else "required key is missing"
-    if kind == "too_short" and loc == ("stages",):
-        return "a pipeline needs at least one stage"
-    if kind == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == NAME_PATTERN:
-        return (f"names may use letters, digits, '_', '.' and '-' and start with a letter or "
-                f"digit, found {found}")
-    if kind == "literal_error":
-        options = re.findall(r"'([^']*)'", err.get("ctx", {}).get("expected", ""))
-        return (f"expected one of {', '.join(map(repr, options))}, found {found}"
-                f"{suggest(str(err.get('input')), options)}")
-    msg = err["msg"]
-    if msg.startswith("Value error, "):
-        return msg.removeprefix("Value error, ")
-    return f"{msg[0].lower()}{msg[1:]}, found {found}"
-
-
-def _field_names(model_cls: Any, loc: PathKey) -> list[str]:
-    """Keys allowed at ``loc`` (raw pydantic loc, tag included), or [] if unknown."""
-    cur: Any = model_cls
-    for part in loc:
-        cur = _unwrap(cur)
-        if isinstance(cur, type) and issubclass(cur, BaseModel):
-            field = next((f for n, f in cur.model_fields.items() if (f.alias or n) == part), None)
-            if field is None:
-                # the union tag in the loc selects the stage item model
-                if isinstance(part, str) and part in list_stages():
-                    cur = stage_item_model(part)
-                    continue
-                return []
-            cur = field.annotation
-        elif typing.get_origin(cur) in (list, tuple):
-            cur = typing.get_args(cur)[0]
-        elif typing.get_origin(cur) is dict:
-            cur = typing.get_args(cur)[1]
-        elif isinstance(part, str) and part in list_stages():
-            cur = stage_item_model(part)
-        else:
-            return []
-    cur = _unwrap(cur)
-    if isinstance(cur, type) and issubclass(cur, BaseModel):
-        return [f.alias or n for n, f in cur.model_fields.items()]
-    return []
-
-
-def _unwrap(tp: Any) -> Any:
-    while True:
-        origin = typing.get_origin(tp)
-        if origin is Annotated:
-            tp = typing.get_args(tp)[0]
-        elif origin in (Union, getattr(__import__("types"), "UnionType", None)):
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            if len(args) != 1:
-                return tp
-            tp = args[0]
-        else:
-            return tp
-
-
 def _stage_specs(config: PipelineConfig) -> list[StageSpec]:
     specs: list[StageSpec] = []
     counts: dict[str, int] = {}
@@ -448,103 +325,3 @@ def _stage_specs(config: PipelineConfig) -> list[StageSpec]:
     return specs
 
 
-def _check_references(stages: list[StageSpec]) -> list[Problem]:
-    """Unique stage names; every 'stage:NAME' value refers to an earlier stage or to
-    'stage:input', the model the pipeline starts from. After a stage whose name the file does
-    not tell, a reference that matches no name is not reported."""
-    problems: list[Problem] = []
-    seen: dict[str, int] = {}
-    uncertain = False
-    for spec in stages:
-        if spec.known_name and spec.name == INPUT_STAGE:
-            problems.append(Problem(f"stages[{spec.index}].name", f"{INPUT_STAGE!r} is the "
-                                    "pipeline's starting model (output_dir/input); give the "
-                                    "stage another name"))
-        if spec.known_name and spec.name in seen:
-            problems.append(Problem(f"stages[{spec.index}].name", f"stage name {spec.name!r} "
-                                    f"is already used by stages[{seen[spec.name]}]"))
-        for rel, ref in stage_references(spec):
-            if ref not in seen and ref != INPUT_STAGE and not uncertain:
-                earlier = list(seen)
-                hint = suggest(ref, earlier) or (f" (earlier stages: {', '.join(earlier)})"
-                                                 if earlier else " (no stage runs before this one)")
-                problems.append(Problem(f"{spec.path}.{rel}",
-                                        f"'stage:{ref}' does not name an earlier stage{hint}"))
-        if spec.known_name:
-            seen.setdefault(spec.name, spec.index)
-        else:
-            uncertain = True
-    return problems
-
-
-def _check_paths(config: PipelineConfig, broken: set[str] | None = None) -> list[Problem]:
-    """Input files and directories must exist before any work starts (the sections in
-    ``broken`` failed to parse and are not looked at)."""
-    problems: list[Problem] = []
-    ckpt = config.model.checkpoint if config.model is not None else None
-    if ckpt is not None and not ckpt.is_file():
-        problems.append(Problem("model.checkpoint", f"file not found: {ckpt}"))
-    data = config.data
-    if data is None or "data" in (broken or ()):
-        return problems
-    if data.channels not in (None, 1, 3) and data.name not in ("digits", "fake"):
-        problems.append(Problem("data.channels", f"{data.name!r} images can be given 1 "
-                                f"(grayscale) or 3 (RGB) channels, not {data.channels}"))
-    if data.name == "imagefolder":
-        if data.root is None:
-            problems.append(Problem("data.root", "'imagefolder' needs a root directory"))
-        elif not data.root.is_dir():
-            problems.append(Problem("data.root", f"directory not found: {data.root}"))
-        else:
-            if not (data.root / "train").is_dir():
-                problems.append(Problem("data.root", f"no 'train' subdirectory in {data.root}"))
-            if not any((data.root / d).is_dir() for d in ("val", "test", "validation")):
-                problems.append(Problem("data.root",
-                                        f"no 'val' or 'test' subdirectory in {data.root}"))
-    elif data.name in ("mnist", "fashion_mnist", "cifar10", "cifar100"):
-        if data.root is None:
-            problems.append(Problem("data.root", f"{data.name!r} needs a root directory"))
-        elif not data.download and not data.root.is_dir():
-            problems.append(Problem("data.root", f"directory not found: {data.root} "
-                                    "(set download: true to fetch it)"))
-    elif data.root is not None:
-        problems.append(Problem("data.root", f"{data.name!r} takes no root directory"))
-    return problems
-
-
-def _locate(problems: list[Problem], smap: SourceMap) -> list[Problem]:
-    """Problems with their line (or --set source), sorted by line; those without one last."""
-    out = []
-    for p in problems:
-        if p.line is not None or p.source is not None:
-            out.append(p)
-            continue
-        line, source = smap.locate(_parse_path(p.path, smap))
-        out.append(Problem(p.path, p.message, line, source))
-    return sorted(out, key=lambda p: (p.line is None, p.line or 0))
-
-
-def _parse_path(path: str, smap: SourceMap | None = None) -> PathKey:
-    """'stages[0].prune.overrides.fc.weight' -> its key tuple; with ``smap``, dotted names
-    that are one key of the file ('fc.weight' in a mapping of patterns) stay one key."""
-    tokens: list[str | int] = [int(index) if index else name
-                               for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path)]
-    known = set(smap.lines) | smap.overridden if smap is not None else set()
-    parts: list[str | int] = []
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if known and isinstance(token, str):
-            for j in range(len(tokens), i + 1, -1):  # the longest run of names that is a key
-                run = tokens[i:j]
-                if all(isinstance(t, str) for t in run) and (*parts, ".".join(run)) in known:
-                    token, i = ".".join(run), j - 1  # type: ignore[arg-type]
-                    break
-        parts.append(token)
-        i += 1
-    return tuple(parts)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

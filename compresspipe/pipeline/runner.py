@@ -26,28 +26,29 @@ from typing import Any
 
 import torch
 
-from ..compress.quant.cluster import drop_stale as drop_stale_clusters
 from ..core import distributed
 from ..core.artifact import MODEL_FILE, Artifact, write_json
+from ..core.data import build_data
 from ..core.errors import CompressPipeError
 from ..core.measure import check_masks, evaluate, file_bytes, mask_stats, param_counts
-from ..core.models import allow_named_factories
+from ..core.models import allow_named_factories, build_model
 from ..core.signals import raise_interrupted
+from ..formats import inspect_cpz
 from ..stages.context import StageContext
-from ..stages.registry import get_stage
+from ..stages.registry import get_stage, invariants
 from ..stages.spec import INPUT_STAGE, StageSpec
+from ..tracking import plots
+from ..tracking.plots import layer_sparsity_plot, size_accuracy_plot
+from ..tracking.report import summary_table
 from ..tracking.tracker import Tracker
-from .loader import Pipeline
-from .schema import NAME_PATTERN
+from .schema import NAME_PATTERN, PipelineFile
 
 SUMMARY_FILE = "summary.json"
 
 SUMMARY_METRICS = ("top1", "top5", "loss", "model_bytes", "compression_ratio", "sparsity")
-# stages whose weight histograms before/after are logged (plots/<stage>_weights.png)
-QUANTIZING_STAGES = ("cluster", "qat", "ptq")
 
 
-def run_pipeline(pipeline: Pipeline, resume: bool = False) -> dict[str, Any]:
+def run_pipeline(pipeline: PipelineFile, resume: bool = False) -> dict[str, Any]:
     """Run every stage; return the summary (also written to output_dir/summary.json)."""
     return Runner(pipeline).run(resume=resume)
 
@@ -68,7 +69,7 @@ def _digest(*parts: Any) -> str:
 
 
 class Runner:
-    def __init__(self, pipeline: Pipeline):
+    def __init__(self, pipeline: PipelineFile):
         self.pipeline = pipeline
         self.cfg = pipeline.config
         self.out = pipeline.output_dir
@@ -101,78 +102,34 @@ class Runner:
                 distributed.cleanup()
 
     def _run(self, resume: bool, device: torch.device) -> dict[str, Any]:
-        from ..core.data import build_data
-
         torch.manual_seed(self.cfg.seed)
-        main = distributed.is_main()
         fingerprints = self._fingerprints()
-        previous = self._read_summary() if resume and main else None
-        if main:
-            if not resume:
-                self._clear_outputs()
-            self.out.mkdir(parents=True, exist_ok=True)
-        done = self._completed(previous, fingerprints)
-        resumed = distributed.broadcast_json(len(done))  # the other ranks follow rank 0
-        start = max(resumed - 1, 0)
-
-        self.summary = {
-            "pipeline": self.cfg.name, "status": "running", "output_dir": str(self.out),
-            "tracking_uri": self.tracker.uri, "parent_run_id": None, "stages": done,
-            "stage_runs": dict((previous or {}).get("stage_runs", {})),
-        }
+        previous, start = self._prepare(resume, fingerprints)
         old_handler = signal.signal(signal.SIGTERM, raise_interrupted)
         parent = None
-        stage_run = None
+        self._stage_run = None  # the open stage run, closed as FAILED or KILLED on an error
         try:
-            parent = self.tracker.start_pipeline(
-                {"seed": self.cfg.seed, "model": self.cfg.model.model_dump(mode="json"),
-                 "data": self.cfg.data.model_dump(mode="json"),
-                 "stages": [s.name for s in self.pipeline.stages]},
-                resume_id=(previous or {}).get("parent_run_id"),
-            )
-            self.summary["parent_run_id"] = parent
-            self._write_summary()  # a kill from here on resumes into this run, not a new one
-            self.tracker.log_text(parent, self.pipeline.resolved_yaml(), "pipeline.resolved.yaml")
+            parent = self._start_parent(previous)
             data = build_data(self.cfg.data)
-
-            artifact = None  # a resuming rank other than 0 receives rank 0's below
-            if resumed and main:
-                artifact = Artifact.load(self.out / done[-1]["name"])
-                artifact.deploy = None  # as after a save: the next stage writes its own
-                for record in done[1:]:
-                    # saved, but the tracking server went away before the run was closed
-                    self.tracker.finish_completed(record.get("run_id"), record["metrics"],
-                                                  self.out / record["name"])
-            elif not resumed:
-                artifact = self._input_artifact(data, device, fingerprints[0])
-            artifact = self._share(([INPUT_STAGE] + [s.name for s in self.pipeline.stages])[start],
-                                   artifact)
-            reference = self.summary["stages"][0]["metrics"]["model_bytes"] if main else 0
-
+            artifact = self._starting_artifact(start, data, device, fingerprints[0])
+            reference = (self.summary["stages"][0]["metrics"]["model_bytes"]
+                         if distributed.is_main() else 0)
             for spec in self.pipeline.stages[start:]:
-                fp = fingerprints[spec.index + 1]
-                stale = ((previous or {}).get("stage_runs", {}).get(spec.name)
-                         or (self.tracker.orphan_stage_run(spec.name) if resume else None))
-                self.tracker.mark_stale(stale)
-                stage_run = self.tracker.start_stage(
-                    spec.name, spec.type, spec.config.model_dump(mode="json"),
-                    resume_id=stale if stale and resume else None)
-                self._write_summary(running={"name": spec.name, "run_id": stage_run})
-                artifact = self._run_stage(spec, artifact, data, device, fp, stage_run, reference)
-                artifact = self._share(spec.name, artifact)
-                self.tracker.end(stage_run)
-                stage_run = None
+                artifact = self._tracked_stage(spec, artifact, data, device,
+                                               fingerprints[spec.index + 1], reference,
+                                               previous, resume)
             self.summary["status"] = "finished"
             self._write_summary()
             self._log_pipeline_outputs(parent)
             self.tracker.end(parent)
-            self.summary = distributed.broadcast_json(self.summary if main else None)
+            self.summary = distributed.broadcast_json(self.summary if distributed.is_main()
+                                                      else None)
         except BaseException as exc:
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             self.summary["status"] = status.lower()
             if self.summary.get("stages") is not None:
                 self._write_summary(running=self.summary.get("running"))
-            for run_id in (stage_run, parent):
+            for run_id in (self._stage_run, parent):
                 # never mask the original error with a tracking error
                 with contextlib.suppress(Exception):
                     self.tracker.end(run_id, status)
@@ -181,11 +138,73 @@ class Runner:
             signal.signal(signal.SIGTERM, old_handler)
         return self.summary
 
+    def _prepare(self, resume: bool, fingerprints: list[str]) -> tuple[dict | None, int]:
+        """Read (resume) or clear the previous outputs and start the summary; return the
+        previous summary and the index of the first stage to run."""
+        main = distributed.is_main()
+        previous = self._read_summary() if resume and main else None
+        if main:
+            if not resume:
+                self._clear_outputs()
+            self.out.mkdir(parents=True, exist_ok=True)
+        done = self._completed(previous, fingerprints)
+        self._resumed = distributed.broadcast_json(len(done))  # the other ranks follow rank 0
+        self.summary = {
+            "pipeline": self.cfg.name, "status": "running", "output_dir": str(self.out),
+            "tracking_uri": self.tracker.uri, "parent_run_id": None, "stages": done,
+            "stage_runs": dict((previous or {}).get("stage_runs", {})),
+        }
+        return previous, max(self._resumed - 1, 0)
+
+    def _start_parent(self, previous: dict | None) -> str | None:
+        """Open (or, resuming, reopen) the pipeline's parent run."""
+        parent = self.tracker.start_pipeline(
+            {"seed": self.cfg.seed, "model": self.cfg.model.model_dump(mode="json"),
+             "data": self.cfg.data.model_dump(mode="json"),
+             "stages": [s.name for s in self.pipeline.stages]},
+            resume_id=(previous or {}).get("parent_run_id"),
+        )
+        self.summary["parent_run_id"] = parent
+        self._write_summary()  # a kill from here on resumes into this run, not a new one
+        self.tracker.log_text(parent, self.pipeline.resolved_yaml(), "pipeline.resolved.yaml")
+        return parent
+
+    def _starting_artifact(self, start: int, data, device, fingerprint: str) -> Artifact:
+        """The model the first stage to run receives: the last completed stage's output
+        (resuming) or the pipeline's input model, shared by every rank."""
+        done = self.summary["stages"]
+        artifact = None  # a resuming rank other than 0 receives rank 0's below
+        if self._resumed and distributed.is_main():
+            artifact = Artifact.load(self.out / done[-1]["name"])
+            artifact.deploy = None  # as after a save: the next stage writes its own
+            for record in done[1:]:
+                # saved, but the tracking server went away before the run was closed
+                self.tracker.finish_completed(record.get("run_id"), record["metrics"],
+                                              self.out / record["name"])
+        elif not self._resumed:
+            artifact = self._input_artifact(data, device, fingerprint)
+        return self._share(([INPUT_STAGE] + [s.name for s in self.pipeline.stages])[start],
+                           artifact)
+
+    def _tracked_stage(self, spec: StageSpec, artifact: Artifact, data, device, fp: str,
+                       reference: int, previous: dict | None, resume: bool) -> Artifact:
+        """One stage inside its own MLflow run (a stale run of an earlier attempt is marked)."""
+        stale = ((previous or {}).get("stage_runs", {}).get(spec.name)
+                 or (self.tracker.orphan_stage_run(spec.name) if resume else None))
+        self.tracker.mark_stale(stale)
+        self._stage_run = self.tracker.start_stage(
+            spec.name, spec.type, spec.config.model_dump(mode="json"),
+            resume_id=stale if stale and resume else None)
+        self._write_summary(running={"name": spec.name, "run_id": self._stage_run})
+        artifact = self._run_stage(spec, artifact, data, device, fp, self._stage_run, reference)
+        artifact = self._share(spec.name, artifact)
+        self.tracker.end(self._stage_run)
+        self._stage_run = None
+        return artifact
+
     # -- stages -------------------------------------------------------------------------------
 
     def _input_artifact(self, data, device, fingerprint: str) -> Artifact:
-        from ..core.models import build_model
-
         model, spec = build_model(self.cfg.model, self.cfg.data)
         artifact = Artifact(model=model, spec=spec)
         if not distributed.is_main():
@@ -200,11 +219,11 @@ class Runner:
                    run_id: str | None, reference: int) -> Artifact:
         stage = get_stage(spec.type)(spec.config, spec.name)
         ctx = StageContext(
-            pipeline=self.pipeline, spec=spec, data=data, device=device,
+            name=spec.name, data=data, device=device,
             seed=self.cfg.seed + 1000 * (spec.index + 1), work_dir=self.out / ".work" / spec.name,
             fingerprint=fingerprint,
             log_metrics=lambda m, step=None: self.tracker.log_metrics(run_id, m, step),
-            load_stage=self._load_stage,
+            spec=spec, view=self.pipeline.view(spec.index), load_stage=self._load_stage,
             log_model=lambda path, example: self.tracker.log_onnx_model(run_id, path, example),
         )
         print(f"== stage {spec.index + 1}/{len(self.pipeline.stages)}: {spec.name} ({spec.type})",
@@ -212,24 +231,15 @@ class Runner:
         started = time.perf_counter()
         masks_before = dict(artifact.masks)
         weights_before = None
-        if spec.type in QUANTIZING_STAGES and self.tracker.enabled:
-            from ..tracking.plots import weight_arrays
-
-            weights_before = weight_arrays(artifact.model)
+        if stage.logs_weight_histograms and self.tracker.enabled:
+            weights_before = plots.weight_arrays(artifact.model)
         artifact = stage.run(artifact, ctx)
         if not isinstance(artifact, Artifact):
             raise CompressPipeError(f"stage {spec.name!r} returned {type(artifact).__name__}, "
                                     "not an Artifact")
         wall = time.perf_counter() - started
-        stale = drop_stale_clusters(artifact)
-        if stale:
-            print(f"   weight sharing of {len(stale)} tensor(s) dropped: stage {spec.name!r} "
-                  f"changed them (e.g. {stale[0]}); run cluster again to re-share", flush=True)
-        missing = set(masks_before) - set(artifact.masks)
-        # a release (e.g. a new student architecture) is allowed once, by the stage that did it
-        if missing and not artifact.meta.pop("masks_released", False):
-            raise CompressPipeError(f"stage {spec.name!r} dropped the pruning masks of "
-                                    f"{sorted(missing)[:3]}")
+        for invariant in invariants():
+            invariant(stage, masks_before, artifact)
         if not distributed.is_main():
             return artifact  # rank 0 saves, measures and logs
         record = self._save_and_measure(spec.name, spec.type, artifact, data, device, fingerprint,
@@ -284,8 +294,6 @@ class Runner:
         return record
 
     def _log_layer_sparsity(self, run_id: str | None, name: str, per_layer: dict[str, float]) -> None:
-        from ..tracking.plots import layer_sparsity_plot
-
         self.tracker.log_metrics(run_id, {f"layer_sparsity.{k}": v for k, v in per_layer.items()})
         if run_id:
             plots = self.out / ".work" / "plots"
@@ -298,7 +306,6 @@ class Runner:
         """Weight histograms of a quantizing stage; the bit budget of a .cpz deployable."""
         if not run_id:
             return
-        from ..tracking import plots
 
         out = self.out / ".work" / "plots"
         out.mkdir(parents=True, exist_ok=True)
@@ -309,8 +316,6 @@ class Runner:
                                                    name)
                 self.tracker.log_artifact(run_id, path, "plots")
         for file in (f for f in model_files if f.endswith(".cpz")):
-            from ..formats import inspect_cpz
-
             rows = inspect_cpz(directory / file)
             bars = plots.cpz_breakdown(rows, file_bytes([directory / file]), params)
             path = plots.cpz_bits_plot(bars, out / f"{name}_cpz_bits.png", name)
@@ -395,9 +400,6 @@ class Runner:
         write_json(self.out / SUMMARY_FILE, self.summary)
 
     def _log_pipeline_outputs(self, parent: str | None) -> None:
-        from ..tracking.plots import size_accuracy_plot
-        from ..tracking.report import summary_table
-
         if not distributed.is_main():
             return
         table = summary_table(self.summary)

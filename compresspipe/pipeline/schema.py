@@ -4,9 +4,11 @@ stage type at load time."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Union
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -19,7 +21,9 @@ from pydantic import (
 
 from ..core.config import DataConfig, ModelConfig, StrictModel, UsablePath
 from ..stages.registry import get_stage, list_stages
+from ..stages.spec import PipelineView, StageSpec
 from ..tracking.config import TrackingConfig
+from .yaml_source import SourceMap
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -88,3 +92,42 @@ def json_schema() -> dict[str, Any]:
     schema = pipeline_model().model_json_schema()
     schema["title"] = "compresspipe pipeline"
     return schema
+
+
+@dataclass
+class PipelineFile:
+    """A validated pipeline file: its config, the typed spec of each stage, what the file said
+    (``raw``) and where each key stands in it (``source_map``). ``loader.Pipeline`` adds the
+    verbs (load, validate, run); the runner needs only this."""
+
+    config: PipelineConfig
+    stages: list[StageSpec]
+    file: str
+    raw: dict[str, Any]
+    source_map: SourceMap
+
+    @property
+    def output_dir(self) -> Path:
+        return self.config.resolved_output_dir()
+
+    def view(self, index: int = 0) -> PipelineView:
+        """The pipeline as the stage at ``index`` sees it."""
+        return view_of(self.config, self.stages, index)
+
+    def __repr__(self) -> str:
+        stages = ", ".join(f"{s.name} ({s.type})" for s in self.stages)
+        return f"Pipeline({self.config.name!r}, file={self.file!r}, stages=[{stages}])"
+
+    def resolved_yaml(self) -> str:
+        """The pipeline with overrides applied and every default filled in."""
+        data = self.config.model_dump(mode="json", exclude={"stages"})
+        data["stages"] = [
+            {"name": s.name, s.type: s.config.model_dump(mode="json")} for s in self.stages
+        ]
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def view_of(config: PipelineConfig, stages: list[StageSpec], index: int = 0) -> PipelineView:
+    """What the stages see of ``config``: its model, data, tracking, stages and output place."""
+    return PipelineView(config.model, config.data, config.tracking, config.resolved_output_dir(),
+                        stages, index)

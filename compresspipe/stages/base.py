@@ -28,6 +28,9 @@ class Stage:
 
     * ``logs_weight_histograms``: the stage moves weights onto a grid (weight sharing, int8),
       so the runner logs their histograms before and after;
+    * ``deploys_int8``: the model it deploys is an int8 ONNX file;
+    * ``codes_incoming_deployable``: what it deploys is the incoming stage's deployable file,
+      coded (a .cpz of an int8 file stays that int8 model);
     * ``releases_masks()``: the stage may drop the incoming pruning masks (a new network);
     * ``output_architecture(spec, view)``: the spec of the network the stage passes on, as far
       as its config tells before anything runs (default: the one it receives).
@@ -36,6 +39,8 @@ class Stage:
     type_name: ClassVar[str] = ""
     Config: ClassVar[type[StageConfig]] = StageConfig
     logs_weight_histograms: ClassVar[bool] = False
+    deploys_int8: ClassVar[bool] = False
+    codes_incoming_deployable: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig, name: str):
         self.config = config

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
+from torch import nn
 
 from ..compress.distill.config import DistillConfig
+from ..compress.quant.cluster import (
+    CentroidHook,
+    attach_deployable,
+    cluster_model,
+    layer_bits,
+    store,
+    unmatched_overrides,
+    verify,
+)
+from ..core.artifact import Artifact
 from ..core.config import TrainConfig
+from ..core.measure import evaluate
 from .base import Stage, StageConfig
+from .context import StageContext
+from .patterns import unmatched_pattern_problems
 from .registry import register_stage
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from ..core.artifact import Artifact
-    from .context import StageContext
+from .spec import PipelineView
+from .teacher import check_distill, distill_hook
 
 
 def _default_finetune() -> TrainConfig:
@@ -70,12 +80,9 @@ class ClusterStage(Stage):
     Accuracy is that of the model rebuilt from ``model.codebook.safetensors``."""
 
     Config = ClusterConfig
+    logs_weight_histograms = True
 
     def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
-        from ..compress.distill.distill import check_distill
-        from ..compress.quant.cluster import layer_bits, unmatched_overrides
-        from .patterns import unmatched_pattern_problems
-
         cfg = self.config
         problems = [(f"overrides.{p}", f"pattern {p!r} matches no conv or linear layer of the "
                      "model") for p in unmatched_overrides(model, cfg.overrides)]
@@ -84,19 +91,9 @@ class ClusterStage(Stage):
         if not problems and not layer_bits(model, cfg.conv_bits, cfg.linear_bits, cfg.overrides):
             problems.append(("conv_bits", "no layer is left to cluster (conv_bits, linear_bits "
                              "and overrides exclude them all)"))
-        return problems + check_distill(cfg.distill, model, pipeline, "distill")
+        return problems + check_distill(cfg.distill, model, view, "distill")
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        from ..compress.quant.cluster import (
-            CentroidHook,
-            attach_deployable,
-            cluster_model,
-            layer_bits,
-            store,
-            verify,
-        )
-        from ..core.measure import evaluate
-
         cfg = self.config
         model = artifact.model.to(ctx.device)
         bits = layer_bits(model, cfg.conv_bits, cfg.linear_bits, cfg.overrides)
@@ -106,8 +103,6 @@ class ClusterStage(Stage):
         if cfg.finetune.epochs > 0:
             hooks = [CentroidHook(layers, cfg.centroid_grad)]
             if cfg.distill is not None:
-                from ..compress.distill.distill import distill_hook
-
                 hooks.append(distill_hook(cfg.distill, ctx, model))
             try:
                 ctx.trainer(model, cfg.finetune, hooks=hooks, masks=artifact.masks,

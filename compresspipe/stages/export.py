@@ -11,25 +11,44 @@ stage reports the same size and accuracy as the stage before it.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from pathlib import Path
+from typing import Any, Literal
 
+import torch
 from pydantic import Field, field_validator
+from safetensors.torch import load_file
+from torch import nn
 
+from ..compress.quant.onnx_int8 import DEPLOY_FORMAT, OnnxModel, export_onnx
+from ..core.artifact import Artifact
+from ..core.distributed import is_main
+from ..core.errors import CompressPipeError
+from ..core.measure import check_tensor_masks, evaluate
+from ..formats.cpz_model import CPZ_FILE, read_model_cpz, read_onnx_cpz, write_model_cpz
+from ..formats.export import (
+    DENSE_FILE,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    PROGRAM_FILE,
+    Exported,
+    check_onnx_zeros,
+    example_inputs,
+    onnx_opset,
+    run_consumer,
+    timm_rebuildable,
+    write_dense_safetensors,
+    write_manifest,
+    write_split,
+    write_torch_export,
+)
 from .base import Stage, StageConfig
-from .registry import register_stage
-
-if TYPE_CHECKING:
-    from pathlib import Path
-
-    from torch import nn
-
-    from ..core.artifact import Artifact
-    from ..formats.export import Exported
-    from .context import StageContext
+from .context import StageContext
+from .registry import register_stage, stage_class
+from .spec import PipelineView
 
 ExportFormat = Literal["cpz", "safetensors", "onnx", "torch_export"]
-INT8_STAGES = ("ptq", "qat")  # their deployed model is an int8 ONNX file
 # deploy formats whose deployed model is the spec's network with (decoded) fp32 weights
 DENSE_DEPLOYS = (None, "cpz", "codebook")
 
@@ -88,8 +107,6 @@ class Incoming:
     @property
     def int8(self) -> bool:
         """Whether the deployed model is an int8 ONNX model (its file, or a .cpz of it)."""
-        from ..compress.quant.onnx_int8 import OnnxModel
-
         return isinstance(self.deployed, OnnxModel)
 
 
@@ -102,13 +119,14 @@ class ExportStage(Stage):
 
     def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
         cfg = self.config
-        earlier = getattr(self, "earlier", [])
+        earlier = view.earlier
         problems = []
         if cfg.log_model and cfg.formats is not None and "onnx" not in cfg.formats:
             problems.append(("log_model", "the MLflow model is the exported ONNX file: add "
                              "'onnx' to formats or set log_model: false"))
-        int8 = earlier[-2:-1] if earlier and earlier[-1].type == "huffman" else earlier[-1:]
-        if int8 and int8[0].type in INT8_STAGES:  # deployed: the int8 file or a .cpz of it
+        coded = earlier and (cls := stage_class(earlier[-1])) and cls.codes_incoming_deployable
+        int8 = earlier[-2:-1] if coded else earlier[-1:]
+        if int8 and (cls := stage_class(int8[0])) and cls.deploys_int8:  # the file or its .cpz
             earlier = int8
             if cfg.formats is not None and "torch_export" in cfg.formats:
                 problems.append(("formats", f"torch_export: the model of stage "
@@ -120,15 +138,6 @@ class ExportStage(Stage):
         return problems
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        from ..core.distributed import is_main
-        from ..formats.export import (
-            MANIFEST_FILE,
-            example_inputs,
-            run_consumer,
-            write_manifest,
-            write_split,
-        )
-
         cfg = self.config
         name = ctx.previous_stage
         source = ctx.load_stage(name)  # on every rank: a collective under torchrun
@@ -171,102 +180,109 @@ class ExportStage(Stage):
     def _write(self, fmt: str, artifact: Artifact, incoming: Incoming, work: Path,
                ctx: StageContext) -> Exported:
         """Write one format into ``work``, check its masks, and say which model it holds."""
-        import shutil
+        job = _Job(self.name, self.config, artifact, incoming, work,
+                   example_inputs(ctx.data.test), f"stage {self.name!r}: format {fmt!r}")
+        return _WRITERS[fmt](job)
 
-        import torch
-        from safetensors.torch import load_file
 
-        from ..compress.quant.onnx_int8 import DEPLOY_FORMAT, export_onnx
-        from ..core.errors import CompressPipeError
-        from ..core.measure import check_tensor_masks
-        from ..formats.cpz_model import CPZ_FILE, read_model_cpz, read_onnx_cpz, write_model_cpz
-        from ..formats.export import (
-            DENSE_FILE,
-            ONNX_FILE,
-            PROGRAM_FILE,
-            Exported,
-            check_onnx_zeros,
-            example_inputs,
-            onnx_opset,
-            timm_rebuildable,
-            write_dense_safetensors,
-            write_torch_export,
-        )
+@dataclass
+class _Job:
+    """What every format writer needs: the stage, the model and the incoming deployable."""
 
-        masks, where = artifact.masks, f"stage {self.name!r}: format {fmt!r}"
-        holds_deployed = incoming.format in DENSE_DEPLOYS and not incoming.int8  # fp32 formats
-        example = example_inputs(ctx.data.test)
-        if fmt == "cpz":
-            path = work / CPZ_FILE
-            if incoming.format == "cpz":  # the huffman stage's file, verified bit-exact there
-                shutil.copyfile(incoming.file, path)
-            else:
-                write_model_cpz(artifact, path)
-            if incoming.int8:  # a .cpz of the int8 ONNX model: the model it decodes to
-                data, name = read_onnx_cpz(path)
-                decoded = work / "decoded" / name
-                decoded.parent.mkdir(exist_ok=True)
-                decoded.write_bytes(data)
-                checked = check_onnx_zeros(decoded, masks, self.name)
-                return Exported(fmt, path, True, incoming.deployed_top1, "compresspipe", checked,
-                                ".cpz is compresspipe's own container: read back by compresspipe")
-            decoded = read_model_cpz(path).model.state_dict()
-            for key, value in incoming.dense.state_dict().items():
-                if not torch.equal(decoded[key], value.detach().cpu()):
-                    raise CompressPipeError(f"{where}: {key!r} does not decode to the model's "
-                                            "weights")
-            checked = check_tensor_masks(decoded, masks, where, path.name)
-            return Exported(fmt, path, holds_deployed, incoming.dense_top1, "compresspipe",
-                            checked, ".cpz is compresspipe's own container: read back by "
-                            "compresspipe")
-        if fmt == "safetensors":
-            path = work / DENSE_FILE
-            write_dense_safetensors(incoming.dense, artifact.spec, path)
-            checked = check_tensor_masks(load_file(str(path)), masks, where, path.name)
-            why = timm_rebuildable(artifact.spec)
-            note = f"checked through compresspipe: {why}" if why else ""
-            if why:
-                print(f"[{self.name}] safetensors: {note}", flush=True)
-            return Exported(fmt, path, holds_deployed, incoming.dense_top1,
-                            "compresspipe" if why else "timm", checked, note)
-        if fmt == "onnx":
-            if incoming.format == DEPLOY_FORMAT:  # the int8 file the ptq/qat stage measured
-                path = work / incoming.file.name
-                shutil.copyfile(incoming.file, path)
-            elif incoming.int8:  # the int8 file a .cpz decodes to, byte for byte
-                data, name = read_onnx_cpz(incoming.file)
-                path = work / name
-                path.write_bytes(data)
-            else:
-                path = work / ONNX_FILE
-                try:
-                    export_onnx(incoming.deployed, example, path, opset=self.config.opset,
-                                trim_taps=self.config.trim_padding_taps)
-                except CompressPipeError as exc:
-                    raise CompressPipeError(f"{where}: {exc}") from exc
-            opset = self.config.opset
-            if opset is not None and onnx_opset(path) != opset:
-                raise CompressPipeError(f"{where}: opset {opset} requested, {path.name} has "
-                                        f"opset {onnx_opset(path)}")
-            checked = check_onnx_zeros(path, masks, self.name)
-            return Exported(fmt, path, True, incoming.deployed_top1, "onnx", checked)
-        if incoming.int8:
-            raise CompressPipeError(f"{where}: the model is deployed as an int8 ONNX file, "
-                                    "which a torch.export program cannot reproduce; use 'onnx'")
-        path = work / PROGRAM_FILE
-        state = write_torch_export(incoming.deployed, example, path, where)
-        checked = check_tensor_masks(state, masks, where, path.name)
-        return Exported(fmt, path, True, incoming.deployed_top1, "torch_export", checked)
+    stage: str
+    config: ExportConfig
+    artifact: Artifact
+    incoming: Incoming
+    work: Path
+    example: torch.Tensor
+    where: str  # the prefix of error messages
+
+    @property
+    def holds_deployed(self) -> bool:  # fp32 formats of a dense deployable hold that model
+        return self.incoming.format in DENSE_DEPLOYS and not self.incoming.int8
+
+
+def _write_cpz(job: _Job) -> Exported:
+    incoming, masks, path = job.incoming, job.artifact.masks, job.work / CPZ_FILE
+    if incoming.format == "cpz":  # the huffman stage's file, verified bit-exact there
+        shutil.copyfile(incoming.file, path)
+    else:
+        write_model_cpz(job.artifact, path)
+    if incoming.int8:  # a .cpz of the int8 ONNX model: the model it decodes to
+        data, name = read_onnx_cpz(path)
+        decoded = job.work / "decoded" / name
+        decoded.parent.mkdir(exist_ok=True)
+        decoded.write_bytes(data)
+        checked = check_onnx_zeros(decoded, masks, job.stage)
+        return Exported("cpz", path, True, incoming.deployed_top1, "compresspipe", checked,
+                        ".cpz is compresspipe's own container: read back by compresspipe")
+    decoded = read_model_cpz(path).model.state_dict()
+    for key, value in incoming.dense.state_dict().items():
+        if not torch.equal(decoded[key], value.detach().cpu()):
+            raise CompressPipeError(f"{job.where}: {key!r} does not decode to the model's "
+                                    "weights")
+    checked = check_tensor_masks(decoded, masks, job.where, path.name)
+    return Exported("cpz", path, job.holds_deployed, incoming.dense_top1, "compresspipe",
+                    checked, ".cpz is compresspipe's own container: read back by "
+                    "compresspipe")
+
+
+def _write_safetensors(job: _Job) -> Exported:
+    path = job.work / DENSE_FILE
+    write_dense_safetensors(job.incoming.dense, job.artifact.spec, path)
+    checked = check_tensor_masks(load_file(str(path)), job.artifact.masks, job.where, path.name)
+    why = timm_rebuildable(job.artifact.spec)
+    note = f"checked through compresspipe: {why}" if why else ""
+    if why:
+        print(f"[{job.stage}] safetensors: {note}", flush=True)
+    return Exported("safetensors", path, job.holds_deployed, job.incoming.dense_top1,
+                    "compresspipe" if why else "timm", checked, note)
+
+
+def _write_onnx(job: _Job) -> Exported:
+    incoming = job.incoming
+    if incoming.format == DEPLOY_FORMAT:  # the int8 file the ptq/qat stage measured
+        path = job.work / incoming.file.name
+        shutil.copyfile(incoming.file, path)
+    elif incoming.int8:  # the int8 file a .cpz decodes to, byte for byte
+        data, name = read_onnx_cpz(incoming.file)
+        path = job.work / name
+        path.write_bytes(data)
+    else:
+        path = job.work / ONNX_FILE
+        try:
+            export_onnx(incoming.deployed, job.example, path, opset=job.config.opset,
+                        trim_taps=job.config.trim_padding_taps)
+        except CompressPipeError as exc:
+            raise CompressPipeError(f"{job.where}: {exc}") from exc
+    opset = job.config.opset
+    if opset is not None and onnx_opset(path) != opset:
+        raise CompressPipeError(f"{job.where}: opset {opset} requested, {path.name} has "
+                                f"opset {onnx_opset(path)}")
+    checked = check_onnx_zeros(path, job.artifact.masks, job.stage)
+    return Exported("onnx", path, True, incoming.deployed_top1, "onnx", checked)
+
+
+def _write_torch_export(job: _Job) -> Exported:
+    if job.incoming.int8:
+        raise CompressPipeError(f"{job.where}: the model is deployed as an int8 ONNX file, "
+                                "which a torch.export program cannot reproduce; use 'onnx'")
+    path = job.work / PROGRAM_FILE
+    state = write_torch_export(job.incoming.deployed, job.example, path, job.where)
+    checked = check_tensor_masks(state, job.artifact.masks, job.where, path.name)
+    return Exported("torch_export", path, True, job.incoming.deployed_top1, "torch_export",
+                    checked)
+
+
+# each format's writer: it writes the file, checks its masks and says which model it holds
+_WRITERS = {"cpz": _write_cpz, "safetensors": _write_safetensors, "onnx": _write_onnx,
+            "torch_export": _write_torch_export}
 
 
 def _incoming(name: str, source: Artifact, artifact: Artifact, ctx: StageContext) -> Incoming:
     """The previous stage's deployed model and its accuracy, computed here as the runner does."""
-    import torch
 
-    from ..compress.quant.onnx_int8 import OnnxModel
-    from ..core.measure import evaluate
-
-    directory = ctx.pipeline.output_dir / name
+    directory = ctx.stage_dir(name)
     deployed = source.deployed_model(directory)
     test = ctx.data.test_loader()
     # a wrapped runtime (the onnxruntime session) has no parameters and runs on the CPU
@@ -304,14 +320,10 @@ def _metrics(items: list[Exported], incoming: Incoming) -> dict[str, float]:
 
 
 def _copier(src: Path):
-    import shutil
-
     return lambda dest: shutil.copyfile(src, dest)
 
 
 def _mismatch(stage: str, item: Exported, tolerance: float, device) -> Exception:
-    from ..core.errors import CompressPipeError
-
     hint = ""
     if device.type != "cpu":
         hint = (f" (compresspipe runs torch models on {device}, the consumers on the CPU: "

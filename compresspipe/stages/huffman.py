@@ -12,22 +12,33 @@ so the decoded model is that file byte for byte and runs in onnxruntime.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
 
+import torch
 from pydantic import Field
+from torch import nn
 
+from ..compress.quant.batchnorm import fold_statistics
+from ..compress.quant.onnx_int8 import DEPLOY_FORMAT, check_int8_masks
+from ..core import artifact_keys
+from ..core.artifact import Artifact
+from ..core.distributed import is_main
+from ..core.errors import CompressPipeError
+from ..formats import coding_summary, inspect_cpz
+from ..formats.cpz_model import (
+    CPZ_FILE,
+    read_model_cpz,
+    read_onnx_cpz,
+    write_int8_cpz,
+    write_model_cpz,
+)
 from .base import Stage, StageConfig
-from .registry import register_stage
-
-if TYPE_CHECKING:
-    from pathlib import Path
-
-    from torch import nn
-
-    from ..core.artifact import Artifact
-    from .context import StageContext
-
-INT8_STAGES = ("ptq", "qat")  # their deployed model is an int8 ONNX file
+from .context import StageContext
+from .registry import register_stage, stage_class
+from .spec import PipelineView
 
 
 class HuffmanConfig(StageConfig):
@@ -45,27 +56,21 @@ class HuffmanStage(Stage):
     """Huffman-code the model into model.cpz (lossless for clustered weights)."""
 
     Config = HuffmanConfig
+    codes_incoming_deployable = True
 
     def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
-        earlier = getattr(self, "earlier", [])
-        if earlier and earlier[-1].type in INT8_STAGES and self.config.float_dtype != "float32":
+        earlier = view.earlier
+        previous = stage_class(earlier[-1]) if earlier else None
+        if previous and previous.deploys_int8 and self.config.float_dtype != "float32":
             return [("float_dtype", f"the int8 ONNX model of stage {earlier[-1].name!r} is "
                      "coded losslessly, float tensors included; use float32")]
         return []
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        import tempfile
-        from pathlib import Path
-
-        import torch
-
         onnx_file = self._incoming_int8(ctx)
         if onnx_file is not None:
             return self._run_int8(artifact, ctx, onnx_file)
 
-        from ..core.errors import CompressPipeError
-        from ..formats import coding_summary, inspect_cpz
-        from ..formats.cpz_model import CPZ_FILE, read_model_cpz, write_model_cpz
 
         dtype = self.config.float_dtype
         folded = self._fold_bn(artifact, ctx) if self.config.fold_bn else []
@@ -85,7 +90,7 @@ class HuffmanStage(Stage):
             if name in artifact.masks and torch.count_nonzero(got[~artifact.masks[name].bool()]):
                 raise CompressPipeError(f"stage {self.name!r}: pruned weights of {name!r} "
                                         "are not zero after decoding")
-        clustered = len(artifact.quant.get("cluster", {}).get("layers", {}))
+        clustered = len(artifact_keys.cluster_layers(artifact))
         ctx.log_metrics({"cpz_bytes": size, "clustered_tensors": clustered,
                          "bn_folded": len(folded),
                          **{f"cpz_{k}": v for k, v in coding.items()}}, None)
@@ -95,12 +100,9 @@ class HuffmanStage(Stage):
 
     def _fold_bn(self, artifact: Artifact, ctx: StageContext) -> list[str]:
         """Fold BatchNorm statistics in place (clustered tensors untouched); log the deviation."""
-        import torch
-
-        from ..compress.quant.batchnorm import fold_statistics
 
         model = artifact.model.eval()
-        layers = set(artifact.quant.get("cluster", {}).get("layers", {}))
+        layers = set(artifact_keys.cluster_layers(artifact))
         inputs = next(iter(ctx.data.test_loader()))[0].to(next(model.parameters()).device)
         with torch.no_grad():
             before = model(inputs)
@@ -111,25 +113,17 @@ class HuffmanStage(Stage):
 
     def _incoming_int8(self, ctx: StageContext) -> Path | None:
         """The int8 ONNX file the previous stage deploys, if it deploys one."""
-        from ..compress.quant.onnx_int8 import DEPLOY_FORMAT
-
         name = ctx.previous_stage
         deploy = ctx.load_stage(name).deploy  # on every rank: a collective under torchrun
         if not deploy or deploy.get("format") != DEPLOY_FORMAT:
             return None
-        return ctx.pipeline.output_dir / name / deploy["files"][0]
+        return ctx.stage_dir(name) / deploy["files"][0]
 
     def _run_int8(self, artifact: Artifact, ctx: StageContext, source: Path) -> Artifact:
         """Code the int8 ONNX file; check it decodes to the same file with the masks kept."""
-        import shutil
 
-        import onnx
+        import onnx  # lazy: onnx loads only where ONNX files are written or read
 
-        from ..compress.quant.onnx_int8 import check_int8_masks
-        from ..core.distributed import is_main
-        from ..core.errors import CompressPipeError
-        from ..formats import coding_summary, inspect_cpz
-        from ..formats.cpz_model import CPZ_FILE, read_onnx_cpz, write_int8_cpz
 
         artifact.deploy = {"format": "cpz", "files": [CPZ_FILE], "module": "compresspipe.formats.cpz_model"}
         if not is_main():  # rank 0 writes the file; the others go on with its artifact

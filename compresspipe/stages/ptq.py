@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+import torch
 from pydantic import Field
+from torch import nn
 
 from ..compress.quant.config import Int8Options
+from ..compress.quant.int8 import finish_int8
+from ..compress.quant.onnx_int8 import INT8_FILE, export_onnx, quantize_dynamic_onnx
+from ..compress.quant.pt2e import calibrate, convert, example_batch, prepare_ptq
+from ..compress.quant.qdq import QDQScheme
+from ..core.artifact import Artifact
 from .base import Stage
+from .context import StageContext
 from .registry import register_stage
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from ..core.artifact import Artifact
-    from .context import StageContext
+from .spec import PipelineView
 
 
 class PTQConfig(Int8Options):
@@ -36,10 +39,10 @@ class PTQStage(Stage):
     """Quantize the incoming model to int8 without training; accuracy is the int8 file's."""
 
     Config = PTQConfig
+    logs_weight_histograms = True
+    deploys_int8 = True
 
     def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
-        from torch import nn
-
         if self.config.mode == "dynamic" and not any(isinstance(m, nn.Linear)
                                                      for m in model.modules()):
             return [("mode", "dynamic int8 quantizes Linear layers and this model has none; "
@@ -47,13 +50,6 @@ class PTQStage(Stage):
         return []
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        import torch
-
-        from ..compress.quant.int8 import finish_int8
-        from ..compress.quant.onnx_int8 import INT8_FILE, export_onnx, quantize_dynamic_onnx
-        from ..compress.quant.pt2e import calibrate, convert, example_batch, prepare_ptq
-        from ..compress.quant.qdq import QDQScheme
-
         cfg = self.config
         example = example_batch(ctx.data.test)
         path = ctx.work_dir / INT8_FILE

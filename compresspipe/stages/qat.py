@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pydantic import Field, model_validator
+from torch import nn
 
 from ..compress.distill.config import DistillConfig
 from ..compress.quant.config import Int8Options
+from ..compress.quant.int8 import finish_int8
+from ..compress.quant.onnx_int8 import INT8_FILE, export_onnx
+from ..compress.quant.pt2e import (
+    QATScheduleHook,
+    convert,
+    copy_trained_weights,
+    enable_train_eval,
+    example_batch,
+    nudge_zero_bn_scales,
+    prepare_qat,
+)
+from ..compress.quant.qdq import QDQScheme
+from ..core.artifact import Artifact
 from ..core.config import TrainConfig
 from .base import Stage
+from .context import StageContext
+from .patterns import unmatched_pattern_problems
 from .registry import register_stage
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from ..core.artifact import Artifact
-    from .context import StageContext
+from .spec import PipelineView
+from .teacher import check_distill, distill_hook
 
 
 class QATConfig(TrainConfig, Int8Options):
@@ -49,34 +59,20 @@ class QATStage(Stage):
     loop, converted to int8 and exported as ``model.int8.onnx``; accuracy is the int8 file's."""
 
     Config = QATConfig
+    logs_weight_histograms = True
+    deploys_int8 = True
 
     def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
-        from .patterns import unmatched_pattern_problems
-
         cfg = self.config
         problems = unmatched_pattern_problems(model, cfg.freeze, "freeze")
         if cfg.distill is not None and cfg.distill.features:
             problems.append(("distill.features", "feature distillation needs module hooks, which "
                              "the captured QAT graph does not have; use logit distillation here"))
             return problems
-        from ..compress.distill.distill import check_distill
 
-        return problems + check_distill(cfg.distill, model, pipeline, "distill")
+        return problems + check_distill(cfg.distill, model, view, "distill")
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        from ..compress.quant.int8 import finish_int8
-        from ..compress.quant.onnx_int8 import INT8_FILE, export_onnx
-        from ..compress.quant.pt2e import (
-            QATScheduleHook,
-            convert,
-            copy_trained_weights,
-            enable_train_eval,
-            example_batch,
-            nudge_zero_bn_scales,
-            prepare_qat,
-        )
-        from ..compress.quant.qdq import QDQScheme
-
         cfg = self.config
         scheme = QDQScheme(per_channel=cfg.per_channel,
                            symmetric_activations=cfg.symmetric_activations, qat=True)
@@ -86,8 +82,6 @@ class QATStage(Stage):
         modes = enable_train_eval(prepared)
         hooks = [QATScheduleHook(prepared, modes, cfg.freeze_bn_after, cfg.freeze_observers_after)]
         if cfg.distill is not None:
-            from ..compress.distill.distill import distill_hook
-
             hooks.append(distill_hook(cfg.distill, ctx, prepared))
         ctx.trainer(prepared, cfg, hooks=hooks, masks=artifact.masks).fit()
 

@@ -1,7 +1,9 @@
 """Stage registry: `@register_stage("name")` on a class, `get_stage("name")` to find it.
 
 Third-party stages are named by dotted path, ``"my_pkg.stages:MyStage"``; the module is imported
-only when a pipeline names it.
+only when a pipeline names it. Also the registry of invariants the runner checks after every
+stage (``@register_invariant``). This module imports no torch: the CLI reaches it cheaply, and
+the built-in stage modules are imported on first use.
 """
 
 from __future__ import annotations
@@ -13,9 +15,19 @@ from typing import TYPE_CHECKING
 from ..core.errors import CompressPipeError, suggest
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
+
+    from ..core.artifact import Artifact
     from .base import Stage
+    from .spec import StageSpec
+
+    # (stage, its incoming masks, the artifact it returned) -> None; raises when broken
+    Invariant = Callable[[Stage, dict[str, torch.Tensor], Artifact], None]
 
 _STAGES: dict[str, type[Stage]] = {}
+_INVARIANTS: list[Invariant] = []
 _BUILTINS_LOADED = False
 
 
@@ -53,7 +65,7 @@ def list_stages() -> dict[str, type[Stage]]:
 
 def get_stage(name: str) -> type[Stage]:
     """The stage class for a type name or a ``package.module:Class`` path."""
-    from .base import Stage
+    from .base import Stage  # lazy: it imports torch, which this module keeps away from the CLI
 
     _load_builtins()
     if name in _STAGES:
@@ -75,3 +87,23 @@ def get_stage(name: str) -> type[Stage]:
         f"unknown stage type {name!r}{suggest(name, list(_STAGES))} "
         f"(known: {', '.join(sorted(_STAGES))})"
     )
+
+
+def register_invariant(fn: Invariant) -> Invariant:
+    """Decorator: a check (or repair) the runner applies after every stage, whatever its type."""
+    _INVARIANTS.append(fn)
+    return fn
+
+
+def invariants() -> list[Invariant]:
+    """The registered invariants, built-ins first loaded, in registration order."""
+    _load_builtins()
+    return list(_INVARIANTS)
+
+
+def stage_class(spec: StageSpec) -> type[Stage] | None:
+    """The class of a stage entry, or None where its type is unknown (a file with errors)."""
+    try:
+        return get_stage(spec.type) if spec.type else None
+    except CompressPipeError:
+        return None

@@ -30,12 +30,11 @@ from ..compress.distill.teacher import (
     timm_teacher,
 )
 from ..core.config import DataConfig
-from ..core.errors import CompressPipeError
-from ..core.models import build_from_spec, model_spec
+from ..core.models import build_from_spec
 from ..tracking.download import download_teacher
+from .architecture import stage_architecture
 from .context import StageContext
-from .registry import get_stage
-from .spec import INPUT_STAGE, UNKNOWN_STUDENT, PipelineView, StageSpec
+from .spec import PipelineView
 
 
 def distill_hook(cfg: DistillConfig, ctx: StageContext, student: nn.Module) -> DistillHook:
@@ -81,34 +80,6 @@ def load_teacher(cfg: DistillConfig, view: PipelineView,
         path = download_teacher(cfg.teacher, view.tracking, view.resolved_output_dir())
         return artifact_model(path, cfg.teacher)
     return path_teacher(Path(cfg.teacher), view.model, view.data)
-
-
-def stage_architecture(view: PipelineView, name: str) -> dict[str, Any] | None:
-    """The model spec stage ``name``'s output has, as far as the file tells ('input': the
-    pipeline's model): each stage up to ``name`` passes on its ``output_architecture`` (None:
-    unknown before it runs)."""
-    spec: dict[str, Any] | None = model_spec(view.model, view.data)
-    if name == INPUT_STAGE:  # the pipeline's model as it starts, saved before any stage
-        return spec
-    for stage in view.stages:
-        spec = passed_on(stage, spec, view)
-        if stage.name == name:
-            break
-    return spec
-
-
-def passed_on(stage: StageSpec, incoming: dict[str, Any] | None,
-              view: PipelineView) -> dict[str, Any] | None:
-    """The spec of the network ``stage`` passes on (None: unknown), as its class declares."""
-    if getattr(stage.config, "student", None) is UNKNOWN_STUDENT:
-        return None  # an item the checks cannot read names a network: it may switch to it
-    if not stage.type:
-        return incoming
-    try:
-        cls = get_stage(stage.type)
-    except CompressPipeError:  # reported where the item is parsed
-        return incoming
-    return cls(stage.config, stage.name).output_architecture(incoming, view)
 
 
 def check_distill(cfg: DistillConfig | None, student_model: nn.Module, view: PipelineView,

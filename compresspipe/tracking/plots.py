@@ -6,10 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..compress.quant.onnx_int8 import OnnxModel, deployed_weights
+from ..formats.cpz import byte_parts
+
 
 def size_accuracy_plot(summary: dict[str, Any], path: Path) -> Path:
     """Model bytes on disk (log scale) against top-1, one labelled point per stage."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib loads only where a plot is drawn
 
     stages = summary["stages"]
     sizes = [s["metrics"]["model_bytes"] / 1024 for s in stages]
@@ -31,7 +36,7 @@ def size_accuracy_plot(summary: dict[str, Any], path: Path) -> Path:
 
 def layer_sparsity_plot(per_layer: dict[str, float], path: Path, title: str) -> Path:
     """Horizontal bars: the fraction of zeros in each masked tensor."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib loads only where a plot is drawn
 
     names = list(per_layer)
     fig = Figure(figsize=(6.4, max(2.5, 0.22 * len(names) + 1)), dpi=110)
@@ -68,9 +73,6 @@ def deployed_weight_pairs(before: dict[str, Any], deployed: Any
     sides are then divided by their channel's largest magnitude, which that rescaling leaves
     unchanged, so the int8 grid (k / 127) is compared with the fp32 weights it replaced.
     """
-    import numpy as np
-
-    from ..compress.quant.onnx_int8 import OnnxModel, deployed_weights
 
     if isinstance(deployed, OnnxModel):
         pairs = {}
@@ -95,8 +97,6 @@ def deployed_weight_pairs(before: dict[str, Any], deployed: Any
 
 
 def _per_channel(w: Any) -> Any:
-    import numpy as np
-
     flat = w.reshape(w.shape[0], -1)
     peak = np.abs(flat).max(axis=1, keepdims=True)
     return (flat / np.where(peak > 0, peak, 1)).reshape(w.shape)
@@ -105,8 +105,6 @@ def _per_channel(w: Any) -> Any:
 def _distinct_per_channel(w: Any) -> int:
     """Most distinct nonzero values in one output channel (a clustered layer: at most its
     codebook; int8: at most 254 codes)."""
-    import numpy as np
-
     rows = np.sort(w.reshape(w.shape[0], -1), axis=1)
     distinct = (np.diff(rows, axis=1) != 0).sum(axis=1) + 1 - (rows == 0).any(axis=1)
     return int(distinct.max(initial=0))
@@ -116,8 +114,7 @@ def weight_histogram_plot(pairs: dict[str, tuple[Any, Any]], normalized: bool, p
                           title: str, panels: int = 4) -> Path:
     """Histograms of the nonzero weights before (filled) and after (outline) a stage: all
     layers pooled, then the largest layers, on shared bins and a log count axis."""
-    import numpy as np
-    from matplotlib import ticker
+    from matplotlib import ticker  # lazy: matplotlib loads only where a plot is drawn
     from matplotlib.figure import Figure
 
     def nonzero(a):
@@ -175,8 +172,6 @@ def cpz_breakdown(rows: list[dict[str, Any]], file_bytes: int, params: int
     values, tables (Huffman code lengths, block offsets, codebooks) and raw storage, then the whole file per model parameter with
     the other raw tensors (biases, norms) and the container (header, index, metadata).
     ``rows`` is ``compresspipe.formats.inspect_cpz``'s per-tensor accounting."""
-    from ..formats.cpz import byte_parts
-
     bars = []
     totals = dict.fromkeys((name for name, _ in CPZ_PARTS), 0.0)
     for r in rows:
@@ -193,7 +188,7 @@ def cpz_breakdown(rows: list[dict[str, Any]], file_bytes: int, params: int
 
 def cpz_bits_plot(bars: list[tuple[str, dict[str, float]]], path: Path, title: str) -> Path:
     """Horizontal stacked bars of ``cpz_breakdown``: one per layer, the whole file last."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib loads only where a plot is drawn
 
     fig = Figure(figsize=(6.4, max(2.5, 0.24 * len(bars) + 1.2)), dpi=110)
     ax = fig.subplots()
@@ -218,7 +213,7 @@ def cpz_bits_plot(bars: list[tuple[str, dict[str, float]]], path: Path, title: s
 
 def widths_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Horizontal bars: kept fraction of each layer's output channels, labelled kept/total."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib loads only where a plot is drawn
 
     height = max(2.5, 0.22 * len(rows) + 1.2)
     fig = Figure(figsize=(7.0, height), dpi=100)

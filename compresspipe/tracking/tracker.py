@@ -78,7 +78,9 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying could help: the server was unreachable, slow, overloaded or locked."""
-    import requests
+    import requests  # lazy: with mlflow, whose HTTP errors these are
+
+    # lazy: importing mlflow takes seconds; untracked runs never pay for it
     from mlflow.exceptions import MlflowException, RestException
 
     network = (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
@@ -144,6 +146,7 @@ class Tracker:
     @property
     def client(self):
         if self._client is None:
+            # lazy: importing mlflow takes seconds; untracked runs never pay for it
             from mlflow.tracking import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.uri)
@@ -153,7 +156,9 @@ class Tracker:
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """``fn()`` with transient failures retried; MLflow errors become TrackingError."""
-        import requests
+        import requests  # lazy: with mlflow, whose HTTP errors these are
+
+        # lazy: importing mlflow takes seconds; untracked runs never pay for it
         from mlflow.exceptions import MlflowException
 
         started = time.monotonic()
@@ -214,6 +219,7 @@ class Tracker:
         return self._experiment_id
 
     def _get_or_create(self) -> str:
+        # lazy: importing mlflow takes seconds; untracked runs never pay for it
         from mlflow.exceptions import MlflowException
 
         name = self.cfg.experiment or self.pipeline_name
@@ -331,6 +337,7 @@ class Tracker:
     def log_params(self, run_id: str | None, params: dict[str, Any]) -> None:
         if not (self.enabled and run_id):
             return
+        # lazy: importing mlflow takes seconds; untracked runs never pay for it
         from mlflow.entities import Param
 
         items = [Param(k, v[:6000]) for k, v in flatten(params).items()]
@@ -343,6 +350,7 @@ class Tracker:
         """All metrics in as few calls as MLflow allows (one per 1000)."""
         if not (self.enabled and run_id and metrics):
             return
+        # lazy: importing mlflow takes seconds; untracked runs never pay for it
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -375,9 +383,9 @@ class Tracker:
         the model's URI, or None when tracking is off."""
         if not (self.enabled and run_id):
             return None
-        import mlflow.onnx
+        import mlflow.onnx  # lazy: importing mlflow takes seconds; untracked runs never pay for it
         import onnx
-        import onnxruntime as ort
+        import onnxruntime as ort  # lazy: onnxruntime loads only where an ONNX model runs
         from mlflow.models import infer_signature
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -403,7 +411,7 @@ class Tracker:
 def _process_tracking_uri(uri: str | None) -> Iterator[None]:
     """mlflow's log_model talks to the process-wide tracking URI: point it at ours for the call,
     then restore it and the environment variable that set_tracking_uri also writes."""
-    import mlflow
+    import mlflow  # lazy: importing mlflow takes seconds; untracked runs never pay for it
 
     env = os.environ.get("MLFLOW_TRACKING_URI")
     previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None

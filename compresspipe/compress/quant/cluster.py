@@ -39,13 +39,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ...core import artifact_keys
 from ...core.artifact import Artifact, register_deploy_format
 from ...core.errors import CompressPipeError
+from ...core.models import build_from_spec
 from ...core.training import TrainHook
 
-EXTRA_PREFIX = "cluster."
 DEPLOY_FORMAT = "codebook"
 CODEBOOK_FILE = "model.codebook.safetensors"
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -251,14 +253,11 @@ def index_dtype(bits: int) -> torch.dtype:
 
 def store(artifact: Artifact, layers: dict[str, ClusteredLayer]) -> dict[str, Any]:
     """Write indices and codebooks into ``artifact.extras`` and describe them in ``quant``."""
-    for key in [k for k in artifact.extras if k.startswith(EXTRA_PREFIX)]:
-        del artifact.extras[key]
-    described = {}
+    described, tensors = {}, {}
     for name, layer in layers.items():
         dtype = index_dtype(layer.bits)
         indices = layer.indices.cpu()
-        artifact.extras[f"{EXTRA_PREFIX}{name}.indices"] = indices.to(dtype)
-        artifact.extras[f"{EXTRA_PREFIX}{name}.codebook"] = layer.codebook.float().cpu()
+        tensors[name] = (indices.to(dtype), layer.codebook.float().cpu())
         counts = torch.bincount(indices.reshape(-1), minlength=layer.codebook.numel())
         described[name] = {
             "bits": layer.bits, "shape": list(indices.shape), "index_dtype": str(dtype)[6:],
@@ -268,7 +267,7 @@ def store(artifact: Artifact, layers: dict[str, ClusteredLayer]) -> dict[str, An
     info = {"version": 1, "layers": described,
             "convention": "weight = codebook[indices]; codebook float32 of 2**bits entries; "
                           "zero_index 0 means codebook[0] == 0.0 holds exactly the pruned weights"}
-    artifact.quant["cluster"] = info
+    artifact_keys.set_cluster(artifact, info, tensors)
     return info
 
 
@@ -276,10 +275,9 @@ def load_layers(extras: Mapping[str, torch.Tensor], quant: Mapping[str, Any]
                 ) -> dict[str, ClusteredLayer]:
     """The clustered layers an artifact describes (indices as int64)."""
     layers = {}
-    for name, desc in quant.get("cluster", {}).get("layers", {}).items():
+    for name, desc in quant.get(artifact_keys.CLUSTER, {}).get("layers", {}).items():
         try:
-            indices = extras[f"{EXTRA_PREFIX}{name}.indices"]
-            codebook = extras[f"{EXTRA_PREFIX}{name}.codebook"]
+            indices, codebook = artifact_keys.cluster_tensors(extras, name)
         except KeyError as exc:
             raise CompressPipeError(f"cluster: extras lack {exc.args[0]!r} for {name}") from None
         if codebook.numel() != 2 ** desc["bits"]:
@@ -313,19 +311,14 @@ def drop_stale(artifact: Artifact) -> list[str]:
     (a stage after ``cluster`` retrained them); return their names.
 
     Stale indices would make the huffman stage code a model that is not the one evaluated."""
-    quant = artifact.quant.get("cluster")
-    if not quant:
+    if not artifact_keys.cluster_info(artifact):
         return []
     params = dict(artifact.model.named_parameters())
     stale = [name for name, layer in load_layers(artifact.extras, artifact.quant).items()
              if name not in params
              or not torch.equal(layer.weight().to(params[name].dtype), params[name].detach().cpu())]
     for name in stale:
-        del quant["layers"][name]
-        for part in ("indices", "codebook"):
-            artifact.extras.pop(f"{EXTRA_PREFIX}{name}.{part}", None)
-    if not quant["layers"]:
-        del artifact.quant["cluster"]
+        artifact_keys.drop_cluster_layer(artifact, name)
     return stale
 
 
@@ -359,9 +352,6 @@ def rebuild_state(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 @register_deploy_format(DEPLOY_FORMAT)
 def load_codebook_model(directory: Path, artifact: Artifact) -> nn.Module:
     """Rebuild the model from the codebook file alone: the weights the runner evaluates."""
-    from safetensors.torch import load_file
-
-    from ...core.models import build_from_spec
 
     files = (artifact.deploy or {}).get("files") or [CODEBOOK_FILE]
     model = build_from_spec(artifact.spec)
@@ -374,8 +364,6 @@ def load_codebook_model(directory: Path, artifact: Artifact) -> nn.Module:
 
 def attach_deployable(artifact: Artifact, layers: Mapping[str, ClusteredLayer]) -> None:
     """Make the codebook file (uint8/uint16 indices + fp32 codebooks) the deployed model."""
-    from safetensors.torch import save_file
-
     tensors = codebook_tensors(artifact.model, layers)
     artifact.outputs[CODEBOOK_FILE] = lambda path: save_file(tensors, str(path))
     artifact.deploy = {"format": DEPLOY_FORMAT, "files": [CODEBOOK_FILE], "module": __name__}

@@ -72,7 +72,7 @@ def trim_padding_taps(proto) -> dict[str, list[list[int]]]:
     """Slice every Conv weight of ``proto`` (an ``onnx.ModelProto``, changed in place) to the
     taps that can read the input; return ``{weight initializer: [[first, last] per spatial
     dim]}`` for the weights that shrank, also stored in the model's metadata."""
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # lazy: onnx loads only where ONNX files are written or read
 
     shapes = _spatial_shapes(proto)
     init = {t.name: t for t in proto.graph.initializer}
@@ -150,7 +150,7 @@ def _compose(old: list[list[int]] | None, new: list[list[int]]) -> list[list[int
 def _readers(graph) -> dict[str, int]:
     """How many times each tensor name is read: node inputs, graph outputs, and every name a
     subgraph (If/Loop/Scan body) mentions, which may read an outer tensor."""
-    import onnx
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
 
     counts: dict[str, int] = {}
 
@@ -193,7 +193,7 @@ def _weight_initializer(name: str, producers: dict, init: dict, consumers: dict)
 
 def _spatial_shapes(proto) -> dict[str, list[int]]:
     """Static spatial extents (dims 2 and on) of every tensor whose shape is known."""
-    import onnx
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
 
     try:
         inferred = onnx.shape_inference.infer_shapes(proto)
@@ -210,7 +210,7 @@ def _spatial_shapes(proto) -> dict[str, list[int]]:
 
 
 def _set_ints(node, name: str, values: list[int]) -> None:
-    import onnx
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
 
     for i, attr in enumerate(node.attribute):
         if attr.name == name:

@@ -8,19 +8,27 @@ in the same process with the same thread count.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from ...core import artifact_keys
+from ...core.artifact import Artifact
+from ...core.context import RunContext
 from ...core.measure import evaluate, file_bytes, median_seconds
-from .onnx_int8 import INT8_FILE, OnnxModel, check_int8_masks, deploy_entry, fused_op_counts
+from .conv_taps import apply_window, recorded_windows
+from .onnx_int8 import (
+    INT8_FILE,
+    OnnxModel,
+    check_int8_masks,
+    deploy_entry,
+    export_onnx,
+    fused_op_counts,
+)
 from .pt2e import example_batch
-
-if TYPE_CHECKING:
-    from ...core.artifact import Artifact
-    from ...stages.context import StageContext
 
 # onnxruntime kernels that compute in int8 (QDQ islands fused, or dynamic quantization)
 INT8_KERNELS = {"QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
@@ -38,9 +46,8 @@ def op_summary(ops: dict[str, int]) -> dict[str, float]:
 def trimmed_entries(path: Path, model: nn.Module) -> dict[str, int]:
     """{weight: entries the file does not store} for the convolutions whose padding-only taps
     were trimmed (see ``compresspipe.compress.quant.conv_taps``)."""
-    import onnx
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
 
-    from .conv_taps import apply_window, recorded_windows
 
     params = dict(model.state_dict())
     out = {}
@@ -58,9 +65,6 @@ def latency_metrics(fp32_model: nn.Module, path: Path, data, repeats: int,
     ONNX and run by onnxruntime (same runtime, same tap trimming). All on ``threads`` CPU
     threads (few threads: stable numbers on a shared machine), the three timed one after
     another at each batch size."""
-    import tempfile
-
-    from .onnx_int8 import export_onnx
 
     fp32_model = fp32_model.cpu().eval()
     int8 = OnnxModel(path, threads=threads)
@@ -88,13 +92,13 @@ def latency_metrics(fp32_model: nn.Module, path: Path, data, repeats: int,
     return out
 
 
-def finish_int8(artifact: Artifact, ctx: StageContext, path: Path, fp32_model: nn.Module,
+def finish_int8(artifact: Artifact, ctx: RunContext, path: Path, fp32_model: nn.Module,
                 info: dict[str, Any], latency_repeats: int, latency_threads: int,
                 trim_taps: bool = True) -> dict[str, float]:
     """Check the masks in ``path``, measure it, log, and make it the artifact's deployed form."""
-    import onnxruntime
+    import onnxruntime  # lazy: onnxruntime loads only where an ONNX model runs
 
-    absent = check_int8_masks(path, artifact.masks, ctx.spec.name)
+    absent = check_int8_masks(path, artifact.masks, ctx.name)
     checked = len(artifact.masks) - len(absent)
     int8 = OnnxModel(path)
     test = ctx.data.test_loader()
@@ -117,13 +121,13 @@ def finish_int8(artifact: Artifact, ctx: StageContext, path: Path, fp32_model: n
 
     artifact.outputs[INT8_FILE] = lambda dest, src=path: shutil.copyfile(src, dest)
     artifact.deploy = deploy_entry()
-    artifact.quant["int8"] = {
+    artifact_keys.set_int8(artifact, {
         **info, "file": INT8_FILE, "weights": "int8 symmetric (zero point 0), range [-127, 127]",
         "onnxruntime_ops": ops, "masked_tensors_checked": checked,
         "masked_tensors_not_in_file": absent, "trimmed_weight_entries": trimmed,
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-    }
-    _print(ctx.spec.name, metrics)
+    })
+    _print(ctx.name, metrics)
     return metrics
 
 

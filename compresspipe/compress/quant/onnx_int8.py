@@ -32,6 +32,7 @@ from torch import nn
 
 from ...core.artifact import Artifact, register_deploy_format
 from ...core.errors import CompressPipeError, MaskViolation
+from .conv_taps import apply_window, recorded_windows, trim_padding_taps
 
 DEPLOY_FORMAT = "onnx-int8"
 INT8_FILE = "model.int8.onnx"
@@ -48,9 +49,8 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path,
     """Export ``module`` (an int8 QDQ graph or an fp32 model) to one self-contained file
     (``opset``: None for the exporter's default; ``trim_taps``: slice convolution taps that
     only read padding at the example's spatial size, see ``compresspipe.compress.quant.conv_taps``)."""
-    import onnx
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
 
-    from .conv_taps import trim_padding_taps
 
     batch = torch.export.Dim("batch", min=1, max=65536)
     module = module.cpu()
@@ -137,6 +137,7 @@ def _module_path(node) -> str | None:
 def quantize_dynamic_onnx(fp32_path: Path, out_path: Path, per_channel: bool) -> Path:
     """onnxruntime's dynamic int8 for MatMul/Gemm: int8 weights, activations quantized at
     run time per batch. Convolutions stay fp32 (dynamic int8 convs are slow on CPU)."""
+    # lazy: onnxruntime loads only where an ONNX model runs
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -159,7 +160,7 @@ def deployed_weights(path: Path | Any) -> dict[str, tuple[np.ndarray, np.ndarray
     int8 weights come with their zero point (see :func:`int8_weight_params`); weights the file
     keeps in float (a dynamic model's convolutions) come with a zero point of 0.
     """
-    import onnx
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
     from onnx import numpy_helper
 
     proto = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path))
@@ -185,9 +186,8 @@ def check_int8_masks(path: Path | Any, masks: dict[str, torch.Tensor], stage: st
     q == zero_point. Returns the masked tensors that are not stored as such in the file (batch
     norm scales folded into convolutions); the runner checks those on model.safetensors.
     """
-    import onnx
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
 
-    from .conv_taps import apply_window, recorded_windows
 
     proto = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path))
     weights = deployed_weights(proto)
@@ -221,7 +221,7 @@ def check_int8_masks(path: Path | Any, masks: dict[str, torch.Tensor], stage: st
 
 def fused_op_counts(path: Path) -> dict[str, int]:
     """Op types after onnxruntime's graph optimisations: shows which ops really run in int8."""
-    import onnx
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -247,7 +247,7 @@ _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "doubl
 def _splittable(tensor) -> np.dtype | None:
     """The little-endian numpy dtype of an initializer whose data can live outside the graph
     (stored inline, of a type the container has, not empty); None otherwise."""
-    import onnx
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
 
     if tensor.data_type not in {getattr(onnx.TensorProto, t) for t in _SPLIT_TYPES}:
         return None
@@ -299,7 +299,7 @@ def fill_initializers(proto, arrays: dict[str, np.ndarray]) -> None:
 
 def onnx_dtype(tensor) -> np.dtype:
     """The little-endian numpy dtype of an ONNX tensor's elements."""
-    import onnx
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
 
     return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
 
@@ -310,7 +310,7 @@ def int8_weight_params(proto) -> dict[str, tuple[np.ndarray, np.ndarray, int | N
 
     Weights are the int8 inputs of DequantizeLinear (static QDQ) and of ConvInteger /
     MatMulInteger (dynamic); the latter keep their scale in a separate Mul, so theirs is 1."""
-    import onnx
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
     from onnx import numpy_helper
 
     init = {t.name: t for t in proto.graph.initializer}
@@ -350,7 +350,7 @@ class OnnxModel(nn.Module):
 
     def __init__(self, source: str | Path | bytes, threads: int | None = None):
         super().__init__()
-        import onnxruntime as ort
+        import onnxruntime as ort  # lazy: onnxruntime loads only where an ONNX model runs
 
         options = ort.SessionOptions()
         if threads:

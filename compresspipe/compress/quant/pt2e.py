@@ -73,6 +73,7 @@ def nudge_zero_bn_scales(model: nn.Module, masks: dict[str, torch.Tensor]) -> li
 
 def prepare_qat(model: nn.Module, example: torch.Tensor, scheme: QDQScheme) -> GraphModule:
     """Capture in training mode and insert fake quantization (conv-BN folding simulated)."""
+    # lazy: torchao loads only in the int8 stages
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     return prepare_qat_pt2e(capture(model, example, train=True), QDQQuantizer(scheme))
@@ -80,6 +81,7 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, scheme: QDQScheme) -> G
 
 def prepare_ptq(model: nn.Module, example: torch.Tensor, scheme: QDQScheme) -> GraphModule:
     """Capture in inference mode (BN folded into convs) and insert observers."""
+    # lazy: torchao loads only in the int8 stages
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     return prepare_pt2e(capture(model, example, train=False), QDQQuantizer(scheme))
@@ -99,6 +101,7 @@ def calibrate(prepared: GraphModule, loader, batches: int) -> int:
 
 def convert(prepared: GraphModule) -> GraphModule:
     """Real int8 graph in QDQ form: int8 weight constants, quantize/dequantize around ops."""
+    # lazy: torchao loads only in the int8 stages
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
@@ -129,7 +132,7 @@ def enable_train_eval(gm: GraphModule) -> ModeState:
         enable_observer,
         move_exported_model_to_eval,
         move_exported_model_to_train,
-    )
+    )  # lazy: torchao loads only in the int8 stages
 
     state = ModeState()
 
@@ -170,6 +173,7 @@ class QATScheduleHook(TrainHook):
         metrics["qat_observers_frozen"] = float(self.state.observers_frozen)
 
     def _apply(self, epochs_done: int) -> None:
+        # lazy: torchao loads only in the int8 stages
         from torchao.quantization.pt2e import disable_observer
 
         if self.freeze_bn_after is not None and epochs_done >= self.freeze_bn_after:
