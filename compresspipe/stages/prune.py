@@ -6,158 +6,30 @@ Gupta's cubic schedule during training), dsd (dense → sparse → re-dense) and
 GraSP, SynFlow, random, before training). The ``train`` block gives the optimizer, the epochs of
 each (re)training phase and the other loop settings; the ``retrain`` schedule replaces its LR
 schedule after a prune step.
+
+The config (``PruneConfig``, re-exported here) and the methods live in
+``compresspipe.compress.pruning``; this stage checks a config against the real model and runs
+the registered method with the run's distillation hook and, for ``rewind_to: init``, the
+pipeline's initial weights.
 """
 
 from __future__ import annotations
 
-import re
-from typing import TYPE_CHECKING, Literal
+from torch import nn
 
-from pydantic import Field, field_validator, model_validator
-
-from ..compress.distill.config import DistillConfig
-from ..core.config import StrictModel, TrainConfig
-from .base import Stage, StageConfig
+from ..compress.pruning.config import PruneConfig
+from ..compress.pruning.methods import get_method
+from ..compress.pruning.pruner import Pruner
+from ..compress.pruning.scopes import parse_nm, prunable_weights, select_targets
+from ..core.artifact import Artifact
+from .base import Stage
+from .context import StageContext
+from .patterns import unmatched_pattern_problems
 from .registry import register_stage
+from .spec import INPUT_STAGE, PipelineView
+from .teacher import check_distill, distill_hook
 
-if TYPE_CHECKING:
-    from torch import nn
-
-    from ..core.artifact import Artifact
-    from .context import StageContext
-
-Method = Literal["oneshot", "imp", "lth", "bimp", "gmp", "dsd", "at_init"]
-Criterion = Literal["magnitude", "random", "snip", "grasp", "synflow", "wanda"]
-Retrain = Literal["ft", "lrw", "wr", "slr", "clr", "llr", "allr"]
-EdgePolicy = Literal["include", "exclude", "half"]
-MAGNITUDE_ONLY = ("gmp", "bimp", "dsd")
-
-
-class GMPConfig(StrictModel):
-    """Zhu & Gupta's gradual schedule, in epochs of the stage's training."""
-
-    start_epoch: float = Field(0.0, ge=0, description="t0: first mask update.")
-    end_epoch: float | None = Field(None, gt=0, description="t0 + nΔt; default 3/4 of epochs.")
-    frequency: int = Field(10, ge=1, description="Δt: optimizer steps between mask updates.")
-    initial_sparsity: float = Field(0.0, ge=0, lt=1, description="s_i.")
-
-
-class DSDConfig(StrictModel):
-    """Han et al. (2017): the sparse phase uses ``train``; re-dense retrains at lr × lr_factor."""
-
-    sparse_epochs: int = Field(4, ge=1)
-    redense_epochs: int = Field(4, ge=1)
-    lr_factor: float = Field(0.1, gt=0, le=1)
-
-
-class BIMPConfig(StrictModel):
-    """Zimmer et al. (2023): one total budget; dense phase first, the rest split over rounds."""
-
-    total_epochs: int = Field(ge=2, description="T: the whole run's epochs.")
-    dense_epochs: int = Field(ge=1, description="T0 < T: dense training epochs.")
-
-    @model_validator(mode="after")
-    def _fits(self) -> BIMPConfig:
-        if self.dense_epochs >= self.total_epochs:
-            raise ValueError(f"dense_epochs ({self.dense_epochs}) must be below total_epochs "
-                             f"({self.total_epochs})")
-        return self
-
-
-class PruneConfig(StageConfig):
-    method: Method = "oneshot"
-    sparsity: float | None = Field(
-        None, ge=0, lt=1, description="Target fraction of participating weights set to zero "
-        "(default 0.9; for N:M it is 1 − N/M)."
-    )
-    criterion: Criterion = "magnitude"
-    scope: Literal["global", "layer"] = "global"
-    granularity: str = Field("unstructured", description="'unstructured' or 'N:M', e.g. '2:4'.")
-    include: list[str] = Field(default_factory=list, description="Weight-name patterns to prune "
-                               "(default: every Conv/Linear weight).")
-    exclude: list[str] = Field(default_factory=list, description="Weight-name patterns to spare.")
-    first_layer: EdgePolicy = "include"
-    classifier: EdgePolicy = "include"
-    overrides: dict[str, float] = Field(default_factory=dict,
-                                        description="Pattern -> fixed sparsity for those layers.")
-    min_layer_keep: float = Field(
-        0.01, ge=0, lt=1, description="Every layer keeps at least this fraction of its weights "
-        "(at least one): guards against layer collapse. 0 disables it.")
-    rounds: int = Field(1, ge=1, le=100, description="Prune-retrain rounds (imp, lth, bimp).")
-    retrain: Retrain | None = Field(None, description="LR schedule after each prune step; "
-                                    "default allr (wr for lth). ft retrains at the dense "
-                                    "schedule's last LR, which is ~0 after a cosine decay.")
-    rewind_to: Literal["recorded", "init"] = Field(
-        "recorded", description="Weight rewinding target: the point an earlier train stage "
-        "recorded (record_rewind), or the pipeline's initial weights.")
-    control: bool = Field(False, description="lth: also train the same mask from a fresh "
-                          "random initialisation and log its accuracy.")
-    score_batches: int = Field(4, ge=1, description="Batches for snip, grasp and wanda.")
-    synflow_rounds: int = Field(100, ge=1, le=10_000)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    gmp: GMPConfig = Field(default_factory=GMPConfig)
-    dsd: DSDConfig = Field(default_factory=DSDConfig)
-    bimp: BIMPConfig | None = None
-    distill: DistillConfig | None = Field(None, description="Distil from a teacher while "
-                                          "retraining (joint pruning + KD).")
-
-    @field_validator("granularity")
-    @classmethod
-    def _granularity(cls, v: str) -> str:
-        if v == "unstructured":
-            return v
-        m = re.fullmatch(r"(\d+):(\d+)", v)
-        if not m or not 0 < int(m.group(1)) < int(m.group(2)) <= 64:
-            raise ValueError(f"expected 'unstructured' or 'N:M' with 0 < N < M ≤ 64, found {v!r}")
-        return v
-
-    @field_validator("overrides")
-    @classmethod
-    def _override_range(cls, v: dict[str, float]) -> dict[str, float]:
-        for pattern, s in v.items():
-            if not 0 <= s < 1:
-                raise ValueError(f"sparsity for {pattern!r} must be in [0, 1), found {s}")
-        return v
-
-    @model_validator(mode="after")
-    def _combination(self) -> PruneConfig:
-        m = self.method
-        if m in MAGNITUDE_ONLY and self.criterion != "magnitude":
-            raise ValueError(f"method {m!r} prunes by magnitude; criterion {self.criterion!r} "
-                             "applies to oneshot, imp or at_init")
-        if m == "lth" and self.retrain not in (None, "wr"):
-            raise ValueError(f"lth always rewinds weights (retrain 'wr'); for {self.retrain!r} "
-                             "use method imp")
-        if m == "bimp" and self.bimp is None:
-            raise ValueError("method 'bimp' needs a 'bimp' block with total_epochs and dense_epochs")
-        if m != "bimp" and self.bimp is not None:
-            raise ValueError(f"a 'bimp' block only applies to method 'bimp', not {m!r}")
-        if self.rounds > 1 and m not in ("imp", "lth", "bimp"):
-            raise ValueError(f"rounds apply to imp, lth and bimp, not {m!r}")
-        if self.control and m != "lth":
-            raise ValueError("the random re-initialisation control applies to method 'lth'")
-        if self.criterion in ("snip", "grasp", "synflow") and m not in ("oneshot", "at_init"):
-            raise ValueError(f"criterion {self.criterion!r} scores weights at initialisation; "
-                             f"use it with method at_init (or oneshot), not {m!r}")
-        if self.granularity != "unstructured":
-            n, mm = (int(x) for x in self.granularity.split(":"))
-            if self.scope == "global":
-                raise ValueError("N:M sparsity is set per block of M weights: use scope 'layer'")
-            if m in ("gmp", "dsd", "bimp", "imp", "lth"):
-                raise ValueError(f"N:M granularity supports oneshot and at_init, not {m!r}")
-            if self.sparsity is not None and abs(self.sparsity - (1 - n / mm)) > 1e-9:
-                raise ValueError(f"{self.granularity} means sparsity {1 - n / mm:g}; "
-                                 f"found {self.sparsity}")
-        return self
-
-    def target_sparsity(self) -> float:
-        if self.granularity != "unstructured":
-            n, m = (int(x) for x in self.granularity.split(":"))
-            return 1 - n / m
-        return 0.9 if self.sparsity is None else self.sparsity
-
-    def retrain_kind(self) -> str:
-        return self.retrain or ("wr" if self.method == "lth" else "allr")
+__all__ = ["PruneConfig", "PruneStage"]  # PruneConfig lives with the algorithm; kept here too
 
 
 @register_stage("prune")
@@ -167,9 +39,6 @@ class PruneStage(Stage):
     Config = PruneConfig
 
     def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
-        from ..compress.pruning.scopes import parse_nm, prunable_weights, select_targets
-        from .patterns import unmatched_pattern_problems
-
         c = self.config
         problems = unmatched_pattern_problems(model, c.include, "include", weights=True)
         problems += unmatched_pattern_problems(model, c.exclude, "exclude", weights=True)
@@ -193,16 +62,17 @@ class PruneStage(Stage):
         if c.criterion == "wanda" and c.method == "at_init":
             problems.append(("criterion", "wanda needs trained weights and activations"))
         needs_rewind = c.retrain_kind() == "wr" and c.rewind_to == "recorded"
-        earlier = getattr(self, "earlier", [])
-        if needs_rewind and not any(getattr(s.config, "record_rewind", None) for s in earlier):
+        if needs_rewind and not any(getattr(s.config, "record_rewind", None) for s in view.earlier):
             problems.append(("rewind_to", "weight rewinding needs a rewind point: add "
                              "record_rewind: {epoch: 1} to an earlier train stage, or set "
                              "rewind_to: init"))
-        from ..compress.distill.distill import check_distill
-
-        return problems + check_distill(c.distill, model, pipeline, "distill")
+        return problems + check_distill(c.distill, model, view, "distill")
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
-        from ..compress.pruning.methods import run_method
-
-        return run_method(self.config, artifact, ctx)
+        cfg = self.config
+        # distillation joins every retraining phase; the initial weights load only if rewound to
+        hooks = (lambda model: [distill_hook(cfg.distill, ctx, model)]) if cfg.distill is not None else None
+        pruner = Pruner(cfg, artifact, ctx, hooks=hooks,
+                        initial_state=lambda: ctx.load_stage(INPUT_STAGE).model.state_dict())
+        get_method(cfg.method)(pruner)
+        return pruner.finish()
