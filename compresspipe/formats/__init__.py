@@ -5,52 +5,8 @@ Pure numpy + stdlib: nothing here knows about torch or training.
 
 from __future__ import annotations
 
-from .cpz import (
-    ClusteredTensor,
-    CpzFormatError,
-    CpzTensor,
-    HuffmanStream,
-    Int8Tensor,
-    PositionsEncoding,
-    RawTensor,
-    TensorEncoding,
-    coding_summary,
-    decode_positions,
-    encode_clustered,
-    encode_int8,
-    encode_positions,
-    encode_raw,
-    encode_tensor,
-    inspect_cpz,
-    pack_cpz,
-    position_costs,
-    read_cpz,
-    unpack_cpz,
-    write_cpz,
-)
+from . import cpz
+from .cpz import *  # noqa: F403 - the container's API, as cpz/__init__.py lists it in __all__
 from .huffman import HuffmanError
 
-__all__ = [
-    "coding_summary",
-    "ClusteredTensor",
-    "CpzFormatError",
-    "CpzTensor",
-    "HuffmanError",
-    "HuffmanStream",
-    "Int8Tensor",
-    "PositionsEncoding",
-    "RawTensor",
-    "TensorEncoding",
-    "decode_positions",
-    "encode_clustered",
-    "encode_int8",
-    "encode_positions",
-    "encode_raw",
-    "encode_tensor",
-    "inspect_cpz",
-    "pack_cpz",
-    "position_costs",
-    "read_cpz",
-    "unpack_cpz",
-    "write_cpz",
-]
+__all__ = [*cpz.__all__, "HuffmanError"]

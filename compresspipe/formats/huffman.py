@@ -7,6 +7,10 @@ split into blocks of ``block_size`` symbols; each block starts at a recorded bit
 offset so that every block can be decoded on its own. Decoding advances one cursor
 per block in lock step, so each numpy call processes one symbol of *every* block;
 :func:`decode_many` does so for the blocks of many streams at once.
+
+This stays one module, not a package of code construction and bit-level coding: the
+decoder's table budget and lock-step kernel (``_SHARED_TABLE_MAX``, ``_lock_step``) are
+module globals that tests replace on this module, and a split would move them out of reach.
 """
 
 from __future__ import annotations
