@@ -24,10 +24,10 @@ PACKAGE = ROOT / "compresspipe"
 # The only places that may import a module whose name is not a literal, each for a reason the
 # hostile-input rules allow: the name comes from the pipeline file, or is one of our own.
 DYNAMIC_IMPORTS = {
-    ("registry.py", "get_stage"),  # a stage type the pipeline file names
-    ("models.py", "import_factory"),  # a factory named by the pipeline file (checked by caller)
-    ("artifact.py", "deployed_model"),  # only modules under compresspipe.
-    ("stages/__init__.py", "<module>"),  # the built-in stage modules, found on disk
+    ("stages/registry.py", "get_stage"),  # a stage type the pipeline file names
+    ("core/models.py", "import_factory"),  # a factory named by the pipeline file (checked by caller)
+    ("core/artifact.py", "deployed_model"),  # only modules under compresspipe.
+    ("stages/registry.py", "_load_builtins"),  # the built-in stage modules, found on disk
     ("__init__.py", "__getattr__"),  # the lazy public API, from a literal table
 }
 

@@ -224,6 +224,7 @@ class Runner:
             fingerprint=fingerprint,
             log_metrics=lambda m, step=None: self.tracker.log_metrics(run_id, m, step),
             spec=spec, view=self.pipeline.view(spec.index), load_stage=self._load_stage,
+            incoming=dict(self.summary["stages"][-1]["metrics"]) if self.summary["stages"] else {},
             log_model=lambda path, example: self.tracker.log_onnx_model(run_id, path, example),
         )
         print(f"== stage {spec.index + 1}/{len(self.pipeline.stages)}: {spec.name} ({spec.type})",

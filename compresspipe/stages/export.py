@@ -280,19 +280,16 @@ _WRITERS = {"cpz": _write_cpz, "safetensors": _write_safetensors, "onnx": _write
 
 
 def _incoming(name: str, source: Artifact, artifact: Artifact, ctx: StageContext) -> Incoming:
-    """The previous stage's deployed model and its accuracy, computed here as the runner does."""
-
+    """The previous stage's deployed model and its accuracy (as the runner measured it)."""
     directory = ctx.stage_dir(name)
     deployed = source.deployed_model(directory)
-    test = ctx.data.test_loader()
-    # a wrapped runtime (the onnxruntime session) has no parameters and runs on the CPU
-    device = ctx.device if any(True for _ in deployed.parameters()) else torch.device("cpu")
-    top1 = evaluate(deployed.to(device), test, device)["top1"]
+    top1 = ctx.incoming["top1"]
     fmt = source.deploy["format"] if source.deploy else None
     if fmt in DENSE_DEPLOYS and not isinstance(deployed, OnnxModel):  # not an int8 .cpz
         return Incoming(name, directory, source.deploy, deployed, top1, deployed, top1)
     # the fp32 weights behind e.g. an int8 file: a different model, with its own accuracy
-    dense_top1 = evaluate(artifact.model.to(ctx.device), test, ctx.device)["top1"]
+    dense_top1 = evaluate(artifact.model.to(ctx.device), ctx.data.test_loader(),
+                          ctx.device)["top1"]
     return Incoming(name, directory, source.deploy, deployed, top1, artifact.model, dense_top1)
 
 

@@ -9,10 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from ..compress.quant.config import Int8Options
-from ..compress.quant.int8 import finish_int8
 from ..compress.quant.onnx_int8 import INT8_FILE, export_onnx, quantize_dynamic_onnx
-from ..compress.quant.pt2e import calibrate, convert, example_batch, prepare_ptq
-from ..compress.quant.qdq import QDQScheme
 from ..core.artifact import Artifact
 from .base import Stage
 from .context import StageContext
@@ -50,6 +47,11 @@ class PTQStage(Stage):
         return []
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
+        # lazy: torchao takes seconds to import (and warns); only int8 stages load it
+        from ..compress.quant.int8 import finish_int8
+        from ..compress.quant.pt2e import calibrate, convert, example_batch, prepare_ptq
+        from ..compress.quant.qdq import QDQScheme
+
         cfg = self.config
         example = example_batch(ctx.data.test)
         path = ctx.work_dir / INT8_FILE

@@ -7,18 +7,7 @@ from torch import nn
 
 from ..compress.distill.config import DistillConfig
 from ..compress.quant.config import Int8Options
-from ..compress.quant.int8 import finish_int8
 from ..compress.quant.onnx_int8 import INT8_FILE, export_onnx
-from ..compress.quant.pt2e import (
-    QATScheduleHook,
-    convert,
-    copy_trained_weights,
-    enable_train_eval,
-    example_batch,
-    nudge_zero_bn_scales,
-    prepare_qat,
-)
-from ..compress.quant.qdq import QDQScheme
 from ..core.artifact import Artifact
 from ..core.config import TrainConfig
 from .base import Stage
@@ -73,6 +62,19 @@ class QATStage(Stage):
         return problems + check_distill(cfg.distill, model, view, "distill")
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
+        # lazy: torchao takes seconds to import (and warns); only int8 stages load it
+        from ..compress.quant.int8 import finish_int8
+        from ..compress.quant.pt2e import (
+            QATScheduleHook,
+            convert,
+            copy_trained_weights,
+            enable_train_eval,
+            example_batch,
+            nudge_zero_bn_scales,
+            prepare_qat,
+        )
+        from ..compress.quant.qdq import QDQScheme
+
         cfg = self.config
         scheme = QDQScheme(per_channel=cfg.per_channel,
                            symmetric_activations=cfg.symmetric_activations, qat=True)

@@ -5,6 +5,7 @@ Criteria are registered by name and combine freely with any scope, granularity a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -60,8 +61,6 @@ def random(inp: ScoreInput) -> Scores:
 def _private_copy(inp: ScoreInput) -> ScoreInput:
     """Gradient criteria run forward passes in train mode; a copy keeps the caller's BatchNorm
     statistics untouched."""
-    import copy
-
     return ScoreInput(copy.deepcopy(inp.model), inp.targets, inp.batches, inp.masks, inp.seed,
                       inp.input_shape)
 
@@ -110,8 +109,6 @@ def synflow(inp: ScoreInput) -> Scores:
     Computed in float64 on a copy with absolute weights and current masks applied, because the
     product over layers under/overflows in float32. Iterating over many rounds is the schedule's
     job (method at_init with ``rounds``)."""
-    import copy
-
     model = copy.deepcopy(inp.model).double().eval()
     named = dict(model.named_parameters())
     with torch.no_grad():

@@ -261,6 +261,43 @@ _ENTRY_KEYS = {
 }
 
 
+def _clustered_side(obj: dict[str, Any], arrays: dict[str, ArraySpec], payload_size: int,
+                    where: str) -> tuple[np.dtype, int, int | None]:
+    """A clustered entry's index dtype, codebook (into ``arrays``), alphabet and zero index."""
+    dtype = _dtype(obj["dtype"], INT_DTYPES, where)
+    arrays["codebook"] = _array_spec(
+        obj["codebook"], {"float32"}, payload_size, f"{where}: codebook"
+    )
+    alphabet = arrays["codebook"].blob.length // 4
+    if len(arrays["codebook"].shape) != 1 or not 1 <= alphabet <= MAX_CODEBOOK:
+        raise fail(f"{where}: codebook", f"must be 1-D with 1..{MAX_CODEBOOK} entries")
+    if np.iinfo(dtype).max < alphabet - 1:
+        raise fail(where, f"dtype {dtype.name} cannot hold {alphabet} clusters")
+    zero_index = None
+    if obj["zero_index"] is not None:
+        zero_index = _int(obj["zero_index"], 0, alphabet - 1, f"{where}: zero_index")
+    return dtype, alphabet, zero_index
+
+
+def _int8_side(obj: dict[str, Any], shape: tuple[int, ...], arrays: dict[str, ArraySpec],
+               payload_size: int, where: str) -> tuple[np.dtype, int | None]:
+    """An int8 entry's dtype, channel axis and per-channel scale and zero point (into
+    ``arrays``)."""
+    dtype = _dtype(obj["dtype"], {"int8"}, where)
+    axis = None
+    if obj["axis"] is not None:
+        axis = _int(obj["axis"], 0, len(shape) - 1, f"{where}: axis")
+    channels = 1 if axis is None else shape[axis]
+    arrays["scale"] = _array_spec(obj["scale"], FLOAT_DTYPES, payload_size, f"{where}: scale")
+    arrays["zero_point"] = _array_spec(
+        obj["zero_point"], INT_DTYPES, payload_size, f"{where}: zero_point"
+    )
+    for key, spec in arrays.items():
+        if spec.blob.length != channels * spec.dtype.itemsize:
+            raise fail(f"{where}: {key}", f"needs {channels} entries for axis {axis}")
+    return dtype, axis
+
+
 def _entry(value: object, payload_size: int, where: str) -> Entry:
     if not isinstance(value, dict):
         raise fail(where, "expected an object")
@@ -278,29 +315,9 @@ def _entry(value: object, payload_size: int, where: str) -> Entry:
     zero_index = axis = None
     alphabet = 256
     if kind == "clustered":
-        dtype = _dtype(obj["dtype"], INT_DTYPES, where)
-        arrays["codebook"] = _array_spec(
-            obj["codebook"], {"float32"}, payload_size, f"{where}: codebook"
-        )
-        alphabet = arrays["codebook"].blob.length // 4
-        if len(arrays["codebook"].shape) != 1 or not 1 <= alphabet <= MAX_CODEBOOK:
-            raise fail(f"{where}: codebook", f"must be 1-D with 1..{MAX_CODEBOOK} entries")
-        if np.iinfo(dtype).max < alphabet - 1:
-            raise fail(where, f"dtype {dtype.name} cannot hold {alphabet} clusters")
-        if obj["zero_index"] is not None:
-            zero_index = _int(obj["zero_index"], 0, alphabet - 1, f"{where}: zero_index")
+        dtype, alphabet, zero_index = _clustered_side(obj, arrays, payload_size, where)
     elif kind == "int8":
-        dtype = _dtype(obj["dtype"], {"int8"}, where)
-        if obj["axis"] is not None:
-            axis = _int(obj["axis"], 0, len(shape) - 1, f"{where}: axis")
-        channels = 1 if axis is None else shape[axis]
-        arrays["scale"] = _array_spec(obj["scale"], FLOAT_DTYPES, payload_size, f"{where}: scale")
-        arrays["zero_point"] = _array_spec(
-            obj["zero_point"], INT_DTYPES, payload_size, f"{where}: zero_point"
-        )
-        for key, spec in arrays.items():
-            if spec.blob.length != channels * spec.dtype.itemsize:
-                raise fail(f"{where}: {key}", f"needs {channels} entries for axis {axis}")
+        dtype, axis = _int8_side(obj, shape, arrays, payload_size, where)
     else:
         dtype = _dtype(obj["dtype"], set(DTYPES), where)
     if kind == "raw":
