@@ -1,4 +1,5 @@
-"""Pruning masks as a training hook: pruned weights stay exactly zero through any training."""
+"""Pruning masks applied to a model, and as a training hook: pruned weights stay exactly zero
+through any training."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ import torch
 from torch import nn
 
 from .training import TrainHook
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero every weight of ``model`` that ``masks`` (parameter name -> 0/1 tensor) prunes."""
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask.to(params[name].device, params[name].dtype))
 
 
 class MaskHook(TrainHook):

@@ -20,6 +20,7 @@ from ...core.artifact import Artifact
 from ...core.config import TrainConfig
 from ...core.context import RunContext
 from ...core.errors import CompressPipeError
+from ...core.masks import apply_masks
 from ...core.training import LrFn, TrainHook
 from .config import PruneConfig
 from .criteria import CRITERIA, NEEDS_DATA, ScoreInput
@@ -89,12 +90,9 @@ class Pruner:
         after = sum(int(m.sum()) for m in self.masks.values())
         return {"d": d, "phase_fraction": (before - after) / max(before, 1)}
 
-    @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero every masked weight of the model."""
-        params = dict(self.model.named_parameters())
-        for name, mask in self.all_masks().items():
-            params[name].mul_(mask.to(params[name].device, params[name].dtype))
+        apply_masks(self.model, self.all_masks())
 
     def rewind(self) -> None:
         """Weight rewinding: surviving weights (and BN statistics) back to the rewind point."""

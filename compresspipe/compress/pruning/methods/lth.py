@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ....core.masks import apply_masks
 from ....core.models import build_from_spec
 from ..pruner import Pruner
 from ..registry import register_method
@@ -24,10 +25,7 @@ def lth(pruner: Pruner) -> None:
     torch.manual_seed(pruner.ctx.seed + 7919)
     fresh = build_from_spec(pruner.artifact.spec).to(pruner.ctx.device)
     masks = pruner.all_masks()
-    with torch.no_grad():
-        params = dict(fresh.named_parameters())
-        for name, mask in masks.items():
-            params[name].mul_(mask.to(params[name].device, params[name].dtype))
+    apply_masks(fresh, masks)
     lr_fn = retrain_schedule("wr", pruner.original, rewind_step=pruner.rewind_step())
     last = pruner.train(pruner.cfg.train.epochs, lr_fn, key="control", masks=masks, model=fresh,
                         phase_hooks=False)
