@@ -12,15 +12,15 @@ from collections.abc import Callable
 from .pruner import Pruner
 
 # runs the whole method on the pruner (prune steps, training phases, round logs)
-Method = Callable[[Pruner], None]
+MethodFn = Callable[[Pruner], None]
 
-_METHODS: dict[str, Method] = {}
+_METHODS: dict[str, MethodFn] = {}
 
 
-def register_method(name: str) -> Callable[[Method], Method]:
+def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
     """Decorator: register a pruning method under ``name`` (each name once)."""
 
-    def add(fn: Method) -> Method:
+    def add(fn: MethodFn) -> MethodFn:
         if name in _METHODS:
             raise ValueError(f"pruning method {name!r} is already registered")
         _METHODS[name] = fn
@@ -29,7 +29,7 @@ def register_method(name: str) -> Callable[[Method], Method]:
     return add
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str) -> MethodFn:
     """The method registered as ``name``; KeyError listing the known names."""
     try:
         return _METHODS[name]
