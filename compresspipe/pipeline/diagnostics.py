@@ -5,6 +5,7 @@ at its line in the file (or the --set that gave the value)."""
 from __future__ import annotations
 
 import re
+import types
 import typing
 from typing import Annotated, Any, Union
 
@@ -102,7 +103,7 @@ def _unwrap(tp: Any) -> Any:
         origin = typing.get_origin(tp)
         if origin is Annotated:
             tp = typing.get_args(tp)[0]
-        elif origin in (Union, getattr(__import__("types"), "UnionType", None)):
+        elif origin in (Union, types.UnionType):
             args = [a for a in typing.get_args(tp) if a is not type(None)]
             if len(args) != 1:
                 return tp
