@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from compresspipe.formats import huffman
-from compresspipe.formats.huffman import HuffmanError
+from compresspipe.formats.huffman import HuffmanError, decoder
 
 FIB = [1, 1]
 while len(FIB) < 40:
@@ -313,7 +313,7 @@ def test_decode_many_equals_decode(
     seed: int, table_budget: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if table_budget is not None:  # small shared-table budget: some streams go on their own
-        monkeypatch.setattr(huffman, "_SHARED_TABLE_MAX", table_budget)
+        monkeypatch.setattr(decoder, "_SHARED_TABLE_MAX", table_budget)
     rng = np.random.default_rng(seed)
     streams = [_random_stream(rng) for _ in range(30)]
     streams.insert(int(rng.integers(0, 30)), _fibonacci_stream())
@@ -329,9 +329,9 @@ def test_decode_many_equals_decode(
 
 def test_decode_many_is_one_lock_step_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     rows = []
-    lock_step = huffman._lock_step
+    lock_step = decoder._lock_step
     monkeypatch.setattr(
-        huffman, "_lock_step", lambda *a: rows.append(a[2].shape[0]) or lock_step(*a)
+        decoder, "_lock_step", lambda *a: rows.append(a[2].shape[0]) or lock_step(*a)
     )
     rng = np.random.default_rng(1)
     streams = [args for _, args in (_random_stream(rng) for _ in range(20))]

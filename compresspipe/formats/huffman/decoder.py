@@ -1,286 +1,34 @@
-"""Length-limited canonical Huffman coding with block-parallel numpy decoding.
+"""Block-parallel decoding: every block of every stream advances one symbol per numpy call.
 
-Bitstream convention (specified in docs/format.md): codes are canonical (DEFLATE
-order: shorter codes first, ties by symbol value) and written LSB-first, i.e. the
-first bit of a code goes to the lowest unused bit of the current byte. Symbols are
-split into blocks of ``block_size`` symbols; each block starts at a recorded bit
-offset so that every block can be decoded on its own. Decoding advances one cursor
-per block in lock step, so each numpy call processes one symbol of *every* block;
-:func:`decode_many` does so for the blocks of many streams at once.
-
-This stays one module, not a package of code construction and bit-level coding: the
-decoder's table budget and lock-step kernel (``_SHARED_TABLE_MAX``, ``_lock_step``) are
-module globals that tests replace on this module, and a split would move them out of reach.
+:func:`decode` checks one untrusted stream completely before decoding it;
+:func:`decode_many` decodes many streams' blocks in one lock-step pass through stacked
+lookup tables, and reports the first failing stream as :class:`StreamError`. Codes
+longer than the primary table go through a canonical range search. The table budget
+``_SHARED_TABLE_MAX`` and the kernel ``_lock_step`` are read from this module at call
+time, so tests replace them here. Imports :mod:`.limits` and :mod:`.codes`.
 """
 
 from __future__ import annotations
 
 import functools
-import heapq
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-MAX_CODE_LEN = 24
-"""Longest code the format allows; a 24-bit peek plus a 7-bit byte offset fits a uint32."""
-MAX_ALPHABET = 1 << 24
-MIN_BLOCK_SIZE = 16
-MAX_BLOCK_SIZE = 1 << 16
-DEFAULT_BLOCK_SIZE = 4096
+from .codes import first_codes, reverse_bits, validate_lengths
+from .limits import DEFAULT_BLOCK_SIZE, HuffmanError, check_block_size
 
 _TABLE_BITS = 16  # primary lookup table: 2**16 entries stays in L2
 _LONG = 0  # table marker: code longer than the primary table, resolve canonically
 # Advance for an invalid code: larger than any block can span (MAX_BLOCK_SIZE *
 # MAX_CODE_LEN bits), so a lane that hits one can never land on its block end.
 _INVALID = 1 << 22
-_LANE_TARGET = 2048  # lanes per lock-step iteration where numpy call overhead stops dominating
 # decode_many stacks the lookup tables (5-8 bytes an entry) of the streams it decodes
 # together: 2**20 entries always, more only in proportion to the symbols, and never more
 # than 2**26, so that uint32 table bases cannot overflow.
 _SHARED_TABLE_MIN = 1 << 20
 _SHARED_TABLE_MAX = 1 << 26
-
-
-class HuffmanError(ValueError):
-    """Invalid code lengths, symbols or bitstream."""
-
-
-def entropy_bits(counts: np.ndarray) -> float:
-    """Shannon bound in bits for coding a stream with these symbol counts (order-0)."""
-    c = np.asarray(counts, dtype=np.float64)
-    c = c[c > 0]
-    if c.size == 0:
-        return 0.0
-    total = c.sum()
-    return float(np.sum(c * np.log2(total / c)))
-
-
-def coded_bits(counts: np.ndarray, lengths: np.ndarray) -> int:
-    """Exact size in bits of a stream with these counts coded with these code lengths."""
-    c = np.asarray(counts, dtype=np.int64)
-    n = np.asarray(lengths, dtype=np.int64)
-    if np.any(c[n == 0] > 0):
-        raise HuffmanError("a symbol with a nonzero count has no code")
-    return int(np.dot(c, n))
-
-
-def code_lengths(counts: np.ndarray, max_len: int = MAX_CODE_LEN) -> np.ndarray:
-    """Optimal prefix-code lengths (uint8) for these frequencies, no code longer than max_len.
-
-    Zero-count symbols get length 0; a lone used symbol gets length 1. Unconstrained
-    Huffman is tried first; if it exceeds max_len, package-merge gives the optimal
-    length-limited code instead.
-    """
-    counts = np.asarray(counts)
-    if counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer):
-        raise HuffmanError("counts must be a 1-D integer array")
-    if counts.size > MAX_ALPHABET:
-        raise HuffmanError(f"alphabet of {counts.size} symbols exceeds {MAX_ALPHABET}")
-    if counts.size and counts.min() < 0:
-        raise HuffmanError("counts must be non-negative")
-    if not 1 <= max_len <= MAX_CODE_LEN:
-        raise HuffmanError(f"max_len must be in [1, {MAX_CODE_LEN}], got {max_len}")
-    lengths = np.zeros(counts.size, dtype=np.uint8)
-    used = np.flatnonzero(counts)
-    if used.size == 0:
-        return lengths
-    if used.size == 1:
-        lengths[used] = 1
-        return lengths
-    if used.size > (1 << max_len):
-        raise HuffmanError(f"{used.size} symbols cannot be coded in at most {max_len} bits")
-    weights = counts[used].astype(np.int64)
-    depths = _huffman_depths(weights)
-    if depths.max() > max_len:
-        order = np.argsort(weights, kind="stable")
-        depths = np.empty(used.size, dtype=np.int64)
-        depths[order] = _package_merge(weights[order], max_len)
-    lengths[used] = depths
-    return lengths
-
-
-def _huffman_depths(weights: np.ndarray) -> np.ndarray:
-    """Leaf depths of a Huffman tree; ties broken by node id so the result is deterministic."""
-    m = weights.size
-    heap = list(zip(weights.tolist(), range(m), strict=True))
-    heapq.heapify(heap)
-    parent = [0] * (2 * m - 1)
-    next_id = m
-    while len(heap) > 1:
-        w1, a = heapq.heappop(heap)
-        w2, b = heapq.heappop(heap)
-        parent[a] = parent[b] = next_id
-        heapq.heappush(heap, (w1 + w2, next_id))
-        next_id += 1
-    depth = [0] * (2 * m - 1)
-    # Parents always have larger ids than their children, so one descending pass suffices.
-    for node in range(2 * m - 3, -1, -1):
-        depth[node] = depth[parent[node]] + 1
-    return np.asarray(depth[:m], dtype=np.int64)
-
-
-def _package_merge(weights: np.ndarray, max_len: int) -> np.ndarray:
-    """Optimal length-limited code lengths for ascending ``weights`` (Larmore-Hirschberg).
-
-    Each level's list is the leaves merged with pairwise packages of the level below.
-    Because leaves stay in ascending order inside every list, the leaves selected at a
-    level are always a prefix of the sorted leaves, so only their count is tracked.
-    """
-    n = weights.size
-    leaf_flags = []
-    cur = weights
-    is_leaf = np.ones(n, dtype=bool)
-    leaf_flags.append(is_leaf)
-    for _ in range(max_len - 1):
-        packages = cur[: cur.size // 2 * 2].reshape(-1, 2).sum(axis=1)
-        merged = np.concatenate([weights, packages])
-        flags = np.concatenate([np.ones(n, dtype=bool), np.zeros(packages.size, dtype=bool)])
-        order = np.argsort(merged, kind="stable")  # stable: leaves win ties, like the classic merge
-        cur = merged[order]
-        leaf_flags.append(flags[order])
-    lengths = np.zeros(n, dtype=np.int64)
-    take = 2 * n - 2
-    for flags in reversed(leaf_flags):
-        leaves = int(np.count_nonzero(flags[:take]))
-        lengths[:leaves] += 1
-        take = 2 * (take - leaves)
-    return lengths
-
-
-def validate_lengths(lengths: np.ndarray, max_len: int = MAX_CODE_LEN) -> np.ndarray:
-    """Check that lengths describe a prefix code (each in [0, max_len], Kraft sum <= 1).
-
-    Returns the lengths as a uint8 array; raises HuffmanError otherwise.
-    """
-    arr = np.asarray(lengths)
-    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-        raise HuffmanError("code lengths must be a 1-D integer array")
-    if arr.size > MAX_ALPHABET:
-        raise HuffmanError(f"alphabet of {arr.size} symbols exceeds {MAX_ALPHABET}")
-    if arr.size and (arr.min() < 0 or arr.max() > max_len):
-        raise HuffmanError(f"code lengths must lie in [0, {max_len}]")
-    arr = arr.astype(np.uint8)
-    used = arr[arr > 0].astype(np.int64)
-    kraft = int(np.sum(np.left_shift(1, MAX_CODE_LEN - used, dtype=np.int64)))
-    if kraft > (1 << MAX_CODE_LEN):
-        raise HuffmanError(
-            f"code lengths are not a prefix code (Kraft sum {kraft / (1 << MAX_CODE_LEN):.6g} > 1)"
-        )
-    return arr
-
-
-def canonical_codes(lengths: np.ndarray) -> np.ndarray:
-    """Canonical code values (uint32, MSB = first bit) from code lengths alone.
-
-    Codes are assigned in order of (length, symbol), as in DEFLATE (RFC 1951 3.2.2);
-    symbols with length 0 get code 0 and are never emitted.
-    """
-    lens = validate_lengths(lengths).astype(np.int64)
-    codes = np.zeros(lens.size, dtype=np.uint32)
-    if lens.size == 0 or lens.max() == 0:
-        return codes
-    first = _first_codes(lens)
-    order = np.lexsort((np.arange(lens.size), lens))
-    order = order[lens[order] > 0]
-    sorted_lens = lens[order]
-    group_start = np.searchsorted(sorted_lens, sorted_lens, side="left")
-    rank = np.arange(order.size) - group_start
-    codes[order] = (first[sorted_lens] + rank).astype(np.uint32)
-    return codes
-
-
-def _first_codes(lens: np.ndarray) -> np.ndarray:
-    """first[l] = canonical code of the first symbol of length l (index 0..max)."""
-    max_len = int(lens.max())
-    bl_count = np.bincount(lens, minlength=max_len + 1)
-    bl_count[0] = 0
-    first = np.zeros(max_len + 1, dtype=np.int64)
-    code = 0
-    for bits in range(1, max_len + 1):  # loop over code lengths, at most 24
-        code = (code + int(bl_count[bits - 1])) << 1
-        first[bits] = code
-    return first
-
-
-def reverse_bits(values: np.ndarray, widths: np.ndarray | int) -> np.ndarray:
-    """Reverse the low ``widths`` bits of each value (uint64 result)."""
-    v = np.asarray(values, dtype=np.uint64)
-    w = np.broadcast_to(np.asarray(widths, dtype=np.int64), v.shape)
-    out = np.zeros(v.shape, dtype=np.uint64)
-    for i in range(int(w.max(initial=0))):  # loop over bit positions, at most 24
-        bit = (v >> np.uint64(i)) & np.uint64(1)
-        dest = np.maximum(w - 1 - i, 0).astype(np.uint64)
-        out |= np.where(w > i, bit << dest, np.uint64(0))
-    return out
-
-
-def choose_block_size(n_symbols: int) -> int:
-    """Largest power of two giving at least _LANE_TARGET lanes, clipped to [1024, 4096].
-
-    More lanes amortize numpy's per-call overhead; below 1024 symbols per block the
-    2-byte-per-block offset table would cost more than ~0.5% of a typical stream.
-    """
-    want = max(1, n_symbols // _LANE_TARGET)
-    return int(min(4096, max(1024, 1 << (want.bit_length() - 1))))
-
-
-def encode(
-    symbols: np.ndarray, lengths: np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE
-) -> tuple[bytes, np.ndarray]:
-    """Huffman-code ``symbols`` with the canonical code for ``lengths``.
-
-    Returns the bitstream and the int64 bit offsets of each block start plus the total
-    bit count (``n_blocks + 1`` entries), block k holding symbols
-    ``[k * block_size, (k + 1) * block_size)``.
-    """
-    lens_table = validate_lengths(lengths)
-    _check_block_size(block_size)
-    sym = np.asarray(symbols)
-    if sym.ndim != 1 or not (np.issubdtype(sym.dtype, np.integer) or sym.size == 0):
-        raise HuffmanError("symbols must be a 1-D integer array")
-    if sym.size == 0:
-        return b"", np.zeros(1, dtype=np.int64)
-    if sym.min() < 0 or sym.max() >= lens_table.size:
-        raise HuffmanError(f"symbols must lie in [0, {lens_table.size})")
-    lens = lens_table[sym]
-    if lens.min() == 0:
-        raise HuffmanError("stream contains a symbol whose code length is 0")
-    starts = np.cumsum(lens, dtype=np.int64)
-    total_bits = int(starts[-1])
-    np.subtract(starts, lens, out=starts)  # in place: these arrays are the big ones
-    offsets = np.append(starts[::block_size], total_bits)
-    rcodes = reverse_bits(canonical_codes(lens_table), lens_table)[sym]
-    return _pack_lsb_first(rcodes, lens, starts, total_bits), offsets
-
-
-def _pack_lsb_first(
-    rcodes: np.ndarray, lens: np.ndarray, starts: np.ndarray, total_bits: int
-) -> bytes:
-    """OR bit-reversed codes into little-endian 64-bit words at their start offsets.
-
-    ``rcodes`` (uint64) is overwritten.
-    """
-    n_words = (total_bits + 63) // 64
-    shift = (starts & 63).astype(np.uint8)
-    spill = np.flatnonzero(shift + lens > 64)  # uint8 is enough: at most 63 + 24
-    spill_bits = rcodes[spill] >> (np.uint64(64) - shift[spill])
-    np.left_shift(rcodes, shift, out=rcodes)  # bits pushed past 64 are the spill above
-    # Codes never overlap, so OR-reducing the codes that start in each word is exact.
-    bounds = np.searchsorted(starts, np.arange(n_words + 1, dtype=np.int64) * 64)
-    nonempty = np.flatnonzero(bounds[:-1] < bounds[1:])
-    words = np.zeros(n_words + 1, dtype=np.uint64)
-    words[nonempty] = np.bitwise_or.reduceat(rcodes, bounds[nonempty])
-    # At most one code straddles each word boundary, so these indices are unique.
-    words[(starts[spill] >> 6) + 1] |= spill_bits
-    return words.astype("<u8").tobytes()[: (total_bits + 7) // 8]
-
-
-def _check_block_size(block_size: int) -> None:
-    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size & (block_size - 1):
-        raise HuffmanError(
-            f"block size must be a power of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}], got {block_size}"
-        )
 
 
 def _output_dtype(alphabet: int) -> np.dtype:
@@ -377,7 +125,7 @@ def _check(
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> _Checked:
     lens = validate_lengths(lengths)
-    _check_block_size(block_size)
+    check_block_size(block_size)
     raw = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
     raw = raw.reshape(-1).view(np.uint8)
     offsets = _check_offsets(block_offsets, n_symbols, block_size, raw)
@@ -614,7 +362,7 @@ def _long_code_resolver(lens: np.ndarray, win: np.ndarray, max_len: int) -> Call
     range ends and the symbol is an offset into the (length, symbol)-sorted list.
     """
     lens64 = lens.astype(np.int64)
-    first = _first_codes(lens64)
+    first = first_codes(lens64)
     order = np.lexsort((np.arange(lens64.size), lens64))
     order = order[lens64[order] > 0]
     count = np.bincount(lens64[order], minlength=max_len + 1)
