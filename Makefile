@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check compresspipe tests benchmarks
-	$(BIN)/lint-imports --no-cache
+	$(BIN)/lint-imports --no-cache --no-logo
 	$(BIN)/python -m pytest -q
 
 # every benchmarks/*.py in full (long), then benchmarks/REPORT.md from benchmarks/results/
@@ -40,7 +40,7 @@ soak: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check compresspipe tests benchmarks
-	$(BIN)/lint-imports --no-cache
+	$(BIN)/lint-imports --no-cache --no-logo
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

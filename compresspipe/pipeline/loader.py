@@ -28,9 +28,8 @@ from ..stages.spec import (
     UnparsedStage,
     plain_data,
 )
-from .checks import check_against_model, check_paths, check_references
 from .diagnostics import locate, pydantic_problems, short
-from .runner import run_pipeline
+from .references import check_paths, check_references
 from .schema import NAME_PATTERN, PipelineConfig, PipelineFile, pipeline_model, stage_item_model
 from .yaml_source import SourceMap, apply_override, parse_yaml
 
@@ -64,6 +63,8 @@ class Pipeline(PipelineFile):
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run every stage (``resume``: continue an interrupted run); return the summary."""
+        from .runner import run_pipeline  # lazy: running loads torch; loading a file does not
+
         return run_pipeline(self.validate(check_model=False), resume=resume)
 
 
@@ -123,6 +124,9 @@ def _checks(config: PipelineConfig, stages: list[StageSpec], check_model: bool,
     problems = check_references(stages)
     problems += check_paths(config, broken)
     if check_model and not broken.intersection(_MODEL_CHECK_NEEDS):
+        # lazy: the model checks load torch and timm; a file is validated without them first
+        from .checks import check_against_model
+
         problems += check_against_model(config, stages)
     return problems
 

@@ -1,0 +1,72 @@
+"""Checks of a pipeline file that need no model (so no torch): stage names are unique and every
+``stage:NAME`` names an earlier stage, and the input files and directories exist."""
+
+from __future__ import annotations
+
+from ..core.errors import Problem, suggest
+from ..stages.spec import INPUT_STAGE, StageSpec, stage_references
+from .schema import PipelineConfig
+
+
+def check_references(stages: list[StageSpec]) -> list[Problem]:
+    """Unique stage names; every 'stage:NAME' value refers to an earlier stage or to
+    'stage:input', the model the pipeline starts from. After a stage whose name the file does
+    not tell, a reference that matches no name is not reported."""
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    uncertain = False
+    for spec in stages:
+        if spec.known_name and spec.name == INPUT_STAGE:
+            problems.append(Problem(f"stages[{spec.index}].name", f"{INPUT_STAGE!r} is the "
+                                    "pipeline's starting model (output_dir/input); give the "
+                                    "stage another name"))
+        if spec.known_name and spec.name in seen:
+            problems.append(Problem(f"stages[{spec.index}].name", f"stage name {spec.name!r} "
+                                    f"is already used by stages[{seen[spec.name]}]"))
+        for rel, ref in stage_references(spec):
+            if ref not in seen and ref != INPUT_STAGE and not uncertain:
+                earlier = list(seen)
+                hint = suggest(ref, earlier) or (f" (earlier stages: {', '.join(earlier)})"
+                                                 if earlier else " (no stage runs before this one)")
+                problems.append(Problem(f"{spec.path}.{rel}",
+                                        f"'stage:{ref}' does not name an earlier stage{hint}"))
+        if spec.known_name:
+            seen.setdefault(spec.name, spec.index)
+        else:
+            uncertain = True
+    return problems
+
+
+def check_paths(config: PipelineConfig, broken: set[str] | None = None) -> list[Problem]:
+    """Input files and directories must exist before any work starts (the sections in
+    ``broken`` failed to parse and are not looked at)."""
+    problems: list[Problem] = []
+    ckpt = config.model.checkpoint if config.model is not None else None
+    if ckpt is not None and not ckpt.is_file():
+        problems.append(Problem("model.checkpoint", f"file not found: {ckpt}"))
+    data = config.data
+    if data is None or "data" in (broken or ()):
+        return problems
+    if data.channels not in (None, 1, 3) and data.name not in ("digits", "fake"):
+        problems.append(Problem("data.channels", f"{data.name!r} images can be given 1 "
+                                f"(grayscale) or 3 (RGB) channels, not {data.channels}"))
+    if data.name == "imagefolder":
+        if data.root is None:
+            problems.append(Problem("data.root", "'imagefolder' needs a root directory"))
+        elif not data.root.is_dir():
+            problems.append(Problem("data.root", f"directory not found: {data.root}"))
+        else:
+            if not (data.root / "train").is_dir():
+                problems.append(Problem("data.root", f"no 'train' subdirectory in {data.root}"))
+            if not any((data.root / d).is_dir() for d in ("val", "test", "validation")):
+                problems.append(Problem("data.root",
+                                        f"no 'val' or 'test' subdirectory in {data.root}"))
+    elif data.name in ("mnist", "fashion_mnist", "cifar10", "cifar100"):
+        if data.root is None:
+            problems.append(Problem("data.root", f"{data.name!r} needs a root directory"))
+        elif not data.download and not data.root.is_dir():
+            problems.append(Problem("data.root", f"directory not found: {data.root} "
+                                    "(set download: true to fetch it)"))
+    elif data.root is not None:
+        problems.append(Problem("data.root", f"{data.name!r} takes no root directory"))
+    return problems
