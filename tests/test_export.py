@@ -26,6 +26,7 @@ from torch import nn
 import compresspipe
 import compresspipe.compress.quant.onnx_int8 as onnx_int8
 import compresspipe.core.models
+import compresspipe.stages.export as export_stage
 from compresspipe.compress.quant.onnx_int8 import INT8_FILE, check_int8_masks
 from compresspipe.core.errors import CompressPipeError, ConfigError, MaskViolation
 from compresspipe.core.measure import check_tensor_masks
@@ -219,7 +220,7 @@ def test_consumer_mismatch_fails_the_stage_loudly(tmp_path, monkeypatch):
                                                                   "num_classes": 10}}).eval(),
             example, path, opset, trim_taps)
 
-    monkeypatch.setattr(onnx_int8, "export_onnx", wrong_model)
+    monkeypatch.setattr(export_stage, "export_onnx", wrong_model)
     cfg = tiny_pipeline(tmp_path / "out", epochs=1, tracking={"enabled": False})
     cfg["stages"] = [cfg["stages"][0], {"name": "export", "export": {"formats": ["onnx"]}}]
     with pytest.raises(CompressPipeError, match=r"stage 'export': format 'onnx' \(model\.onnx\): "
