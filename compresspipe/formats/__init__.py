@@ -1,6 +1,7 @@
-"""Entropy coding of compressed tensors (Deep Compression's third stage) and the .cpz container.
-
-Pure numpy + stdlib: nothing here knows about torch or training.
+"""The files compresspipe writes: the ``.cpz`` container (``cpz/``) and its canonical Huffman
+codes (``huffman/``), Deep Compression's entropy-coded stage, both pure numpy + stdlib; a model
+to and from a .cpz (``cpz_model``) and the files other runtimes load (``export``), which use
+torch. This package's namespace re-exports the container's API only (no torch).
 """
 
 from __future__ import annotations
