@@ -140,7 +140,3 @@ def drop_cluster_layer(artifact: Artifact, name: str) -> None:
 
 def set_int8(artifact: Artifact, record: dict[str, Any]) -> None:
     artifact.quant[INT8] = record
-
-
-def int8_info(artifact: Artifact) -> dict[str, Any] | None:
-    return artifact.quant.get(INT8)

@@ -77,11 +77,6 @@ class PipelineView:
     def resolved_output_dir(self) -> Path:
         return self.output_dir
 
-    def at(self, index: int) -> PipelineView:
-        """The same pipeline seen from the stage at ``index``."""
-        return PipelineView(self.model, self.data, self.tracking, self.output_dir, self.stages,
-                            index)
-
 
 def stage_references(spec: StageSpec) -> list[tuple[str, str]]:
     """(path in the stage's config, NAME) of every 'stage:NAME' value the stage gives."""
