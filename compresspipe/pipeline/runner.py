@@ -38,7 +38,6 @@ from ..stages.context import StageContext
 from ..stages.registry import get_stage, invariants
 from ..stages.spec import INPUT_STAGE, StageSpec
 from ..tracking import plots
-from ..tracking.plots import layer_sparsity_plot, size_accuracy_plot
 from ..tracking.report import summary_table
 from ..tracking.tracker import Tracker
 from .schema import NAME_PATTERN, PipelineFile
@@ -297,9 +296,10 @@ class Runner:
     def _log_layer_sparsity(self, run_id: str | None, name: str, per_layer: dict[str, float]) -> None:
         self.tracker.log_metrics(run_id, {f"layer_sparsity.{k}": v for k, v in per_layer.items()})
         if run_id:
-            plots = self.out / ".work" / "plots"
-            plots.mkdir(parents=True, exist_ok=True)
-            path = layer_sparsity_plot(per_layer, plots / f"{name}_layer_sparsity.png", name)
+            plot_dir = self.out / ".work" / "plots"
+            plot_dir.mkdir(parents=True, exist_ok=True)
+            path = plots.layer_sparsity_plot(per_layer, plot_dir / f"{name}_layer_sparsity.png",
+                                             name)
             self.tracker.log_artifact(run_id, path, "plots")
 
     def _log_stage_plots(self, run_id: str | None, name: str, directory, model_files: list[str],
@@ -405,7 +405,7 @@ class Runner:
             return
         table = summary_table(self.summary)
         (self.out / "summary.md").write_text(table + "\n")
-        plot = size_accuracy_plot(self.summary, self.out / "size_vs_accuracy.png")
+        plot = plots.size_accuracy_plot(self.summary, self.out / "size_vs_accuracy.png")
         self.tracker.log_artifact(parent, self.out / SUMMARY_FILE)
         self.tracker.log_artifact(parent, self.out / "summary.md")
         self.tracker.log_artifact(parent, plot)
