@@ -103,9 +103,9 @@ def test_sharded_evaluation_equals_full_evaluation(two_ranks):
         # the last epoch's val metrics were reduced over the two validation shards; the
         # stage's were measured by rank 0 alone on the whole validation split, from the file
         history = client.get_metric_history(run.info.run_id, "val_top1")
-        assert history[-1].value == pytest.approx(record["metrics"]["val_top1"], rel=1e-9)
+        assert history[-1].value == pytest.approx(record["metrics"]["deployed_val_top1"], rel=1e-9)
         loss = client.get_metric_history(run.info.run_id, "val_loss")[-1].value
-        assert loss == pytest.approx(record["metrics"]["val_loss"], rel=1e-5)
+        assert loss == pytest.approx(record["metrics"]["deployed_val_loss"], rel=1e-5)
 
 
 def test_single_process_ignores_stray_rank(tmp_path, monkeypatch):

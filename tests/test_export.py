@@ -104,7 +104,7 @@ def test_deployed_model_and_size_are_those_of_the_stage_before(chain):
                                   ("huffman", "export", ["model.cpz"])):
         a, b = stages[before], stages[export]
         assert b["model_files"] == files
-        for key in ("val_top1", "test_top1", "test_loss", "model_bytes", "nonzero_params"):
+        for key in ("deployed_val_top1", "test_top1", "test_loss", "model_bytes", "nonzero_params"):
             assert b["metrics"][key] == a["metrics"][key], (export, key)
     # the exported .cpz is the huffman stage's file, byte for byte
     assert (out / "export" / "model.cpz").read_bytes() == (out / "huffman" / "model.cpz").read_bytes()

@@ -36,7 +36,7 @@ def test_summary_lists_every_stage(finished):
     assert summary["tracking_uri"] == f"sqlite:///{out / 'mlflow.db'}"
     dense = on_disk["stages"][1]["metrics"]
     assert dense["test_top1"] > 50.0  # two epochs on digits learn something real
-    assert {"val_top1", "val_loss", "test_top1", "test_top5", "test_loss", "params", "nonzero_params", "sparsity", "model_bytes",
+    assert {"deployed_val_top1", "deployed_val_loss", "test_top1", "test_top5", "test_loss", "params", "nonzero_params", "sparsity", "model_bytes",
             "artifact_bytes", "bits_per_weight", "compression_ratio", "wall_time_s"} <= set(dense)
 
 

@@ -45,10 +45,11 @@ from .schema import NAME_PATTERN, PipelineFile
 
 SUMMARY_FILE = "summary.json"
 
-# accuracy metrics carry their split: val_* (the held-out validation split, what decisions
-# use) and test_* (the test set, reported only)
-SUMMARY_METRICS = ("val_top1", "val_loss", "test_top1", "test_top5", "test_loss", "model_bytes",
-                   "compression_ratio", "sparsity")
+# accuracy metrics carry their split: deployed_val_* (the saved model on the held-out
+# validation split, what decisions use; plain val_* are the training loop's per-epoch curves)
+# and test_* (the test set, reported only)
+SUMMARY_METRICS = ("deployed_val_top1", "deployed_val_loss", "test_top1", "test_top5",
+                   "test_loss", "model_bytes", "compression_ratio", "sparsity")
 
 
 def run_pipeline(pipeline: PipelineFile, resume: bool = False) -> dict[str, Any]:
@@ -419,18 +420,19 @@ class Runner:
 
 
 def measure_splits(model: torch.nn.Module, data, device) -> dict[str, float]:
-    """``val_*`` metrics on the validation split (when there is one) and ``test_*`` on the
-    test set: every accuracy says which split it is from."""
+    """``deployed_val_*`` metrics on the validation split (when there is one) and ``test_*``
+    on the test set: every accuracy says which split it is from. (Not ``val_*``: those name
+    the training loop's per-epoch curves, logged to the same MLflow run.)"""
     metrics = {f"test_{k}": v for k, v in evaluate(model, data.test_loader(), device).items()}
     if data.val is not None:
-        metrics.update({f"val_{k}": v for k, v in
+        metrics.update({f"deployed_val_{k}": v for k, v in
                         evaluate(model, data.val_loader(), device).items()})
     return metrics
 
 
 def _print_record(record: dict[str, Any]) -> None:
     m = record["metrics"]
-    val = f"val top1 {m['val_top1']:.2f}%  " if "val_top1" in m else ""
+    val = f"val top1 {m['deployed_val_top1']:.2f}%  " if "deployed_val_top1" in m else ""
     print(f"   {record['name']}: {val}test top1 {m.get('test_top1', math.nan):.2f}%  "
           f"test loss {m.get('test_loss', math.nan):.4f}  "
           f"{m['model_bytes']:,} bytes  ({m['compression_ratio']:.2f}x)  "

@@ -13,7 +13,7 @@ def summary_table(summary: dict[str, Any]) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for rec in summary.get("stages", []):
         m = rec["metrics"]
-        val = f"{m['val_top1']:.2f}" if "val_top1" in m else "-"
+        val = f"{m['deployed_val_top1']:.2f}" if "deployed_val_top1" in m else "-"
         rows.append(
             f"| {rec['name']} | {rec['type']} | {val} | {m['test_top1']:.2f} | "
             f"{m['test_loss']:.4f} | "
