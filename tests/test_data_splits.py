@@ -56,7 +56,7 @@ def test_idx_files_in_either_layout(tmp_path, layout, gz):
 
 
 def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
-    with pytest.raises(CompressPipeError, match=r"^data: no fashion_mnist idx files in .*"
+    with pytest.raises(CompressPipeError, match=r"^data.root: no fashion_mnist idx files in .*"
                        r"set data.download: true") as info:
         build_data(DataConfig(name="fashion_mnist", root=tmp_path))
     assert "\n" not in str(info.value)
