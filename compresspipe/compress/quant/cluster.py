@@ -33,6 +33,7 @@ the other ``2**bits - 1`` centroids cluster the surviving weights. Without a mas
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,72 @@ def unmatched_overrides(model: nn.Module, overrides: Mapping[str, Any]) -> list[
              if isinstance(mod, (*CONV_TYPES, nn.Linear))]
     return [p for p in overrides
             if not any(fnmatch.fnmatch(m, p) or fnmatch.fnmatch(w, p) for m, w in names)]
+
+
+# -- bits per layer under a bytes budget ------------------------------------------------------------
+
+
+def clustered_bytes(shapes: Mapping[str, tuple[int, ...]], bits: Mapping[str, int]) -> int:
+    """Bytes of the clustered layers stored compactly: fixed-length packed indices plus fp32
+    codebooks of 2**bits entries (what the stage reports as packed index + codebook bytes)."""
+    index_bits = sum(bits[n] * math.prod(shapes[n]) for n in bits)
+    return (index_bits + 7) // 8 + sum(4 * 2 ** b for b in bits.values())
+
+
+def bits_under_budget(shapes: Mapping[str, tuple[int, ...]],
+                      scan: Mapping[str, list[tuple[int, float]]] | None, budget: int,
+                      choices: list[int]) -> dict[str, int]:
+    """Bits per layer whose ``clustered_bytes`` fit ``budget``.
+
+    Without a scan: the most bits every layer can share. With a sensitivity scan ({layer:
+    [(bits, validation loss increase)]}), greedy from the most bits: lower the layer whose next
+    lower choice costs the least loss increase per byte saved, until the budget is met."""
+    choices = sorted(set(choices))
+    bits = dict.fromkeys(shapes, choices[-1])
+    if clustered_bytes(shapes, dict.fromkeys(shapes, choices[0])) > budget:
+        raise ValueError(f"the bytes budget {budget:,} is below what the fewest bits give "
+                         f"({clustered_bytes(shapes, dict.fromkeys(shapes, choices[0])):,} bytes "
+                         f"at {choices[0]} bits)")
+    if scan is None:
+        fits = [b for b in choices if clustered_bytes(shapes, dict.fromkeys(shapes, b)) <= budget]
+        return dict.fromkeys(shapes, fits[-1])
+    loss = {n: _bits_curve(scan[n], choices) for n in shapes}
+    while clustered_bytes(shapes, bits) > budget:
+        best, best_cost = None, math.inf
+        for name, b in bits.items():
+            i = choices.index(b)
+            if i == 0:
+                continue
+            lower = choices[i - 1]
+            saved = clustered_bytes(shapes, {name: b}) - clustered_bytes(shapes, {name: lower})
+            cost = (loss[name][lower] - loss[name][b]) / max(saved, 1)
+            if cost < best_cost:
+                best, best_cost = name, cost
+        bits[best] = choices[choices.index(bits[best]) - 1]
+    return bits
+
+
+def _bits_curve(points: list[tuple[int, float]], choices: list[int]) -> dict[int, float]:
+    """Loss increase at every choice: interpolated between scanned bits (the nearest beyond
+    them), clamped at ≥ 0 and made non-increasing in bits (fewer bits never help)."""
+    xs = sorted((int(b), float(d)) for b, d in points)
+    if not xs:
+        raise KeyError("the scan has no bits points")
+    out, level = {}, 0.0
+    for b in sorted(choices, reverse=True):
+        value = _interp(xs, b)
+        level = max(level, value, 0.0)
+        out[b] = level
+    return out
+
+
+def _interp(xs: list[tuple[int, float]], b: int) -> float:
+    if b <= xs[0][0]:
+        return xs[0][1]
+    for (b0, d0), (b1, d1) in zip(xs, xs[1:]):
+        if b0 <= b <= b1:
+            return d0 + (b - b0) / (b1 - b0) * (d1 - d0)
+    return xs[-1][1]
 
 
 # -- k-means --------------------------------------------------------------------------------------
