@@ -22,10 +22,10 @@ from ...core.context import RunContext
 from ...core.errors import CompressPipeError
 from ...core.masks import apply_masks
 from ...core.training import LrFn, TrainHook
+from .allocation import Curve
 from .config import PruneConfig
 from .criteria import CRITERIA, NEEDS_DATA, ScoreInput
 from .schedules import OriginalSchedule, allr_eta_init, norm_removed, retrain_schedule
-from .allocation import Curve
 from .scopes import (
     Masks,
     compute_masks,
