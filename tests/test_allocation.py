@@ -154,7 +154,7 @@ def test_prune_config_allocation_forms():
 
 
 def test_cluster_bits_meet_a_bytes_budget_where_loss_is_cheapest():
-    shapes = {"big": (64, 64, 3, 3), "small": (10, 64)}
+    shapes = {"big": 64 * 64 * 9, "small": 10 * 64}  # weights each layer stores
     scan = {"big": [(2, 0.5), (3, 0.2), (4, 0.05), (5, 0.01), (6, 0.0), (8, 0.0)],
             "small": [(2, 3.0), (3, 1.0), (4, 0.3), (5, 0.1), (6, 0.02), (8, 0.0)]}
     full = clustered_bytes(shapes, dict.fromkeys(shapes, 8))

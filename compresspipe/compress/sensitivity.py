@@ -106,8 +106,9 @@ def scan(model: nn.Module, names: Sequence[str], batches: Batches, *, split: str
         original = w.detach().clone()
         row: dict[str, Any] = {"family": layer_family(modules[name]), "shape": list(w.shape),
                                "params": w.numel(), "sparsity": [], "bits": []}
+        ranking = magnitude_ranking(original, masks.get(name))
         for s in sparsities:
-            kept = magnitude_keep(original, s, masks.get(name))
+            kept = magnitude_keep(ranking, original, s)
             w.copy_(original * kept)
             row["sparsity"].append({"sparsity": 1 - int(kept.sum()) / w.numel(),
                                     **_measure(model, batches, device)})
@@ -123,17 +124,21 @@ def scan(model: nn.Module, names: Sequence[str], batches: Batches, *, split: str
             "dense": dense, "layers": layers}
 
 
-def magnitude_keep(weight: torch.Tensor, sparsity: float, mask: torch.Tensor | None) -> torch.Tensor:
-    """One-shot magnitude mask of one layer: n − round(s·n) largest |w| (a masked weight is
-    never among them), the layer's existing mask kept."""
-    score = weight.abs().float()
+def magnitude_ranking(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Flat positions of the weights that are still there, largest |w| first (sorted once per
+    layer, for every sparsity of the grid)."""
+    score = weight.detach().abs().flatten().float()
+    order = torch.argsort(score, descending=True, stable=True)
     if mask is not None:
-        score = torch.where(mask.to(score.device).bool(), score, torch.full_like(score, -1.0))
-    alive = int((score >= 0).sum())
-    keep = min(weight.numel() - int(round(sparsity * weight.numel())), alive)
+        order = order[mask.flatten().to(order.device).bool()[order]]
+    return order
+
+
+def magnitude_keep(ranking: torch.Tensor, weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """One-shot magnitude mask of one layer: its n − round(s·n) largest surviving weights."""
+    keep = min(weight.numel() - int(round(sparsity * weight.numel())), ranking.numel())
     out = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
-    if keep > 0:
-        out[torch.topk(score.flatten(), keep, sorted=False).indices] = True
+    out[ranking[:keep]] = True
     return out.view_as(weight)
 
 

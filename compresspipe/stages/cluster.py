@@ -41,8 +41,9 @@ class BitsAllocation(StrictModel):
     """Bits per layer under a bytes budget, in place of conv_bits/linear_bits for the layers
     they select."""
 
-    budget_bytes: int = Field(gt=0, description="Bytes of the clustered layers: fixed-length "
-                              "packed indices plus fp32 codebooks.")
+    budget_bytes: int = Field(gt=0, description="Bytes of the clustered layers: the indices "
+                              "of the weights they store (a pruned layer's survivors) packed at "
+                              "fixed length, plus fp32 codebooks.")
     rule: Literal["uniform", "sensitivity"] = Field(
         "sensitivity", description="uniform: the most bits every layer can share; sensitivity: "
         "greedy from the most bits, lowering the layer with the least validation-loss increase "
@@ -138,7 +139,9 @@ class ClusterStage(Stage):
         """Bits per layer under the bytes budget; logged and printed per layer."""
         alloc = self.config.allocation
         params = dict(artifact.model.named_parameters())
-        shapes = {n: tuple(params[n].shape) for n in bits}
+        # a pruned layer stores the indices of its survivors only
+        counts = {n: int(artifact.masks[n].sum()) if n in artifact.masks else params[n].numel()
+                  for n in bits}
         curves = None
         choices = alloc.choices or list(range(1, 9))
         if alloc.rule == "sensitivity":
@@ -150,10 +153,10 @@ class ClusterStage(Stage):
             curves = {n: scanned[n] for n in bits}
             choices = alloc.choices or sorted({b for c in curves.values() for b, _ in c})
         try:
-            chosen = bits_under_budget(shapes, curves, alloc.budget_bytes, choices)
+            chosen = bits_under_budget(counts, curves, alloc.budget_bytes, choices)
         except ValueError as exc:
             raise CompressPipeError(f"stage {ctx.name!r}: allocation.budget_bytes: {exc}") from None
-        used = clustered_bytes(shapes, chosen)
+        used = clustered_bytes(counts, chosen)
         ctx.log_metrics({"cluster_budget_bytes": float(alloc.budget_bytes),
                          "cluster_allocated_bytes": float(used),
                          **{f"cluster_bits.{n.removesuffix('.weight')}": float(b)
