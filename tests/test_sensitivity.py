@@ -202,3 +202,18 @@ def test_pipeline_sensitivity_feeds_prune_and_cluster(tmp_path):
                      for d in shared.values())
     assert (index_bits + 7) // 8 + sum(4 * 2 ** d["bits"] for d in shared.values()) <= 600
     assert len({d["bits"] for d in shared.values()}) >= 1
+
+
+def test_cli_scans_the_input_model(tmp_path, capsys):
+    from compresspipe.cli import main
+
+    path = tmp_path / "p.yaml"
+    cfg = _sensitivity_pipeline(tmp_path / "run")
+    path.write_text(yaml.safe_dump({**cfg, "stages": cfg["stages"][:1]}))
+    assert main(["sensitivity", str(path), "--sparsities", "0.5", "--bits", "2",
+                 "--max-batches", "1", "-o", str(tmp_path / "scan")]) == 0
+    assert "| 1 | linear | 2,048 |" in capsys.readouterr().out
+    record = json.loads((tmp_path / "scan" / "sensitivity.json").read_text())
+    assert record["split"] != "test" and list(record["layers"]) == ["1.weight", "3.weight"]
+    assert main(["sensitivity", str(path), "--bits", "two"]) != 0
+    assert "--bits" in capsys.readouterr().err

@@ -12,6 +12,7 @@ stage:NAME}``) and to pick the layers that stay float in mixed-precision int8.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,17 +98,39 @@ class SensitivityStage(Stage):
                       sparsities=c.sparsities, bits=c.bits, int8=c.int8, masks=artifact.masks,
                       kmeans_iters=c.kmeans_iters, device=ctx.device)
         artifact_keys.set_sensitivity(artifact, record)
-        text = json.dumps(record, indent=1)
-        table = markdown_table(record)
-        artifact.outputs["sensitivity.json"] = lambda path: Path(path).write_text(text)
-        artifact.outputs["sensitivity.md"] = lambda path: Path(path).write_text(table)
-        for family in sorted({row["family"] for row in record["layers"].values()}):
-            artifact.outputs[f"sensitivity_{family}.png"] = (
-                lambda path, family=family: plots.sensitivity_plot(record, family, Path(path)))
+        artifact.outputs.update(report_files(record))  # the runner logs the stage directory
         ctx.log_metrics(_metrics(record), None)
         print(f"[{ctx.name}] sensitivity of {len(record['layers'])} layers on the {split} split "
               f"({record['images']} images): " + _most_sensitive(record), flush=True)
         return artifact
+
+
+def report_files(record: dict[str, Any]) -> dict[str, Callable[[Path], Any]]:
+    """{file name: writer}: the scan as JSON, its markdown table, a plot per layer family."""
+    text = json.dumps(record, indent=1)
+    table = markdown_table(record)
+    files: dict[str, Callable[[Path], Any]] = {
+        "sensitivity.json": lambda path: Path(path).write_text(text),
+        "sensitivity.md": lambda path: Path(path).write_text(table)}
+    for family in sorted({row["family"] for row in record["layers"].values()}):
+        files[f"sensitivity_{family}.png"] = (
+            lambda path, family=family: plots.sensitivity_plot(record, family, Path(path)))
+    return files
+
+
+def standalone_scan(config: SensitivityConfig, model: nn.Module, masks: dict, data,
+                    device, out: Path) -> dict[str, Any]:
+    """The stage's scan outside a pipeline run (``compresspipe sensitivity``): the files go to
+    ``out``; nothing is tracked."""
+    stage = SensitivityStage(config, "sensitivity")
+    batches, split = validation_batches(data, config.max_batches, device)
+    record = scan(model, stage._names(model), batches, split=split,
+                  sparsities=config.sparsities, bits=config.bits, int8=config.int8, masks=masks,
+                  kmeans_iters=config.kmeans_iters, device=device)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, write in report_files(record).items():
+        write(out / name)
+    return record
 
 
 def _metrics(record: dict[str, Any]) -> dict[str, float]:
