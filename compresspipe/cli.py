@@ -60,6 +60,20 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("stages", parents=[common], help="list stage types with their parameters")
 
+    se = sub.add_parser("sensitivity", parents=[common],
+                        help="per-layer sensitivity scan of a pipeline's model on the validation "
+                        "split")
+    se.add_argument("file", help="pipeline YAML (its model, data and device)")
+    overrides(se)
+    se.add_argument("--stage", help="scan this stage's saved output in the pipeline's "
+                    "output_dir (default: the pipeline's input model)")
+    se.add_argument("--sparsities", help="comma-separated sparsities, e.g. 0.5,0.9 ('' skips)")
+    se.add_argument("--bits", help="comma-separated codebook bits, e.g. 8,4,2 ('' skips)")
+    se.add_argument("--int8", action="store_true", help="also scan each layer alone in int8")
+    se.add_argument("--max-batches", type=int, default=8, help="validation batches per point")
+    se.add_argument("-o", "--output", help="directory for sensitivity.json/.md and the plots "
+                    "(default: OUTPUT_DIR/sensitivity-STAGE)")
+
     i = sub.add_parser("inspect", parents=[common], help="per-tensor table of a .cpz file")
     i.add_argument("file")
     d = sub.add_parser("decompress", parents=[common], help="decode a .cpz to fp32 safetensors "
@@ -81,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     try:
         return {"run": _run, "validate": _validate, "schema": _schema, "stages": _stages,
-                "inspect": _inspect, "decompress": _decompress}[args.command](args)
+                "inspect": _inspect, "decompress": _decompress,
+                "sensitivity": _sensitivity}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -121,6 +136,49 @@ def _run(args) -> int:
     if summary.get("tracking_uri"):
         print(f"MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']}"
               " --port 5000   (then open http://127.0.0.1:5000)")
+    return 0
+
+
+def _sensitivity(args) -> int:
+    # lazy: only the command that runs loads what it needs; --help stays instant
+    from .core.artifact import Artifact
+    from .core.data import build_data
+    from .core.models import build_model
+    from .pipeline.loader import load_pipeline
+    from .pipeline.runner import resolve_device
+    from .stages.sensitivity import SensitivityConfig, standalone_scan
+
+    pipeline = load_pipeline(args.file, args.overrides)
+    cfg = pipeline.config
+    options = {"int8": args.int8, "max_batches": args.max_batches}
+    for key in ("sparsities", "bits"):
+        text = getattr(args, key)
+        if text is not None:
+            try:
+                options[key] = [float(v) if key == "sparsities" else int(v)
+                                for v in text.split(",") if v.strip()]
+            except ValueError:
+                raise CompressPipeError(f"--{key}: expected comma-separated numbers, found "
+                                        f"{text!r}") from None
+    try:
+        config = SensitivityConfig(**options)
+    except ValueError as exc:
+        raise CompressPipeError(f"sensitivity options: {exc}") from None
+    if args.stage:
+        directory = pipeline.output_dir / args.stage
+        if not (directory / "artifact.json").is_file():
+            raise CompressPipeError(f"--stage {args.stage}: no saved stage output in {directory}")
+        artifact = Artifact.load(directory)
+        model, masks = artifact.model, artifact.masks
+    else:
+        model, masks = build_model(cfg.model, cfg.data)[0], {}
+    out = (Path(args.output) if args.output
+           else pipeline.output_dir / f"sensitivity-{args.stage or 'input'}")
+    record = standalone_scan(config, model, masks, build_data(cfg.data),
+                             resolve_device(cfg.device), out)
+    print(f"{len(record['layers'])} layers scanned on the {record['split']} split; "
+          f"{out / 'sensitivity.md'}")
+    print((out / "sensitivity.md").read_text())
     return 0
 
 

@@ -7,7 +7,8 @@ each: the key strings live here and nowhere else.
     rewind      the step and stage of the recorded rewind point;
     pruning     the last prune stage's method, criterion, scope, granularity and target;
     structured  per structured stage: its widths, MACs and latency record;
-    distill     the last distill stage's teacher and accuracies.
+    distill     the last distill stage's teacher and accuracies;
+    sensitivity the last sensitivity stage's per-layer scan (compress/sensitivity.py).
 ``artifact.extras`` (tensors in extras.safetensors):
     rewind/<state key>          the model state at the rewind point;
     cluster.<param>.indices     the codebook index of every weight of a shared layer;
@@ -31,6 +32,7 @@ REWIND = "rewind"
 PRUNING = "pruning"
 STRUCTURED = "structured"
 DISTILL = "distill"
+SENSITIVITY = "sensitivity"
 CLUSTER = "cluster"
 INT8 = "int8"
 REWIND_PREFIX = "rewind/"
@@ -91,6 +93,15 @@ def add_structured(artifact: Artifact, stage: str, record: dict[str, Any]) -> No
 
 def set_distill(artifact: Artifact, record: dict[str, Any]) -> None:
     artifact.meta[DISTILL] = record
+
+
+def set_sensitivity(artifact: Artifact, record: dict[str, Any]) -> None:
+    artifact.meta[SENSITIVITY] = record
+
+
+def sensitivity(artifact: Artifact) -> dict[str, Any] | None:
+    """The per-layer sensitivity scan the artifact carries (None when no stage measured one)."""
+    return artifact.meta.get(SENSITIVITY)
 
 
 # -- weight sharing (cluster) and int8 --------------------------------------------------------

@@ -11,25 +11,60 @@ from ..compress.distill.config import DistillConfig
 from ..compress.quant.cluster import (
     CentroidHook,
     attach_deployable,
+    bits_under_budget,
     cluster_model,
+    clustered_bytes,
     layer_bits,
     store,
     unmatched_overrides,
     verify,
 )
+from ..compress.sensitivity import bits_curves
 from ..core.artifact import Artifact
-from ..core.config import TrainConfig
+from ..core.config import StrictModel, TrainConfig
+from ..core.errors import CompressPipeError
 from ..core.measure import evaluate
 from .base import Stage, StageConfig
 from .context import StageContext
 from .patterns import unmatched_pattern_problems
 from .registry import register_stage
+from .sensitivity import check_scan, resolve_scan
 from .spec import PipelineView
 from .teacher import check_distill, distill_hook
 
 
 def _default_finetune() -> TrainConfig:
     return TrainConfig(epochs=2, lr=0.0005, schedule="cosine", weight_decay=0.0)
+
+
+class BitsAllocation(StrictModel):
+    """Bits per layer under a bytes budget, in place of conv_bits/linear_bits for the layers
+    they select."""
+
+    budget_bytes: int = Field(gt=0, description="Bytes of the clustered layers: the indices "
+                              "of the weights they store (a pruned layer's survivors) packed at "
+                              "fixed length, plus fp32 codebooks.")
+    rule: Literal["uniform", "sensitivity"] = Field(
+        "sensitivity", description="uniform: the most bits every layer can share; sensitivity: "
+        "greedy from the most bits, lowering the layer with the least validation-loss increase "
+        "per byte saved (from a sensitivity stage's bits scan).")
+    scan: str | None = Field(None, description="sensitivity: 'stage:NAME' of the sensitivity "
+                             "stage (default: the scan the incoming model carries).")
+    choices: list[int] | None = Field(None, description="Bits a layer may get (default: the "
+                                      "scan's bits grid; 1..8 for uniform).")
+
+    @field_validator("choices")
+    @classmethod
+    def _choices_range(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(not 1 <= b <= 16 for b in v)):
+            raise ValueError(f"choices must be bits in 1..16, found {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _scan_needs_rule(self) -> BitsAllocation:
+        if self.scan is not None and self.rule != "sensitivity":
+            raise ValueError("scan applies to rule 'sensitivity'")
+        return self
 
 
 class ClusterConfig(StageConfig):
@@ -53,6 +88,9 @@ class ClusterConfig(StageConfig):
     distill: DistillConfig | None = Field(
         None, description="Distil from a teacher during centroid fine-tuning (joint KD, e.g. "
         "teacher: stage:dense).")
+    allocation: BitsAllocation | None = Field(
+        None, description="Bits per layer under a bytes budget (uniform or by sensitivity) for "
+        "the layers conv_bits, linear_bits and overrides select.")
 
     @model_validator(mode="before")
     @classmethod
@@ -91,12 +129,49 @@ class ClusterStage(Stage):
         if not problems and not layer_bits(model, cfg.conv_bits, cfg.linear_bits, cfg.overrides):
             problems.append(("conv_bits", "no layer is left to cluster (conv_bits, linear_bits "
                              "and overrides exclude them all)"))
+        if cfg.allocation is not None and cfg.allocation.rule == "sensitivity":
+            problems += check_scan(cfg.allocation.scan, view, "allocation.scan"
+                                   if cfg.allocation.scan else "allocation")
         return problems + check_distill(cfg.distill, model, view, "distill")
+
+    def _allocate(self, bits: dict[str, int], artifact: Artifact, ctx: StageContext
+                  ) -> dict[str, int]:
+        """Bits per layer under the bytes budget; logged and printed per layer."""
+        alloc = self.config.allocation
+        params = dict(artifact.model.named_parameters())
+        # a pruned layer stores the indices of its survivors only
+        counts = {n: int(artifact.masks[n].sum()) if n in artifact.masks else params[n].numel()
+                  for n in bits}
+        curves = None
+        choices = alloc.choices or list(range(1, 9))
+        if alloc.rule == "sensitivity":
+            scanned = bits_curves(resolve_scan(artifact, ctx, alloc.scan))
+            missing = [n for n in bits if n not in scanned]
+            if missing:
+                raise CompressPipeError(f"stage {ctx.name!r}: the sensitivity scan has no bits "
+                                        f"points for {', '.join(missing[:3])}")
+            curves = {n: scanned[n] for n in bits}
+            choices = alloc.choices or sorted({b for c in curves.values() for b, _ in c})
+        try:
+            chosen = bits_under_budget(counts, curves, alloc.budget_bytes, choices)
+        except ValueError as exc:
+            raise CompressPipeError(f"stage {ctx.name!r}: allocation.budget_bytes: {exc}") from None
+        used = clustered_bytes(counts, chosen)
+        ctx.log_metrics({"cluster_budget_bytes": float(alloc.budget_bytes),
+                         "cluster_allocated_bytes": float(used),
+                         **{f"cluster_bits.{n.removesuffix('.weight')}": float(b)
+                            for n, b in chosen.items()}}, None)
+        print(f"[{ctx.name}] bits under {alloc.budget_bytes:,} bytes ({alloc.rule}): {used:,} "
+              "bytes, " + ", ".join(f"{n.removesuffix('.weight')} {b}" for n, b in chosen.items()),
+              flush=True)
+        return chosen
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
         cfg = self.config
         model = artifact.model.to(ctx.device)
         bits = layer_bits(model, cfg.conv_bits, cfg.linear_bits, cfg.overrides)
+        if cfg.allocation is not None:
+            bits = self._allocate(bits, artifact, ctx)
         layers = cluster_model(model, bits, artifact.masks, cfg.kmeans_iters)
         # on the validation split: these numbers steer the centroid fine-tuning's settings
         val = ctx.data.val_loader(purpose=f"stage {ctx.spec.name!r} (accuracy before and after "

@@ -21,11 +21,13 @@ from ..compress.pruning.config import PruneConfig
 from ..compress.pruning.methods import get_method
 from ..compress.pruning.pruner import Pruner
 from ..compress.pruning.scopes import parse_nm, prunable_weights, select_targets
+from ..compress.sensitivity import loss_curves
 from ..core.artifact import Artifact
 from .base import Stage
 from .context import StageContext
 from .patterns import unmatched_pattern_problems
 from .registry import register_stage
+from .sensitivity import check_scan, resolve_scan
 from .spec import INPUT_STAGE, PipelineView
 from .teacher import check_distill, distill_hook
 
@@ -66,13 +68,20 @@ class PruneStage(Stage):
             problems.append(("rewind_to", "weight rewinding needs a rewind point: add "
                              "record_rewind: {epoch: 1} to an earlier train stage, or set "
                              "rewind_to: init"))
+        if c.allocation is not None and c.allocation.rule == "sensitivity":
+            problems += check_scan(c.allocation.scan, view,
+                                   "allocation.scan" if c.allocation.scan else "allocation")
         return problems + check_distill(c.distill, model, view, "distill")
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
         cfg = self.config
         # distillation joins every retraining phase; the initial weights load only if rewound to
         hooks = (lambda model: [distill_hook(cfg.distill, ctx, model)]) if cfg.distill is not None else None
+        curves = None
+        if cfg.allocation is not None and cfg.allocation.rule == "sensitivity":
+            curves = loss_curves(resolve_scan(artifact, ctx, cfg.allocation.scan))
         pruner = Pruner(cfg, artifact, ctx, hooks=hooks,
-                        initial_state=lambda: ctx.load_stage(INPUT_STAGE).model.state_dict())
+                        initial_state=lambda: ctx.load_stage(INPUT_STAGE).model.state_dict(),
+                        curves=curves)
         get_method(cfg.method)(pruner)
         return pruner.finish()

@@ -14,6 +14,7 @@ from ..core.artifact import Artifact
 from .base import Stage
 from .context import StageContext
 from .registry import register_stage
+from .sensitivity import keep_float_layers, mixed_precision_record
 from .spec import PipelineView
 
 
@@ -44,6 +45,8 @@ class PTQStage(Stage):
                                                      for m in model.modules()):
             return [("mode", "dynamic int8 quantizes Linear layers and this model has none; "
                      "use mode: static")]
+        if self.config.mode == "dynamic" and self.config.keep_float is not None:
+            return [("keep_float", "mixed precision applies to mode 'static'")]
         return []
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
@@ -57,16 +60,19 @@ class PTQStage(Stage):
         path = ctx.work_dir / INT8_FILE
         model = artifact.model.cpu().eval()
         if cfg.mode == "static":
+            drops, floating = (keep_float_layers(cfg.keep_float, model, ctx)
+                               if cfg.keep_float else ({}, []))
             scheme = QDQScheme(per_channel=cfg.per_channel,
                                symmetric_activations=cfg.symmetric_activations,
-                               observer=cfg.observer)
+                               observer=cfg.observer, float_weights=frozenset(floating))
             prepared = prepare_ptq(model, example, scheme)
             torch.manual_seed(ctx.seed)  # augmentation draws, if the training set has any
             seen = calibrate(prepared, ctx.data.train_loader(torch.Generator().manual_seed(ctx.seed)),
                              cfg.calibration_batches)
             export_onnx(convert(prepared), example, path, trim_taps=cfg.trim_padding_taps)
             info = {"method": "ptq-static", "format": "onnx-qdq", **scheme.describe(),
-                    "observer": cfg.observer, "calibration_images": seen}
+                    "observer": cfg.observer, "calibration_images": seen,
+                    **mixed_precision_record(cfg.keep_float, drops, floating)}
         else:
             fp32_path = export_onnx(model, example, ctx.work_dir / "model.fp32.onnx",
                                     trim_taps=cfg.trim_padding_taps)

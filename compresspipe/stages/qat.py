@@ -14,6 +14,7 @@ from .base import Stage
 from .context import StageContext
 from .patterns import unmatched_pattern_problems
 from .registry import register_stage
+from .sensitivity import keep_float_layers, mixed_precision_record
 from .spec import PipelineView
 from .teacher import check_distill, distill_hook
 
@@ -76,8 +77,11 @@ class QATStage(Stage):
         from ..compress.quant.qdq import QDQScheme
 
         cfg = self.config
+        drops, floating = (keep_float_layers(cfg.keep_float, artifact.model, ctx)
+                           if cfg.keep_float else ({}, []))
         scheme = QDQScheme(per_channel=cfg.per_channel,
-                           symmetric_activations=cfg.symmetric_activations, qat=True)
+                           symmetric_activations=cfg.symmetric_activations, qat=True,
+                           float_weights=frozenset(floating))
         nudged = nudge_zero_bn_scales(artifact.model, artifact.masks)
         example = example_batch(ctx.data.examples())
         prepared = prepare_qat(artifact.model, example, scheme)
@@ -91,7 +95,8 @@ class QATStage(Stage):
         path = export_onnx(convert(prepared), example, ctx.work_dir / INT8_FILE,
                            trim_taps=cfg.trim_padding_taps)
         info = {"method": "qat", "format": "onnx-qdq", **scheme.describe(),
-                "bn_scales_nudged": nudged}
+                "bn_scales_nudged": nudged,
+                **mixed_precision_record(cfg.keep_float, drops, floating)}
         finish_int8(artifact, ctx, path, artifact.model, info, cfg.latency_repeats,
                     cfg.latency_threads, cfg.trim_padding_taps)
         return artifact

@@ -232,3 +232,38 @@ def widths_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+# -- per-layer sensitivity --------------------------------------------------------------------------
+
+
+def sensitivity_plot(record: dict[str, Any], family: str, path: Path) -> Path:
+    """One layer family's scan: validation top-1 and loss against sparsity and against bits,
+    a line per layer, the unchanged model dashed (``record`` from compress/sensitivity.py)."""
+    from matplotlib.figure import Figure  # lazy: matplotlib loads only where a plot is drawn
+
+    rows = {n: r for n, r in record["layers"].items() if r["family"] == family}
+    kinds = [k for k in ("sparsity", "bits") if any(r[k] for r in rows.values())]
+    fig = Figure(figsize=(5.2 * max(len(kinds), 1), 6.4), dpi=110)
+    axes = fig.subplots(2, max(len(kinds), 1), squeeze=False)
+    for col, kind in enumerate(kinds):
+        for name, row in rows.items():
+            xs = [p[kind] for p in row[kind]]
+            for r, metric in enumerate(("top1", "loss")):
+                axes[r][col].plot(xs, [p[metric] for p in row[kind]], "-o", markersize=3,
+                                  label=name.removesuffix(".weight"))
+        for r, metric in enumerate(("top1", "loss")):
+            ax = axes[r][col]
+            ax.axhline(record["dense"][metric], color="black", linestyle="--", linewidth=0.8)
+            ax.set_xlabel("sparsity of that layer alone" if kind == "sparsity"
+                          else "codebook bits of that layer alone")
+            ax.set_ylabel(f"{record['split']} {'top-1 (%)' if metric == 'top1' else 'loss'}")
+            if kind == "bits":
+                ax.invert_xaxis()  # fewer bits to the right, as more sparsity is
+            ax.grid(True, alpha=0.3)
+    if len(rows) <= 12:
+        axes[0][0].legend(fontsize=6, loc="lower left")
+    fig.suptitle(f"{family} layers: one layer changed at a time, no retraining")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

@@ -19,6 +19,7 @@ Method = Literal["oneshot", "imp", "lth", "bimp", "gmp", "dsd", "at_init"]
 Criterion = Literal["magnitude", "random", "snip", "grasp", "synflow", "wanda"]
 Retrain = Literal["ft", "lrw", "wr", "slr", "clr", "llr", "allr"]
 EdgePolicy = Literal["include", "exclude", "half"]
+AllocationRule = Literal["uniform", "global", "erk", "lamp", "sensitivity"]
 MAGNITUDE_ONLY = ("gmp", "bimp", "dsd")
 
 
@@ -53,6 +54,31 @@ class BIMPConfig(StrictModel):
         return self
 
 
+class AllocationConfig(StrictModel):
+    """How one global target is split over the layers (see compress/pruning/allocation.py)."""
+
+    rule: AllocationRule = Field(
+        description="uniform (same sparsity per layer), global (one ranking of all weights), "
+        "erk (Erdős–Rényi-Kernel densities), lamp (layer-adaptive magnitude scores, one "
+        "threshold), sensitivity (equal validation-loss increase, from a sensitivity stage).")
+    scan: str | None = Field(
+        None, description="sensitivity: 'stage:NAME' of the sensitivity stage whose scan to use "
+        "(default: the scan the incoming model carries).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data):
+        return {"rule": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _scan_needs_rule(self) -> AllocationConfig:
+        if self.scan is not None and self.rule != "sensitivity":
+            raise ValueError(f"scan applies to rule 'sensitivity', not {self.rule!r}")
+        if self.scan is not None and not self.scan.startswith("stage:"):
+            raise ValueError(f"scan names a stage as 'stage:NAME', found {self.scan!r}")
+        return self
+
+
 # no docstring: it would become the JSON schema's description, which stays as it was
 class PruneConfig(StrictModel):
     method: Method = "oneshot"
@@ -70,6 +96,10 @@ class PruneConfig(StrictModel):
     classifier: EdgePolicy = "include"
     overrides: dict[str, float] = Field(default_factory=dict,
                                         description="Pattern -> fixed sparsity for those layers.")
+    allocation: AllocationConfig | None = Field(
+        None, description="Split the global target over the layers by a rule (uniform, "
+        "global, erk, lamp, sensitivity), hitting it exactly; a name or {rule, scan}. "
+        "Default: the scope's own split.")
     min_layer_keep: float = Field(
         0.01, ge=0, lt=1, description="Every layer keeps at least this fraction of its weights "
         "(at least one): guards against layer collapse. 0 disables it.")
@@ -129,6 +159,10 @@ class PruneConfig(StrictModel):
         if self.criterion in ("snip", "grasp", "synflow") and m not in ("oneshot", "at_init"):
             raise ValueError(f"criterion {self.criterion!r} scores weights at initialisation; "
                              f"use it with method at_init (or oneshot), not {m!r}")
+        if self.allocation is not None and (self.scope == "layer"
+                                            or self.granularity != "unstructured"):
+            raise ValueError("allocation splits one global target of unstructured sparsity: "
+                             "use it with scope 'global' and granularity 'unstructured'")
         if self.granularity != "unstructured":
             n, mm = (int(x) for x in self.granularity.split(":"))
             if self.scope == "global":

@@ -22,10 +22,18 @@ from ...core.context import RunContext
 from ...core.errors import CompressPipeError
 from ...core.masks import apply_masks
 from ...core.training import LrFn, TrainHook
+from .allocation import Curve
 from .config import PruneConfig
 from .criteria import CRITERIA, NEEDS_DATA, ScoreInput
 from .schedules import OriginalSchedule, allr_eta_init, norm_removed, retrain_schedule
-from .scopes import Masks, compute_masks, overall_sparsity, select_targets
+from .scopes import (
+    Masks,
+    compute_masks,
+    floor_bound,
+    layer_sparsity,
+    overall_sparsity,
+    select_targets,
+)
 
 # the model being pruned -> hooks for one of its training phases (called once per phase)
 PhaseHooks = Callable[[nn.Module], Sequence[TrainHook]]
@@ -37,12 +45,18 @@ class Pruner:
     """State shared by the methods: the model, its targets, the masks and the phase counter."""
 
     def __init__(self, cfg: PruneConfig, artifact: Artifact, ctx: RunContext, *,
-                 hooks: PhaseHooks | None = None, initial_state: InitialState | None = None):
+                 hooks: PhaseHooks | None = None, initial_state: InitialState | None = None,
+                 curves: dict[str, Curve] | None = None):
+        """``curves``: the sensitivity scan's loss curves, for ``allocation: sensitivity``."""
         self.cfg, self.artifact, self.ctx = cfg, artifact, ctx
         self.phase_hooks, self.initial_state = hooks, initial_state
         self.model = artifact.model.to(ctx.device)
         self.targets = select_targets(self.model, cfg.include, cfg.exclude, cfg.first_layer,
                                       cfg.classifier, cfg.overrides, cfg.min_layer_keep)
+        if cfg.allocation is not None:
+            self.targets.allocation = cfg.allocation.rule
+            self.targets.curves = dict(curves or {})
+        self.floor_warned = False
         self.inherited: Masks = dict(artifact.masks)  # from earlier stages: always kept
         self.masks: Masks = {n: m for n, m in artifact.masks.items() if n in self.targets.names}
         self.original = self._original_schedule()
@@ -88,7 +102,25 @@ class Pruner:
         self.masks = {n: m.cpu() for n, m in new.items()}
         self.apply_masks()
         after = sum(int(m.sum()) for m in self.masks.values())
-        return {"d": d, "phase_fraction": (before - after) / max(before, 1)}
+        bound = floor_bound(self.masks, self.targets)
+        self._note_floor(bound)
+        return {"d": d, "phase_fraction": (before - after) / max(before, 1),
+                "floor_bound_layers": float(len(bound))}
+
+    def _note_floor(self, bound: list[str]) -> None:
+        """Say once when min_layer_keep, not the allocation, decides layers' sparsity: where it
+        binds in every layer, a global ranking has silently become uniform at the floor."""
+        if not bound or self.floor_warned:
+            return
+        self.floor_warned = True
+        rule = self.cfg.allocation.rule if self.cfg.allocation else self.cfg.scope
+        pooled = [n for n in self.targets.names if n not in self.targets.overrides]
+        every = len(bound) >= len(pooled)
+        print(f"[{self.ctx.name}] warning: min_layer_keep ({self.cfg.min_layer_keep:g}) binds in "
+              f"{len(bound)} of {len(pooled)} layers ({', '.join(b.removesuffix('.weight') for b in bound[:4])}"
+              f"{', ...' if len(bound) > 4 else ''})"
+              + (f": allocation {rule!r} has become uniform at the floor" if every else
+                 f": there the floor, not allocation {rule!r}, sets the sparsity"), flush=True)
 
     def apply_masks(self) -> None:
         """Zero every masked weight of the model."""
@@ -172,5 +204,8 @@ class Pruner:
         self.artifact.masks = self.all_masks()
         artifact_keys.set_pruning(self.artifact, {
             "method": self.cfg.method, "criterion": self.cfg.criterion, "scope": self.cfg.scope,
-            "granularity": self.cfg.granularity, "target": self.cfg.target_sparsity()})
+            "granularity": self.cfg.granularity, "target": self.cfg.target_sparsity(),
+            "allocation": self.cfg.allocation.rule if self.cfg.allocation else None,
+            "layer_sparsity": layer_sparsity(self.masks),
+            "floor_bound": floor_bound(self.masks, self.targets)})
         return self.artifact

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ...core.errors import CompressPipeError
+from .allocation import AllocationInput, Curve, allocate
+
 Masks = dict[str, torch.Tensor]
 
 
@@ -25,6 +28,8 @@ class Targets:
     half_rate: set[str] = field(default_factory=set)  # pruned at half the target sparsity
     overrides: dict[str, float] = field(default_factory=dict)  # fixed sparsity per layer
     min_keep: float = 0.0  # every layer keeps at least this fraction (≥ 1 weight if > 0)
+    allocation: str | None = None  # a rule of allocation.py splitting the pooled target
+    curves: dict[str, Curve] = field(default_factory=dict)  # sensitivity scan, for that rule
 
 
 def prunable_weights(model: nn.Module) -> list[str]:
@@ -94,7 +99,9 @@ def compute_masks(scores: dict[str, torch.Tensor], targets: Targets, sparsity: f
             masks[name] = _keep_top(ranked[name], sparsity, floor)
         else:
             pooled.append(name)
-    if pooled:
+    if pooled and targets.allocation is not None:
+        masks.update(allocated_masks(ranked, pooled, targets, sparsity))
+    elif pooled:
         flat = torch.cat([_reserve(ranked[n], floor).flatten() for n in pooled])
         keep = _keep_top(flat, sparsity)
         offset = 0
@@ -103,6 +110,37 @@ def compute_masks(scores: dict[str, torch.Tensor], targets: Targets, sparsity: f
             masks[name] = keep[offset: offset + size].view_as(ranked[name])
             offset += size
     return masks
+
+
+def allocated_masks(ranked: dict[str, torch.Tensor], pooled: list[str], targets: Targets,
+                    sparsity: float) -> Masks:
+    """Masks of the pooled layers with each layer's count from the allocation rule: together
+    they keep exactly N − round(s·N) of their N weights (unless the floors alone keep more)."""
+    total = sum(ranked[n].numel() for n in pooled)
+    floors = {n: min(_floor_count(ranked[n].numel(), targets.min_keep),
+                     int(torch.isfinite(ranked[n]).sum())) for n in pooled}
+    try:
+        counts = allocate(targets.allocation, AllocationInput(
+            names=pooled, scores={n: ranked[n] for n in pooled},
+            shapes={n: tuple(ranked[n].shape) for n in pooled}, floors=floors,
+            keep_total=total - int(round(sparsity * total)), curves=targets.curves))
+    except KeyError as exc:
+        raise CompressPipeError(f"allocation {targets.allocation!r}: {exc.args[0]}") from None
+    return {n: _keep_count(ranked[n], counts[n]) for n in pooled}
+
+
+def _keep_count(score: torch.Tensor, keep: int) -> torch.Tensor:
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    if keep > 0:
+        mask[torch.topk(score.flatten(), keep, sorted=False).indices] = True
+    return mask.view_as(score)
+
+
+def floor_bound(masks: Masks, targets: Targets) -> list[str]:
+    """Layers that keep exactly their ``min_layer_keep`` floor (where the floor decides)."""
+    return [n for n, m in masks.items()
+            if targets.min_keep > 0 and n not in targets.overrides
+            and int(m.sum()) == _floor_count(m.numel(), targets.min_keep) < m.numel()]
 
 
 def _with_previous(score: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -33,6 +33,7 @@ the other ``2**bits - 1`` centroids cluster the surviving weights. Without a mas
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,28 +106,110 @@ def unmatched_overrides(model: nn.Module, overrides: Mapping[str, Any]) -> list[
             if not any(fnmatch.fnmatch(m, p) or fnmatch.fnmatch(w, p) for m, w in names)]
 
 
+# -- bits per layer under a bytes budget ------------------------------------------------------------
+
+
+def clustered_bytes(counts: Mapping[str, int], bits: Mapping[str, int]) -> int:
+    """Bytes of clustered layers stored compactly: ``counts[layer]`` indices (the weights a
+    layer stores: its survivors when pruned) packed at fixed length, plus fp32 codebooks of
+    2**bits entries. The budget ``bits_under_budget`` meets; positions of pruned weights and
+    entropy coding (the huffman stage) are not in it."""
+    index_bits = sum(bits[n] * counts[n] for n in bits)
+    return (index_bits + 7) // 8 + sum(4 * 2 ** b for b in bits.values())
+
+
+def bits_under_budget(counts: Mapping[str, int],
+                      scan: Mapping[str, list[tuple[int, float]]] | None, budget: int,
+                      choices: list[int]) -> dict[str, int]:
+    """Bits per layer whose ``clustered_bytes`` fit ``budget``.
+
+    Without a scan: the most bits every layer can share. With a sensitivity scan ({layer:
+    [(bits, validation loss increase)]}), greedy from the most bits: lower the layer whose next
+    lower choice costs the least loss increase per byte saved, until the budget is met."""
+    choices = sorted(set(choices))
+    bits = dict.fromkeys(counts, choices[-1])
+    fewest = clustered_bytes(counts, dict.fromkeys(counts, choices[0]))
+    if fewest > budget:
+        raise ValueError(f"the bytes budget {budget:,} is below what the fewest bits give "
+                         f"({fewest:,} bytes at {choices[0]} bits)")
+    if scan is None:
+        fits = [b for b in choices if clustered_bytes(counts, dict.fromkeys(counts, b)) <= budget]
+        return dict.fromkeys(counts, fits[-1])
+    loss = {n: _bits_curve(scan[n], choices) for n in counts}
+    while clustered_bytes(counts, bits) > budget:
+        best, best_cost = None, math.inf
+        for name, b in bits.items():
+            i = choices.index(b)
+            if i == 0:
+                continue
+            lower = choices[i - 1]
+            saved = clustered_bytes(counts, {name: b}) - clustered_bytes(counts, {name: lower})
+            cost = (loss[name][lower] - loss[name][b]) / max(saved, 1)
+            if cost < best_cost:
+                best, best_cost = name, cost
+        bits[best] = choices[choices.index(bits[best]) - 1]
+    return bits
+
+
+def _bits_curve(points: list[tuple[int, float]], choices: list[int]) -> dict[int, float]:
+    """Loss increase at every choice: interpolated between scanned bits (the nearest beyond
+    them), clamped at ≥ 0 and made non-increasing in bits (fewer bits never help)."""
+    xs = sorted((int(b), float(d)) for b, d in points)
+    if not xs:
+        raise KeyError("the scan has no bits points")
+    out, level = {}, 0.0
+    for b in sorted(choices, reverse=True):
+        value = _interp(xs, b)
+        level = max(level, value, 0.0)
+        out[b] = level
+    return out
+
+
+def _interp(xs: list[tuple[int, float]], b: int) -> float:
+    if b <= xs[0][0]:
+        return xs[0][1]
+    for (b0, d0), (b1, d1) in zip(xs, xs[1:]):
+        if b0 <= b <= b1:
+            return d0 + (b - b0) / (b1 - b0) * (d1 - d0)
+    return xs[-1][1]
+
+
 # -- k-means --------------------------------------------------------------------------------------
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on scalars with linear initialisation; returns (centroids float64 sorted,
-    assignment int64). Deterministic: same values, same result."""
+    assignment int64). Deterministic: same values, same result.
+
+    In one dimension each cluster is a run of the sorted values between two midpoints, so an
+    iteration is k binary searches and prefix-sum differences, not a pass over every value."""
     x = values.detach().reshape(-1).double().cpu()
     if x.numel() == 0:
         return torch.zeros(k, dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
-    centroids = torch.linspace(float(x.min()), float(x.max()), k, dtype=torch.float64)
-    assign = _nearest(x, centroids)
+    xs = x.sort().values
+    prefix = torch.cat([torch.zeros(1, dtype=torch.float64), xs.cumsum(0)])
+    centroids = torch.linspace(float(xs[0]), float(xs[-1]), k, dtype=torch.float64)
+    ends = _run_ends(xs, centroids)
     for _ in range(iters):
-        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, x)
-        counts = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, torch.ones_like(x))
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), ends[:-1]])
+        counts = (ends - starts).double()
+        sums = prefix[ends] - prefix[starts]
         # an empty cluster keeps its centroid (it stays a valid, unused code)
         centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
         centroids, _ = centroids.sort()
-        new = _nearest(x, centroids)
-        if torch.equal(new, assign):
+        new = _run_ends(xs, centroids)
+        if torch.equal(new, ends):
             break
-        assign = new
-    return centroids, assign
+        ends = new
+    return centroids, _nearest(x, centroids)
+
+
+def _run_ends(sorted_x: torch.Tensor, sorted_centroids: torch.Tensor) -> torch.Tensor:
+    """End (exclusive) in ``sorted_x`` of each centroid's members, as ``_nearest`` assigns them
+    (a value on a midpoint goes to the lower centroid)."""
+    mids = (sorted_centroids[1:] + sorted_centroids[:-1]) / 2
+    inner = torch.searchsorted(sorted_x, mids, right=True)
+    return torch.cat([inner, torch.tensor([sorted_x.numel()])])
 
 
 def _nearest(x: torch.Tensor, sorted_centroids: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,16 @@ from pydantic import (
 from ...core.config import StrictModel
 
 
+class KeepFloat(StrictModel):
+    """Mixed precision: layers too sensitive to int8 stay in floating point."""
+
+    sensitivity_threshold: float = Field(
+        gt=0, le=100, description="Validation top-1 drop (points) when only that layer is int8 "
+        "above which the layer stays float.")
+    max_batches: int = Field(8, ge=1, le=100_000,
+                             description="Validation batches the per-layer int8 scan evaluates.")
+
+
 class Int8Options(StrictModel):
     """What the int8 stages (``ptq``, ``qat``) share: the weight scheme, the deployed file's
     geometry and the latency measurement."""
@@ -24,3 +34,7 @@ class Int8Options(StrictModel):
     latency_repeats: int = Field(
         10, ge=0, le=10_000, description="Timed runs for the int8-vs-fp32 latency metrics (0: skip).")
     latency_threads: int = Field(1, ge=1, le=1024, description="CPU threads for those timings.")
+    keep_float: KeepFloat | None = Field(
+        None, description="Mixed precision: measure each conv/linear layer alone in int8 on "
+        "the validation split and keep those whose top-1 drop passes the threshold in float "
+        "(reported per layer).")

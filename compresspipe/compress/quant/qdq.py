@@ -56,6 +56,9 @@ class QDQScheme:
     symmetric_activations: bool = False
     qat: bool = False
     observer: str = "histogram"  # PTQ activation observer: 'histogram' or 'minmax'
+    # weights ('layer1.0.conv1.weight') whose op is left unannotated: it runs in float between
+    # the neighbours' DQ and Q (mixed precision)
+    float_weights: frozenset[str] = frozenset()
 
     def describe(self) -> dict:
         """The scheme as the artifact records it."""
@@ -120,6 +123,8 @@ class QDQQuantizer(Quantizer):
 
     def _annotate_weighted(self, node: Node) -> None:
         x, w = node.args[0], node.args[1]
+        if isinstance(w, Node) and w.op == "get_attr" and w.target in self.scheme.float_weights:
+            return
         _annotate(node, {x: self.act, w: self.weight}, None)
         self._close(node)
 
