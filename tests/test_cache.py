@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli, write_yaml
 
 import compresspipe
+from compresspipe.cli import main
 from compresspipe.pipeline import cache as cache_module
 from compresspipe.pipeline.cache import StageCache
 
@@ -17,18 +17,19 @@ def _pipeline(out, sparsity=0.5, tracking=False):
     return {
         "name": "cached", "seed": 0, "output_dir": str(out),
         "model": {"factory": "factories_for_tests:mlp", "kwargs": {"hidden": 16}},
-        "data": {"name": "digits", "image_size": 8, "batch_size": 128},
+        "data": {"name": "digits", "image_size": 8, "batch_size": 128, "limit_train": 256},
         "tracking": {"enabled": tracking},
         "stages": [
             {"name": "dense", "train": {"epochs": 1, "lr": 0.05}},
-            {"name": "prune", "prune": {"method": "oneshot", "sparsity": sparsity}},
+            {"name": "prune", "prune": {"method": "oneshot", "sparsity": sparsity,
+                                             "train": {"epochs": 1, "lr": 0.01}}},
             {"name": "finetune", "train": {"epochs": 1, "lr": 0.01}},
         ],
     }
 
 
 @pytest.fixture
-def cache_on(monkeypatch):
+def cache_on(monkeypatch, one_thread):
     monkeypatch.delenv("COMPRESSPIPE_NO_CACHE", raising=False)
 
 
@@ -54,49 +55,48 @@ def test_second_run_reuses_and_a_changed_stage_invalidates_what_follows(tmp_path
     assert _reused(changed) == ["input", "dense"]  # prune changed: it and all after it rerun
 
 
-def test_library_version_change_invalidates(tmp_path, cache_on, monkeypatch):
+def test_library_version_change_invalidates_and_no_cache_runs_everything(tmp_path, cache_on,
+                                                                         monkeypatch):
     compresspipe.run(_pipeline(tmp_path / "a"))
+    cfg = _pipeline(tmp_path / "b")
+    cfg["cache"] = {"enabled": False}
+    assert _reused(compresspipe.run(cfg)) == []
     real = cache_module.library_versions()
     monkeypatch.setattr(cache_module, "library_versions", lambda: {**real, "torch": "9.9.9"})
     monkeypatch.setattr("compresspipe.pipeline.runner.library_versions",
                         cache_module.library_versions)
-    again = compresspipe.run(_pipeline(tmp_path / "b"))
-    assert _reused(again) == []
+    assert _reused(compresspipe.run(_pipeline(tmp_path / "c"))) == []
 
 
-def test_no_cache_and_tracking_tag(tmp_path, cache_on):
+def test_reused_stage_links_its_original_mlflow_run(tmp_path, cache_on):
     from mlflow.tracking import MlflowClient
 
     compresspipe.run(_pipeline(tmp_path / "a", tracking=True))
-    cfg = _pipeline(tmp_path / "b", tracking=True)
-    cfg["cache"] = {"enabled": False}
-    assert _reused(compresspipe.run(cfg)) == []
     summary = compresspipe.run(_pipeline(tmp_path / "c", tracking=True))
     origin = json.loads((tmp_path / "a" / "summary.json").read_text())["stages"][2]["run_id"]
     prune = summary["stages"][2]
     assert prune["cached_from_run"] == origin
-    run = MlflowClient(summary["tracking_uri"]).get_run(prune["run_id"])
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(prune["run_id"])
     assert run.data.tags["compresspipe.cache.reused_from_run"] == origin
-    artifacts = {a.path for a in MlflowClient(summary["tracking_uri"]).list_artifacts(
-        prune["run_id"], "artifact")}
+    artifacts = {a.path for a in client.list_artifacts(prune["run_id"], "artifact")}
     assert "artifact/pointer.json" in artifacts and "artifact/tensors.json" in artifacts
 
 
-def test_size_limit_evicts_lru_and_cli_ls_prune(tmp_path, cache_on):
+def test_size_limit_evicts_lru_and_cli_ls_prune(tmp_path, cache_on, capsys):
     root = tmp_path / ".compresspipe-cache"
     compresspipe.run(_pipeline(tmp_path / "a"))
     cache = StageCache(root)
     assert len(cache.entries()) == 4
-    listing = run_cli("cache", "ls", "--dir", str(root))
-    assert listing.returncode == 0, listing.stderr
-    assert "finetune" in listing.stdout and "cached" in listing.stdout
+    capsys.readouterr()
+    assert main(["cache", "ls", "--dir", str(root)]) == 0
+    listing = capsys.readouterr().out
+    assert "finetune" in listing and "cached" in listing
     oldest = cache.entries()[0].key
-    limit = cache.size() - 1
-    result = cache.prune(limit)
+    result = cache.prune(cache.size() - 1)
     assert result["evicted"] >= 1 and oldest not in {e.key for e in cache.entries()}
     # the run directory still names its tensors: they stay, and it still loads
     assert compresspipe.load(tmp_path / "a" / "finetune").masks
-    pruned = run_cli("cache", "prune", "--dir", str(root), "--all")
-    assert pruned.returncode == 0, pruned.stderr
+    assert main(["cache", "prune", "--dir", str(root), "--all"]) == 0
     assert StageCache(root).entries() == []
     assert compresspipe.load(tmp_path / "a" / "prune").masks
