@@ -30,8 +30,8 @@ from ..stages.spec import (
 )
 from .diagnostics import locate, pydantic_problems, short
 from .references import check_paths, check_references
-from .search_config import check_search
 from .schema import NAME_PATTERN, PipelineConfig, PipelineFile, pipeline_model, stage_item_model
+from .search_config import check_search
 from .yaml_source import SourceMap, apply_override, parse_yaml
 
 

@@ -232,3 +232,48 @@ def widths_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str,
+                floor: float | None = None) -> Path:
+    """Search trials: bytes (log scale) against validation top-1; the Pareto front joined, the
+    chosen point starred, the accuracy budget as a dashed line."""
+    from matplotlib.figure import Figure  # lazy: matplotlib loads only where a plot is drawn
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.subplots()
+    ax.scatter([r["bytes"] / 1024 for r in rows], [r["val_top1"] for r in rows], s=18,
+               color="#babdb6", label="trial")
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["bytes"])
+    ax.plot([r["bytes"] / 1024 for r in front], [r["val_top1"] for r in front], "-o",
+            color="#3465a4", label="Pareto front")
+    for r in front:
+        ax.annotate(f"#{r['trial']}", (r["bytes"] / 1024, r["val_top1"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, -10))
+    best = [r for r in rows if r.get("best")]
+    if best:
+        ax.plot([best[0]["bytes"] / 1024], [best[0]["val_top1"]], "*", ms=14, color="#cc0000",
+                label=f"chosen (#{best[0]['trial']})")
+    if floor is not None:
+        ax.axhline(floor, ls="--", lw=1, color="#cc0000", label="accuracy budget")
+    if rows:
+        _zoom(ax, [r["val_top1"] for r in rows] + ([floor] if floor is not None else []))
+    ax.set_xscale("log")
+    ax.set_xlabel("model file size on disk (KiB, log scale)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _zoom(ax: Any, values: list[float], quantile: float = 0.2) -> None:
+    """Y limits around where most points are: a far outlier (an untrained model at 10 %)
+    would flatten the range that matters; it is drawn at the lower edge instead."""
+    arr = np.sort(np.asarray(values, dtype=float))
+    high = float(arr[-1])
+    low = float(np.quantile(arr, quantile)) if len(arr) > 4 else float(arr[0])
+    span = max(high - low, 0.5)
+    ax.set_ylim(low - 0.15 * span, high + 0.15 * span)
