@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 import yaml
 
 from ..core.artifact import write_json
 from ..tracking import plots
-
-if TYPE_CHECKING:  # the search imports this module
-    from .search import Search
 
 REPORT = "pareto"
 BEST_FILE = "best.yaml"
@@ -66,7 +63,8 @@ def choose(rows: list[dict[str, Any]], max_drop: float) -> dict[str, Any] | None
     return best
 
 
-def write_report(search: Search, study: optuna.Study) -> dict[str, Any]:
+def write_report(search: Any, study: optuna.Study) -> dict[str, Any]:
+    """Write the report of ``search`` (a search.Search, which imports this module)."""
     out = search.out
     rows = trial_rows(study)
     objective = search.cfg.objective

@@ -13,17 +13,30 @@ from ..formats.cpz import byte_parts
 
 
 def size_accuracy_plot(summary: dict[str, Any], path: Path) -> Path:
-    """Model bytes on disk (log scale) against top-1, one labelled point per stage."""
+    """Model bytes on disk (log scale) against top-1, one labelled point per stage. The y range
+    is that of the trained stages (the untrained input at chance would flatten the range that
+    matters; it is marked at the lower edge with its value); labels alternate above and below
+    so neighbours do not overlap."""
     from matplotlib.figure import Figure  # lazy: matplotlib loads only where a plot is drawn
 
     stages = summary["stages"]
     sizes = [s["metrics"]["model_bytes"] / 1024 for s in stages]
     accs = [s["metrics"]["top1"] for s in stages]
-    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    fig = Figure(figsize=(7.2, 4.6), dpi=110)
     ax = fig.subplots()
-    ax.plot(sizes, accs, "-o", color="#3465a4")
-    for s, x, y in zip(stages, sizes, accs):
-        ax.annotate(s["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    trained = [a for s, a in zip(stages, accs) if s["name"] != "input"] or accs
+    low, high = min(trained), max(trained)
+    span = max(high - low, 1.0)
+    bottom, top = low - 0.25 * span, high + 0.2 * span
+    shown = [max(a, bottom) for a in accs]
+    ax.plot(sizes, shown, "-o", color="#3465a4")
+    for i, (s, x, y, a) in enumerate(zip(stages, sizes, shown, accs)):
+        label = s["name"] if a >= bottom else f"{s['name']} ({a:.1f}%, below)"
+        ax.annotate(label, (x, y), textcoords="offset points", fontsize=8,
+                    xytext=(6, 8 if i % 2 == 0 else -14),
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                          "alpha": 0.8})
+    ax.set_ylim(bottom, top)
     ax.set_xscale("log")
     ax.set_xlabel("model file size on disk (KiB, log scale)")
     ax.set_ylabel("test top-1 (%)")
