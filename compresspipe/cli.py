@@ -13,6 +13,7 @@ import re
 import sys
 import tempfile
 import textwrap
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     overrides(r)
     r.add_argument("--resume", action="store_true",
                    help="continue from the last completed stage / epoch checkpoint")
+    r.add_argument("--no-cache", action="store_true",
+                   help="run every stage: neither reuse nor record outputs in the stage cache")
+    r.add_argument("--cache-dir", help="stage cache and tensor store directory (default: "
+                   "cache.dir, $COMPRESSPIPE_CACHE_DIR, or .compresspipe-cache beside the "
+                   "output directory)")
 
     v = sub.add_parser("validate", parents=[common],
                        help="check pipelines without running them")
@@ -73,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--max-batches", type=int, default=8, help="validation batches per point")
     se.add_argument("-o", "--output", help="directory for sensitivity.json/.md and the plots "
                     "(default: OUTPUT_DIR/sensitivity-STAGE)")
+    c = sub.add_parser("cache", parents=[common], help="list or prune the stage cache")
+    c.add_argument("action", choices=["ls", "prune"])
+    c.add_argument("file", nargs="?", help="a pipeline whose cache to use (default: the "
+                   "quickstart's)")
+    c.add_argument("--dir", help="the cache directory itself")
+    c.add_argument("--max-gb", type=float, help="prune: evict least recently used entries "
+                   "down to this size (default: the pipeline's cache.max_gb)")
+    c.add_argument("--all", action="store_true", help="prune: evict every entry")
 
     i = sub.add_parser("inspect", parents=[common], help="per-tensor table of a .cpz file")
     i.add_argument("file")
@@ -96,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": _run, "validate": _validate, "schema": _schema, "stages": _stages,
                 "inspect": _inspect, "decompress": _decompress,
-                "sensitivity": _sensitivity}[args.command](args)
+                "sensitivity": _sensitivity, "cache": _cache}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -124,9 +138,15 @@ def _run(args) -> int:
     from .tracking.report import summary_table
 
     pipeline = load_pipeline(args.file or quickstart_path(), args.overrides)
+    if args.no_cache:
+        pipeline.config.cache.enabled = False
+    if args.cache_dir:
+        os.environ["COMPRESSPIPE_CACHE_DIR"] = args.cache_dir  # beats the file, as documented
     if not args.debug:
         # MLflow narrates creating its sqlite tables at INFO; our own lines say what happens
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    if pipeline.config.search is not None:
+        return _search(pipeline, args.resume)
     summary = run_pipeline(pipeline, resume=args.resume)
     if not is_main():
         return 0  # under torchrun the table is rank 0's to print
@@ -179,6 +199,47 @@ def _sensitivity(args) -> int:
     print(f"{len(record['layers'])} layers scanned on the {record['split']} split; "
           f"{out / 'sensitivity.md'}")
     print((out / "sensitivity.md").read_text())
+def _search(pipeline, resume: bool) -> int:
+    # lazy: only the command that runs loads what it needs (Optuna, torch)
+    from .pipeline.search import run_search
+
+    result = run_search(pipeline, resume=resume)
+    print()
+    print(result["table"])
+    print(f"\nbest pipeline: {result['best_yaml'] or 'none met the objective'}")
+    print(f"Pareto report: {result['report_md']}  (plot {result['plot']})")
+    return 0
+
+
+def _cache(args) -> int:
+    # lazy: only the command that runs loads what it needs; --help stays instant
+    from .pipeline.cache import StageCache, cache_dir
+    from .pipeline.loader import load_pipeline
+
+    if args.dir:
+        root, max_gb = Path(args.dir).resolve(), args.max_gb
+    else:
+        pipeline = load_pipeline(args.file or quickstart_path(), check_model=False)
+        root = cache_dir(pipeline.config.cache, pipeline.output_dir)
+        max_gb = args.max_gb if args.max_gb is not None else pipeline.config.cache.max_gb
+    cache = StageCache(root)
+    if args.action == "prune":
+        limit = 0 if args.all else (None if max_gb is None else int(max_gb * 1e9))
+        done = cache.prune(limit)
+        print(f"{root}: evicted {done['evicted']} entries, freed {done['freed_bytes']:,} bytes "
+              f"of unused tensors; {done['size']:,} bytes now")
+        return 0
+    entries = cache.entries()
+    print(f"{root}: {len(entries)} entries, {cache.size():,} bytes in all")
+    print(f"{'key':<17} {'pipeline':<20} {'stage':<16} {'top1':>7} {'bytes':>12} "
+          f"{'last used':<19} first run")
+    for e in reversed(entries):  # most recently used first
+        used = time.strftime("%Y-%m-%d %H:%M:%S",
+                             time.localtime((e.path / "entry.json").stat().st_mtime))
+        top1 = e.record.get("metrics", {}).get("test_top1")
+        print(f"{e.key:<17} {str(e.info.get('pipeline'))[:20]:<20} {str(e.info.get('stage'))[:16]:<16} "
+              f"{top1 if top1 is None else f'{top1:.2f}':>7} {cache.entry_bytes(e):>12,} {used:<19} "
+              f"{e.origin_run or '-'}")
     return 0
 
 

@@ -57,6 +57,13 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
+def _no_stage_cache(monkeypatch):
+    # two runs of one test share a tmp_path and so a stage cache: a test that compares or kills
+    # runs must run every stage; tests of the cache delete this variable
+    monkeypatch.setenv("COMPRESSPIPE_NO_CACHE", "1")
+
+
+@pytest.fixture(autouse=True)
 def _no_ambient_tracking_uri():
     # a developer's own MLFLOW_TRACKING_URI must not receive test runs, and mlflow's
     # set_tracking_uri (which sets the variable) in one test must not leak into the next

@@ -66,9 +66,9 @@ def test_load_cpz_file_equals_the_deployed_artifact(coded):
 
 def test_load_names_what_is_wrong(coded, tmp_path):
     out, _, _ = coded
-    with pytest.raises(ArtifactError, match=r"model.safetensors: not an artifact directory or a "
+    with pytest.raises(ArtifactError, match=r"tensors.json: not an artifact directory or a "
                                             r"\.cpz file \(load its directory"):
-        compresspipe.load(out / "dense" / "model.safetensors")
+        compresspipe.load(out / "dense" / "tensors.json")
     with pytest.raises(ArtifactError, match="no such artifact directory or .cpz file"):
         compresspipe.load(tmp_path / "missing")
     with pytest.raises(ArtifactError, match="not an artifact"):

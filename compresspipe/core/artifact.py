@@ -3,6 +3,9 @@
 On disk (no pickle anywhere): ``artifact.json`` (spec, lineage, quantization state, metadata),
 ``model.safetensors`` (weights), ``masks.safetensors`` and ``extras.safetensors`` when present;
 ``metrics.json`` is written after the artifact was measured.
+Saved with a :class:`~compresspipe.core.store.TensorStore`, the three tensor files are replaced
+by ``tensors.json``: the store's place and the content hash of every tensor, which the store
+holds once however many artifacts name it (the runner saves this way; see core/store.py).
 Directories are written to a temporary sibling and renamed into place, so a crash never leaves a
 half-written artifact.
 """
@@ -27,12 +30,14 @@ from torch import nn
 
 from .errors import ArtifactError
 from .models import build_from_saved_spec
+from .store import TensorStore
 
 FORMAT_VERSION = 1
 META_FILE = "artifact.json"
 MODEL_FILE = "model.safetensors"
 MASKS_FILE = "masks.safetensors"
 EXTRAS_FILE = "extras.safetensors"
+TENSORS_FILE = "tensors.json"  # instead of the three above: pointers into a tensor store
 METRICS_FILE = "metrics.json"  # measured after saving; a report about the artifact, not part of it
 
 
@@ -75,33 +80,42 @@ class Artifact:
             raise ArtifactError(f"{directory}: unknown deploy format {fmt!r}")
         return _DEPLOY_LOADERS[fmt](Path(directory), self).eval()
 
-    def save(self, directory: str | os.PathLike) -> dict[str, int]:
-        """Write atomically to ``directory``; return {file name: bytes on disk}."""
+    def save(self, directory: str | os.PathLike,
+             store: TensorStore | None = None) -> dict[str, int]:
+        """Write atomically to ``directory`` (the tensors into ``store`` when given, each
+        once); return {file name: bytes on disk} of the directory's files."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide results from other users
         try:
-            self._write_files(tmp)
+            self._write_files(tmp, store)
             _replace_dir(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if store is not None:
+            store.add_ref(directory / TENSORS_FILE)
         return {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
 
-    def _write_files(self, tmp: Path) -> None:
+    def _write_files(self, tmp: Path, store: TensorStore | None) -> None:
         self.model.cpu()
-        save_model(self.model, str(tmp / MODEL_FILE), metadata={"format": "compresspipe"})
-        if self.masks:
-            save_file({k: v.contiguous().cpu().bool() for k, v in self.masks.items()},
-                      str(tmp / MASKS_FILE))
-        if self.extras:
-            save_file({k: v.contiguous().cpu() for k, v in self.extras.items()},
-                      str(tmp / EXTRAS_FILE))
+        masks = {k: v.contiguous().cpu().bool() for k, v in self.masks.items()}
+        extras = {k: v.contiguous().cpu() for k, v in self.extras.items()}
+        if store is not None:
+            write_json(tmp / TENSORS_FILE, {"store": str(store.root), "tensors": {
+                "model": store.put_all(self.model.state_dict()),
+                "masks": store.put_all(masks), "extras": store.put_all(extras)}})
+        else:
+            save_model(self.model, str(tmp / MODEL_FILE), metadata={"format": "compresspipe"})
+            if masks:
+                save_file(masks, str(tmp / MASKS_FILE))
+            if extras:
+                save_file(extras, str(tmp / EXTRAS_FILE))
         write_json(tmp / META_FILE, self.to_json())
         for name, write in self.outputs.items():
             if not _plain_file_name(name) or name in (META_FILE, MODEL_FILE, MASKS_FILE,
-                                                      EXTRAS_FILE):
+                                                      EXTRAS_FILE, TENSORS_FILE):
                 raise ArtifactError(f"invalid artifact output file name {name!r}")
             write(tmp / name)
         for p in tmp.iterdir():
@@ -149,17 +163,11 @@ class Artifact:
                 and all(_plain_file_name(f) for f in deploy["files"])):
             # the deployable files are read from this directory, never from elsewhere
             raise ArtifactError(f"{meta_path}: invalid 'deploy' entry {str(deploy)[:120]}")
-        model = build_from_saved_spec(info.get("spec"), str(meta_path),
-                                      file_elements=_file_elements(directory / MODEL_FILE))
-        try:
-            missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise ArtifactError(f"{directory / MODEL_FILE}: {exc}") from exc
-        if missing or unexpected:
-            raise ArtifactError(f"{directory / MODEL_FILE}: does not match the spec "
-                                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        if (directory / TENSORS_FILE).is_file():
+            model, masks, extras = _load_from_store(directory / TENSORS_FILE, info, meta_path)
+        else:
+            model, masks, extras = _load_files(directory, info, meta_path)
         model.eval()
-        masks = _load_optional(load_file, directory / MASKS_FILE)
         if sorted(masks) != sorted(info.get("masks", [])):
             raise ArtifactError(f"{directory / MASKS_FILE}: masks do not match {META_FILE}")
         lineage = info.get("lineage", [])
@@ -167,7 +175,7 @@ class Artifact:
             lineage[-1]["metrics"] = json.loads((directory / METRICS_FILE).read_text())
         return cls(
             model=model, spec=info["spec"], masks=masks, quant=info.get("quant", {}),
-            extras=_load_optional(load_file, directory / EXTRAS_FILE),
+            extras=extras,
             meta=info.get("meta", {}), lineage=lineage, deploy=deploy,
         )
 
@@ -191,6 +199,53 @@ def register_deploy_format(name: str):
         return fn
 
     return wrap
+
+
+def _load_files(directory: Path, info: dict, meta_path: Path):
+    """Model, masks and extras from the directory's safetensors files."""
+    model = build_from_saved_spec(info.get("spec"), str(meta_path),
+                                  file_elements=_file_elements(directory / MODEL_FILE))
+    try:
+        missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ArtifactError(f"{directory / MODEL_FILE}: {exc}") from exc
+    _check_keys(directory / MODEL_FILE, missing, unexpected)
+    return (model, _load_optional(load_file, directory / MASKS_FILE),
+            _load_optional(load_file, directory / EXTRAS_FILE))
+
+
+def _load_from_store(path: Path, info: dict, meta_path: Path):
+    """Model, masks and extras from the tensor store a ``tensors.json`` points to."""
+    try:
+        manifest = json.loads(path.read_text())
+        groups = manifest["tensors"]
+        store = TensorStore(manifest["store"])
+        if not all(isinstance(groups.get(g, {}), dict) for g in ("model", "masks", "extras")):
+            raise TypeError("tensor groups are not mappings")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path}: unreadable tensor manifest ({exc})") from exc
+    state = store.get_all(groups.get("model", {}))
+    model = build_from_saved_spec(info.get("spec"), str(meta_path),
+                                  file_elements=sum(t.numel() for t in state.values()))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError) as exc:
+        raise ArtifactError(f"{path}: {exc}") from exc
+    _check_keys(path, missing, unexpected)
+    return model, store.get_all(groups.get("masks", {})), store.get_all(groups.get("extras", {}))
+
+
+def _check_keys(where: Path, missing, unexpected) -> None:
+    if missing or unexpected:
+        raise ArtifactError(f"{where}: does not match the spec "
+                            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+
+
+def is_artifact(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a saved artifact (in either form)."""
+    directory = Path(directory)
+    return (directory / META_FILE).is_file() and (
+        (directory / MODEL_FILE).is_file() or (directory / TENSORS_FILE).is_file())
 
 
 def _load_optional(load_file, path: Path) -> dict[str, torch.Tensor]:

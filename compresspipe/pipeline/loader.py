@@ -31,6 +31,7 @@ from ..stages.spec import (
 from .diagnostics import locate, pydantic_problems, short
 from .references import check_paths, check_references
 from .schema import NAME_PATTERN, PipelineConfig, PipelineFile, pipeline_model, stage_item_model
+from .search_config import check_search
 from .yaml_source import SourceMap, apply_override, parse_yaml
 
 
@@ -123,6 +124,8 @@ def _checks(config: PipelineConfig, stages: list[StageSpec], check_model: bool,
     references, input paths and (``check_model``) names against the real model."""
     problems = check_references(stages)
     problems += check_paths(config, broken)
+    if "search" not in broken:
+        problems += check_search(config.search, stages)
     if check_model and not broken.intersection(_MODEL_CHECK_NEEDS):
         # lazy: the model checks load torch and timm; a file is validated without them first
         from .checks import check_against_model

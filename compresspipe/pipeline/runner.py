@@ -2,10 +2,16 @@
 
 Layout of ``output_dir``::
 
-    input/, <stage>/...   one artifact per completed stage (atomic directories)
+    input/, <stage>/...   one artifact per completed stage (atomic directories): metadata, the
+                          deployable files and tensors.json, pointers into the tensor store
     summary.json          every completed stage with its metrics (rewritten after each stage)
     .work/<stage>/        epoch checkpoints of the stage in progress
     mlflow.db, mlartifacts/   the default MLflow store
+
+The tensors live in the store of the stage cache (pipeline/cache.py; by default
+``.compresspipe-cache`` beside ``output_dir``), written once however many stages and runs hold
+them. A stage whose key (its resume fingerprint, which includes the library versions) is in the
+cache is not run: its output is restored from there, and its MLflow run names the original run.
 
 Under torchrun every rank runs every stage (training is data-parallel); only rank 0 creates
 MLflow runs and writes files. After each stage all ranks continue from the artifact rank 0
@@ -18,22 +24,23 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import re
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..core import distributed
-from ..core.artifact import MODEL_FILE, Artifact, write_json
+from ..core.artifact import TENSORS_FILE, Artifact, is_artifact, write_json
 from ..core.data import build_data
 from ..core.errors import CompressPipeError
 from ..core.measure import check_masks, evaluate, file_bytes, mask_stats, param_counts
 from ..core.models import allow_named_factories, build_model
 from ..core.signals import raise_interrupted
+from ..core.store import manifest_objects
 from ..formats import inspect_cpz
 from ..stages.context import StageContext
 from ..stages.registry import get_stage, invariants
@@ -41,7 +48,9 @@ from ..stages.spec import INPUT_STAGE, StageSpec
 from ..tracking import plots
 from ..tracking.report import summary_table
 from ..tracking.tracker import Tracker
+from .cache import StageCache, cache_dir, cache_enabled, library_versions
 from .schema import NAME_PATTERN, PipelineFile
+from .storage import StageStorage, print_record
 
 SUMMARY_FILE = "summary.json"
 
@@ -52,9 +61,14 @@ SUMMARY_METRICS = ("deployed_val_top1", "deployed_val_loss", "test_top1", "test_
                    "test_loss", "model_bytes", "compression_ratio", "sparsity")
 
 
-def run_pipeline(pipeline: PipelineFile, resume: bool = False) -> dict[str, Any]:
-    """Run every stage; return the summary (also written to output_dir/summary.json)."""
-    return Runner(pipeline).run(resume=resume)
+def run_pipeline(pipeline: PipelineFile, resume: bool = False,
+                 observer: StageObserver | None = None) -> dict[str, Any]:
+    """Run every stage; return the summary (also written to output_dir/summary.json).
+    ``observer(record)`` is called after each stage (run or reused) with its summary record."""
+    return Runner(pipeline, observer).run(resume=resume)
+
+
+StageObserver = Callable[[dict[str, Any]], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,8 +86,8 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class Runner:
-    def __init__(self, pipeline: PipelineFile):
+class Runner(StageStorage):
+    def __init__(self, pipeline: PipelineFile, observer: StageObserver | None = None):
         self.pipeline = pipeline
         self.cfg = pipeline.config
         self.out = pipeline.output_dir
@@ -82,13 +96,19 @@ class Runner:
             tracking = tracking.model_copy(update={"enabled": False})
         self.tracker = Tracker(tracking, self.out, self.cfg.name)
         self.summary: dict[str, Any] = {}
+        self.observer = observer
+        self.stage_cache = StageCache(cache_dir(self.cfg.cache, self.out), self.cfg.cache.max_gb)
+        # under torchrun every rank would have to agree on each hit: the cache is for one process
+        self.use_cache = cache_enabled(self.cfg.cache) and distributed.world_size() == 1
         allow_named_factories(pipeline.raw)  # the artifacts it reloads may use them
 
-    # -- fingerprints: a completed stage is reused on --resume only if nothing before it changed
+    # -- fingerprints: a completed stage is reused on --resume only if nothing before it changed;
+    # the same fingerprints are the keys of the cross-run stage cache (pipeline/cache.py)
 
-    def _fingerprints(self) -> list[str]:
+    def fingerprints(self) -> list[str]:
         c = self.cfg
-        fp = _digest(c.seed, c.model.model_dump(mode="json"), c.data.model_dump(mode="json"))
+        fp = _digest(c.seed, c.model.model_dump(mode="json"), c.data.model_dump(mode="json"),
+                     library_versions(), distributed.world_size())
         out = [fp]
         for s in self.pipeline.stages:
             fp = _digest(fp, s.name, s.type, s.config.model_dump(mode="json"))
@@ -107,7 +127,7 @@ class Runner:
 
     def _run(self, resume: bool, device: torch.device) -> dict[str, Any]:
         torch.manual_seed(self.cfg.seed)
-        fingerprints = self._fingerprints()
+        fingerprints = self.fingerprints()
         previous, start = self._prepare(resume, fingerprints)
         old_handler = signal.signal(signal.SIGTERM, raise_interrupted)
         parent = None
@@ -119,8 +139,15 @@ class Runner:
             reference = (self.summary["stages"][0]["metrics"]["model_bytes"]
                          if distributed.is_main() else 0)
             for spec in self.pipeline.stages[start:]:
-                artifact = self._tracked_stage(spec, artifact, data, device,
-                                               fingerprints[spec.index + 1], reference,
+                fp = fingerprints[spec.index + 1]
+                hit = self.stage_cache.lookup(fp) if self.use_cache else None
+                if hit is not None:
+                    self._reuse(spec.name, spec.type, hit, spec.config.model_dump(mode="json"))
+                    artifact = None  # loaded from its directory when a later stage needs it
+                    continue
+                if artifact is None:
+                    artifact = self._load_saved(self.summary["stages"][-1]["name"])
+                artifact = self._tracked_stage(spec, artifact, data, device, fp, reference,
                                                previous, resume)
             self.summary["status"] = "finished"
             self._write_summary()
@@ -173,19 +200,22 @@ class Runner:
         self.tracker.log_text(parent, self.pipeline.resolved_yaml(), "pipeline.resolved.yaml")
         return parent
 
-    def _starting_artifact(self, start: int, data, device, fingerprint: str) -> Artifact:
+    def _starting_artifact(self, start: int, data, device, fingerprint: str) -> Artifact | None:
         """The model the first stage to run receives: the last completed stage's output
         (resuming) or the pipeline's input model, shared by every rank."""
         done = self.summary["stages"]
         artifact = None  # a resuming rank other than 0 receives rank 0's below
         if self._resumed and distributed.is_main():
-            artifact = Artifact.load(self.out / done[-1]["name"])
-            artifact.deploy = None  # as after a save: the next stage writes its own
+            artifact = self._load_saved(done[-1]["name"])
             for record in done[1:]:
                 # saved, but the tracking server went away before the run was closed
                 self.tracker.finish_completed(record.get("run_id"), record["metrics"],
                                               self.out / record["name"])
         elif not self._resumed:
+            hit = self.stage_cache.lookup(fingerprint) if self.use_cache else None
+            if hit is not None:
+                self._reuse(INPUT_STAGE, "input", hit, None)
+                return None
             artifact = self._input_artifact(data, device, fingerprint)
         return self._share(([INPUT_STAGE] + [s.name for s in self.pipeline.stages])[start],
                            artifact)
@@ -253,7 +283,7 @@ class Runner:
                                         weights_before=weights_before)
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
         self.tracker.log_metrics(run_id, record["metrics"])
-        self.tracker.log_artifact(run_id, self.out / spec.name, "artifact")
+        self._log_stage_files(run_id, spec.name, record)
         self.tracker.log_text(run_id, json.dumps(record, indent=2), "stage_summary.json")
         return artifact
 
@@ -265,21 +295,23 @@ class Runner:
         directory = self.out / name
         artifact.model.eval()
         artifact.lineage.append({"name": name, "type": type_name, "config": config or {}})
-        files = artifact.save(directory)
+        files = artifact.save(directory, store=self.stage_cache.store)
         model_files = artifact.model_files()
         artifact.outputs, artifact.deploy = {}, None
         reloaded = Artifact.load(directory)
         if reloaded.masks:
             check_masks(reloaded.model, reloaded.masks, name)
         deployed = reloaded.deployed_model(directory)
-        model_bytes = file_bytes(directory / f for f in model_files)
+        model_bytes = self._model_bytes(directory, model_files, reloaded)
+        stored = self.stage_cache.store.object_bytes(manifest_objects(directory / TENSORS_FILE))
         counts = param_counts(reloaded.model)
         metrics: dict[str, float] = {
             # measured on the model rebuilt from the files on disk, in its deployed form
             **measure_splits(deployed.to(device), data, device),
             **counts,
             "model_bytes": model_bytes,
-            "artifact_bytes": sum(files.values()),
+            # the directory plus the stored tensors it names (shared ones counted in full)
+            "artifact_bytes": sum(files.values()) + stored,
             "bits_per_weight": 8.0 * model_bytes / max(counts["params"], 1),
             "compression_ratio": (reference or model_bytes) / model_bytes,
             "wall_time_s": wall,
@@ -295,7 +327,12 @@ class Runner:
                   "metrics": metrics, "files": files, "model_files": model_files}
         self.summary["stages"].append(record)
         self._write_summary()
-        _print_record(record)
+        print_record(record)
+        if self.use_cache:
+            self.stage_cache.record(fingerprint, directory, record,
+                                    run_id or self.summary.get("parent_run_id"), self.cfg.name)
+        if self.observer is not None:
+            self.observer(record)
         return record
 
     def _log_layer_sparsity(self, run_id: str | None, name: str, per_layer: dict[str, float]) -> None:
@@ -329,7 +366,7 @@ class Runner:
 
     def _load_stage(self, name: str) -> Artifact:
         directory = self.out / name
-        if not distributed.broadcast_json((directory / MODEL_FILE).is_file()):
+        if not distributed.broadcast_json(is_artifact(directory)):
             raise CompressPipeError(f"stage {name!r} has no saved output in {self.out}")
         with distributed.shared_directory(directory) as received:
             return Artifact.load(received)
@@ -373,7 +410,7 @@ class Runner:
         for record, name, fp in zip(previous.get("stages", []), names, fingerprints):
             if record.get("name") != name or record.get("fingerprint") != fp:
                 break
-            if not (self.out / name / MODEL_FILE).is_file():
+            if not is_artifact(self.out / name):
                 break
             done.append(record)
         return done
@@ -429,11 +466,3 @@ def measure_splits(model: torch.nn.Module, data, device) -> dict[str, float]:
                         evaluate(model, data.val_loader(), device).items()})
     return metrics
 
-
-def _print_record(record: dict[str, Any]) -> None:
-    m = record["metrics"]
-    val = f"val top1 {m['deployed_val_top1']:.2f}%  " if "deployed_val_top1" in m else ""
-    print(f"   {record['name']}: {val}test top1 {m.get('test_top1', math.nan):.2f}%  "
-          f"test loss {m.get('test_loss', math.nan):.4f}  "
-          f"{m['model_bytes']:,} bytes  ({m['compression_ratio']:.2f}x)  "
-          f"sparsity {m['sparsity']:.1%}", flush=True)

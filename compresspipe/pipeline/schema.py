@@ -23,6 +23,8 @@ from ..core.config import DataConfig, ModelConfig, StrictModel, UsablePath
 from ..stages.registry import get_stage, list_stages
 from ..stages.spec import PipelineView, StageSpec
 from ..tracking.config import TrackingConfig
+from .cache_config import CacheConfig
+from .search_config import SearchConfig
 from .yaml_source import SourceMap
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -38,6 +40,9 @@ class PipelineConfig(StrictModel):
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    search: SearchConfig | None = Field(None, description="Search parameters of the stages "
+                                        "(a run of this file runs the search).")
     stages: list[Any] = Field(min_length=1)
 
     @field_validator("device")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import (
     Field,
 )
@@ -21,6 +23,10 @@ class TrackingConfig(StrictModel):
     experiment: str | None = Field(None, description="Experiment name; default: pipeline name.")
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    log_artifacts: Literal["pointer", "full"] = Field(
+        "pointer", description="'pointer': each stage run gets its deployable files (.cpz, "
+        ".onnx, ...), its metadata and a pointer to the stored artifact; 'full': a full copy "
+        "of the artifact directory with every tensor (large).")
     retries: int = Field(
         8, ge=0, le=1000,
         description="Retries of a call that failed transiently (server down or overloaded, "

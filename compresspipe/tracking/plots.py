@@ -14,16 +14,30 @@ from ..formats.cpz import byte_parts
 
 def size_accuracy_plot(summary: dict[str, Any], path: Path) -> Path:
     """Model bytes on disk (log scale) against test top-1, one labelled point per stage."""
+    """Model bytes on disk (log scale) against top-1, one labelled point per stage. The y range
+    is that of the trained stages (the untrained input at chance would flatten the range that
+    matters; it is marked at the lower edge with its value); labels alternate above and below
+    so neighbours do not overlap."""
     from matplotlib.figure import Figure  # lazy: matplotlib loads only where a plot is drawn
 
     stages = summary["stages"]
     sizes = [s["metrics"]["model_bytes"] / 1024 for s in stages]
     accs = [s["metrics"]["test_top1"] for s in stages]
-    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    fig = Figure(figsize=(7.2, 4.6), dpi=110)
     ax = fig.subplots()
-    ax.plot(sizes, accs, "-o", color="#3465a4")
-    for s, x, y in zip(stages, sizes, accs):
-        ax.annotate(s["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    trained = [a for s, a in zip(stages, accs) if s["name"] != "input"] or accs
+    low, high = min(trained), max(trained)
+    span = max(high - low, 1.0)
+    bottom, top = low - 0.25 * span, high + 0.2 * span
+    shown = [max(a, bottom) for a in accs]
+    ax.plot(sizes, shown, "-o", color="#3465a4")
+    for i, (s, x, y, a) in enumerate(zip(stages, sizes, shown, accs)):
+        label = s["name"] if a >= bottom else f"{s['name']} ({a:.1f}%, below)"
+        ax.annotate(label, (x, y), textcoords="offset points", fontsize=8,
+                    xytext=(6, 8 if i % 2 == 0 else -14),
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                          "alpha": 0.8})
+    ax.set_ylim(bottom, top)
     ax.set_xscale("log")
     ax.set_xlabel("model file size on disk (KiB, log scale)")
     ax.set_ylabel("test top-1 (%)")
@@ -267,3 +281,46 @@ def sensitivity_plot(record: dict[str, Any], family: str, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
     return path
+def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str,
+                floor: float | None = None) -> Path:
+    """Search trials: bytes (log scale) against validation top-1; the Pareto front joined, the
+    chosen point starred, the accuracy budget as a dashed line."""
+    from matplotlib.figure import Figure  # lazy: matplotlib loads only where a plot is drawn
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.subplots()
+    ax.scatter([r["bytes"] / 1024 for r in rows], [r["val_top1"] for r in rows], s=18,
+               color="#babdb6", label="trial")
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["bytes"])
+    ax.plot([r["bytes"] / 1024 for r in front], [r["val_top1"] for r in front], "-o",
+            color="#3465a4", label="Pareto front")
+    for r in front:
+        ax.annotate(f"#{r['trial']}", (r["bytes"] / 1024, r["val_top1"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, -10))
+    best = [r for r in rows if r.get("best")]
+    if best:
+        ax.plot([best[0]["bytes"] / 1024], [best[0]["val_top1"]], "*", ms=14, color="#cc0000",
+                label=f"chosen (#{best[0]['trial']})")
+    if floor is not None:
+        ax.axhline(floor, ls="--", lw=1, color="#cc0000", label="accuracy budget")
+    if rows:
+        _zoom(ax, [r["val_top1"] for r in rows] + ([floor] if floor is not None else []))
+    ax.set_xscale("log")
+    ax.set_xlabel("model file size on disk (KiB, log scale)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _zoom(ax: Any, values: list[float], quantile: float = 0.2) -> None:
+    """Y limits around where most points are: a far outlier (an untrained model at 10 %)
+    would flatten the range that matters; it is drawn at the lower edge instead."""
+    arr = np.sort(np.asarray(values, dtype=float))
+    high = float(arr[-1])
+    low = float(np.quantile(arr, quantile)) if len(arr) > 4 else float(arr[0])
+    span = max(high - low, 0.5)
+    ax.set_ylim(low - 0.15 * span, high + 0.15 * span)
