@@ -14,6 +14,7 @@ compresspipe must be installed where the model is served), not a cloudpickled Py
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -148,9 +149,10 @@ def _requirements() -> list[str]:
     import mlflow
     import safetensors
 
-    # the package's own version (always imported: this module is inside it); installed metadata
-    # can be older in an editable install
-    version = sys.modules[__name__.split(".")[0]].__version__
+    try:  # the installed distribution, as pip and MLflow's environment check see it
+        version = importlib.metadata.version("compresspipe")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        version = sys.modules[__name__.split(".")[0]].__version__
     return [f"compresspipe=={version}", f"torch=={torch.__version__.split('+')[0]}",
             f"safetensors=={safetensors.__version__}", f"mlflow=={mlflow.__version__}",
             f"numpy=={np.__version__}"]
