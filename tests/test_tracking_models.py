@@ -2,7 +2,8 @@
 metrics and lineage, the registered version with its alias, the model loaded with
 mlflow.pyfunc, used as a teacher, and served by ``mlflow models serve`` on localhost.
 
-One tiny pipeline (1 epoch of test_resnet on 16x16 digits, then huffman), run once per module."""
+One tiny pipeline (1 epoch of test_resnet on 256 16x16 digits, then huffman), run once per
+module; the model server is started once too."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from conftest import tiny_pipeline
 from harness import ModelServer
 from mlflow.tracking import MlflowClient
+from torch.utils.data import Subset
 
 import compresspipe
 from compresspipe.compress.distill.config import DistillConfig
@@ -24,6 +26,7 @@ from compresspipe.core.data import build_data
 from compresspipe.core.errors import ConfigError
 from compresspipe.formats.cpz_model import read_model_cpz
 from compresspipe.stages.teacher import load_teacher
+from compresspipe.tracking.datasets import describe_data
 from compresspipe.tracking.pyfunc import INFO_FILE
 from compresspipe.tracking.tracker import process_tracking_uri
 
@@ -34,6 +37,7 @@ NAME, ALIAS = "tiny-digits", "champion"
 def finished(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("models") / "out"
     cfg = tiny_pipeline(out, epochs=1)
+    cfg["data"]["limit_train"] = 256  # a second of training; the test split stays whole
     cfg["stages"] = [cfg["stages"][0], {"name": "huffman", "huffman": {}}]
     cfg["tracking"] = {"register": {"name": NAME, "alias": ALIAS}}
     summary = compresspipe.run(cfg)
@@ -78,7 +82,7 @@ def test_every_run_lists_the_data_it_saw(finished):
             assert d.dataset.name == "digits"
             assert json.loads(d.dataset.source)["uri"].endswith("digits.csv.gz")
             profile = json.loads(d.dataset.profile)
-            assert profile["num_rows"] == {"train": 1437, "test": 360}[profile["split"]]
+            assert profile["num_rows"] == {"train": 256, "test": 360}[profile["split"]]
             assert len(profile["source_sha256"]) == 64
     # the dense stage trained and was evaluated; huffman was only evaluated
     assert contexts == {"pipeline": ["test", "train"], "dense": ["test", "train"],
@@ -175,3 +179,33 @@ def test_register_stage_must_exist(tmp_path):
     with pytest.raises(ConfigError, match="reserved"):
         compresspipe.load_pipeline(tiny_pipeline(tmp_path / "out", tracking={
             "register": {"name": "m", "alias": "v3"}}), check_model=False)
+
+
+def test_every_stage_model_loads_with_pyfunc(finished, test_images):
+    """The dense stage's model (plain safetensors deployable) by its logged-model URI."""
+    summary, _, store, _ = finished
+    dense = summary["stages"][1]
+    x, y = test_images
+    with process_tracking_uri(store):
+        model = mlflow.pyfunc.load_model(f"models:/{dense['model_id']}")
+    top1 = 100.0 * float((model.predict(x).argmax(1) == y).mean())
+    assert top1 == pytest.approx(dense["metrics"]["top1"], abs=1e-6)
+
+
+def test_dataset_digests_follow_the_split_contents():
+    """A validation split carved from train gets its own record and digest; other
+    preprocessing (image size) gives other digests; the same data the same ones."""
+    data = build_data(DataConfig(name="fake", image_size=8, train_size=64, test_size=16))
+    data.val = Subset(data.train, range(48, 64))
+    data.train = Subset(data.train, range(48))
+    records = describe_data(data)
+    assert sorted(records) == ["test", "train", "validation"]
+    assert [records[s].size for s in ("train", "validation", "test")] == [48, 16, 16]
+    assert len({r.digest for r in records.values()}) == 3
+    again = describe_data(build_data(DataConfig(name="fake", image_size=8, train_size=64,
+                                                test_size=16)))
+    assert again["test"].digest == records["test"].digest
+    other = describe_data(build_data(DataConfig(name="fake", image_size=12, train_size=64,
+                                                test_size=16)))
+    assert other["test"].digest != records["test"].digest
+    assert records["validation"].entity().source_type == "code"
