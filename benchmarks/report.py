@@ -356,11 +356,20 @@ def headline_soak(d: dict) -> list[str]:
             "hangs or memory overruns"]
 
 
+def headline_mlflow_ui_check(d: dict) -> list[str]:
+    failed = [k for k, ok in d["checks"].items() if not ok]
+    return [f"**{'PASS' if not failed else 'FAIL'}**: {len(d['checks']) - len(failed)}/"
+            f"{len(d['checks'])} checks of what the MLflow UI shows (runs, datasets, a logged "
+            "model per stage, registered version and alias, pyfunc from the server)"
+            + (f"; failed: {', '.join(failed)}" if failed else "")]
+
+
 HEADLINES: dict[str, Callable[[Any], list[str]]] = {
     "coding": headline_coding, "coding_codec": headline_coding_codec,
     "distill": headline_distill, "mask_overhead": headline_mask_overhead,
     "quantize": headline_quantize, "structured": headline_structured,
     "pruning_methods": headline_pruning_methods, "soak": headline_soak,
+    "mlflow_ui_check": headline_mlflow_ui_check,
 }
 BODIES: dict[str, Callable[[Any], str]] = {
     "coding_codec": body_coding_codec, "distill": body_distill,

@@ -94,6 +94,49 @@ class MlflowServer:
         self.stop()
 
 
+class ModelServer(MlflowServer):
+    """``mlflow models serve -m MODEL_URI --env-manager local`` on 127.0.0.1, resolving
+    ``models:/`` URIs in the tracking store ``store``; ``invocations(body)`` posts to it."""
+
+    def __init__(self, root: Path, model_uri: str, store: str, start_timeout: float = 120.0):
+        super().__init__(root, start_timeout=start_timeout)
+        self.model_uri, self.store = model_uri, store
+
+    def start(self) -> None:
+        exe = Path(sys.executable).with_name("mlflow")
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
+        cmd += ["models", "serve", "-m", self.model_uri, "--env-manager", "local",
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        root = str(Path(__file__).resolve().parents[1])
+        # the server runs `uvicorn` from PATH: the venv's bin first, as in an activated venv
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": self.store,
+               "MLFLOW_REGISTRY_URI": self.store,
+               "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH"))
+                                             if p)}
+        self.log = open(self.root / "serve.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=self.log, stderr=self.log,
+                                     env=env, start_new_session=True)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = (self.root / "serve.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"mlflow models serve exited:\n{tail}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"mlflow models serve not up after {self.start_timeout} s")
+
+    def invocations(self, body: dict) -> dict:
+        request = urllib.request.Request(f"{self.url}/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return json.loads(r.read())
+
+
 # -- fuzzing: trees and .cpz files ----------------------------------------------------------------
 
 

@@ -484,8 +484,9 @@ def test_input_model_as_teacher_has_the_input_architecture(tmp_path):
 
 
 def test_registered_model_version_as_teacher(tmp_path):
-    """models:/NAME/VERSION resolves in the pipeline's tracking store; an MLflow model (such
-    as the export stage's ONNX file) is rejected with the runs:/ URI to use instead."""
+    """models:/NAME/VERSION resolves in the pipeline's tracking store; a logged model with
+    neither a model nor an artifact in it is rejected (registered stage models:
+    test_tracking_models.py)."""
     from compresspipe.compress.distill.teacher import TeacherError
     from compresspipe.core.artifact import Artifact
 
@@ -505,8 +506,8 @@ def test_registered_model_version_as_teacher(tmp_path):
     for uri in ("models:/teacher/1", "models:/teacher@best"):
         teacher = load_teacher(DistillConfig(teacher=uri), config)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in teacher.state_dict().items())
-    logged = client.create_logged_model(experiment, name="onnx", source_run_id=run_id)
-    with pytest.raises(TeacherError, match=f"MLflow model .*teacher: runs:/{run_id}/artifact"):
+    logged = client.create_logged_model(experiment, name="empty", source_run_id=run_id)
+    with pytest.raises(TeacherError, match="not a compresspipe artifact"):
         load_teacher(DistillConfig(teacher=f"models:/{logged.model_id}"), config)
     with pytest.raises(TeacherError, match="expected models:/NAME/VERSION"):
         load_teacher(DistillConfig(teacher="models:/teacher/latest"), config)

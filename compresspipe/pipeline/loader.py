@@ -29,7 +29,7 @@ from ..stages.spec import (
     plain_data,
 )
 from .diagnostics import locate, pydantic_problems, short
-from .references import check_paths, check_references
+from .references import check_paths, check_references, check_register
 from .schema import NAME_PATTERN, PipelineConfig, PipelineFile, pipeline_model, stage_item_model
 from .search_config import check_search
 from .yaml_source import SourceMap, apply_override, parse_yaml
@@ -123,6 +123,8 @@ def _checks(config: PipelineConfig, stages: list[StageSpec], check_model: bool,
     """The checks beyond the schema, each run where the parts it reads parsed: stage
     references, input paths and (``check_model``) names against the real model."""
     problems = check_references(stages)
+    if "tracking" not in broken:
+        problems += check_register(config, stages)
     problems += check_paths(config, broken)
     if "search" not in broken:
         problems += check_search(config.search, stages)

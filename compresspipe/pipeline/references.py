@@ -38,6 +38,18 @@ def check_references(stages: list[StageSpec]) -> list[Problem]:
     return problems
 
 
+def check_register(config: PipelineConfig, stages: list[StageSpec]) -> list[Problem]:
+    """``tracking.register.stage`` names a stage of the pipeline."""
+    tracking = config.tracking
+    wanted = tracking.registration.stage if tracking is not None and tracking.registration else None
+    names = [s.name for s in stages if s.known_name]
+    if wanted is None or wanted in names or len(names) < len(stages):
+        return []
+    hint = suggest(wanted, names) or f" (stages: {', '.join(names)})"
+    return [Problem("tracking.register.stage", f"{wanted!r} is not a stage of this "
+                    f"pipeline{hint}")]
+
+
 def check_paths(config: PipelineConfig, broken: set[str] | None = None) -> list[Problem]:
     """Input files and directories must exist before any work starts (the sections in
     ``broken`` failed to parse and are not looked at)."""

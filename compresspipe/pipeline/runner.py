@@ -49,6 +49,7 @@ from ..tracking import plots
 from ..tracking.report import summary_table
 from ..tracking.tracker import Tracker
 from .cache import StageCache, cache_dir, cache_enabled, library_versions
+from .mlflow_models import ModelTracking, StageLog
 from .schema import NAME_PATTERN, PipelineFile
 from .storage import StageStorage, print_record
 
@@ -95,6 +96,8 @@ class Runner(StageStorage):
         if not distributed.is_main():  # one set of MLflow runs: rank 0's
             tracking = tracking.model_copy(update={"enabled": False})
         self.tracker = Tracker(tracking, self.out, self.cfg.name)
+        self.models = ModelTracking(self.tracker, self.cfg, [s.name for s in pipeline.stages],
+                                    self.out)
         self.summary: dict[str, Any] = {}
         self.observer = observer
         self.stage_cache = StageCache(cache_dir(self.cfg.cache, self.out), self.cfg.cache.max_gb)
@@ -135,6 +138,7 @@ class Runner(StageStorage):
         try:
             parent = self._start_parent(previous)
             data = build_data(self.cfg.data)
+            self.models.log_datasets(parent, data)
             artifact = self._starting_artifact(start, data, device, fingerprints[0])
             reference = (self.summary["stages"][0]["metrics"]["model_bytes"]
                          if distributed.is_main() else 0)
@@ -152,6 +156,7 @@ class Runner(StageStorage):
             self.summary["status"] = "finished"
             self._write_summary()
             self._log_pipeline_outputs(parent)
+            self._register()
             self.tracker.end(parent)
             self.summary = distributed.broadcast_json(self.summary if distributed.is_main()
                                                       else None)
@@ -252,14 +257,16 @@ class Runner(StageStorage):
     def _run_stage(self, spec: StageSpec, artifact: Artifact, data, device, fingerprint: str,
                    run_id: str | None, reference: int) -> Artifact:
         stage = get_stage(spec.type)(spec.config, spec.name)
+        log = StageLog(run_id)
         ctx = StageContext(
             name=spec.name, data=data, device=device,
             seed=self.cfg.seed + 1000 * (spec.index + 1), work_dir=self.out / ".work" / spec.name,
             fingerprint=fingerprint,
-            log_metrics=lambda m, step=None: self.tracker.log_metrics(run_id, m, step),
+            log_metrics=self.models.stage_metrics(log),
             spec=spec, view=self.pipeline.view(spec.index), load_stage=self._load_stage,
             incoming=dict(self.summary["stages"][-1]["metrics"]) if self.summary["stages"] else {},
-            log_model=lambda path, example: self.tracker.log_onnx_model(run_id, path, example),
+            log_model=self.models.onnx_model(spec, log, lambda: self.summary["stages"][-1]),
+            on_train=self.models.on_train(log),
         )
         print(f"== stage {spec.index + 1}/{len(self.pipeline.stages)}: {spec.name} ({spec.type})",
               flush=True)
@@ -282,7 +289,8 @@ class Runner(StageStorage):
                                         config=spec.config.model_dump(mode="json"),
                                         weights_before=weights_before)
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
-        self.tracker.log_metrics(run_id, record["metrics"])
+        self.models.log_stage(record, self.summary["stages"], data, log)
+        self._write_summary()  # with the stage's model id
         self._log_stage_files(run_id, spec.name, record)
         self.tracker.log_text(run_id, json.dumps(record, indent=2), "stage_summary.json")
         return artifact
@@ -334,6 +342,13 @@ class Runner(StageStorage):
         if self.observer is not None:
             self.observer(record)
         return record
+
+    def _register(self) -> None:
+        registered = self.models.register(self.summary["stages"]) if distributed.is_main() \
+            else None
+        if registered:
+            self.summary["registered"] = registered
+            self._write_summary()
 
     def _log_layer_sparsity(self, run_id: str | None, name: str, per_layer: dict[str, float]) -> None:
         self.tracker.log_metrics(run_id, {f"layer_sparsity.{k}": v for k, v in per_layer.items()})

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..core.artifact import Artifact
 from ..core.context import RunContext
+from ..core.training import Trainer
 from .spec import INPUT_STAGE, PipelineView, StageSpec
 
 
@@ -23,9 +24,18 @@ class StageContext(RunContext):
     load_stage: Callable[[str], Artifact] = field(kw_only=True)  # an earlier stage's output
     # metrics the runner measured on the saved model this stage receives (its deployed form)
     incoming: dict[str, Any] = field(default_factory=dict, kw_only=True)
-    # (ONNX file, input example) -> the MLflow model URI of this stage's run; None untracked
+    # (ONNX file, input example) -> the MLflow model URI of this stage's run; None untracked.
+    # The model logged this way is the stage's logged model (the runner links its metrics).
     log_model: Callable[[Path, np.ndarray], str | None] = field(
         default=lambda path, example: None, kw_only=True)
+    # told when the stage builds a training loop: the runner then logs the training data as an
+    # input of the stage's run
+    on_train: Callable[[], None] = field(default=lambda: None, kw_only=True)
+
+    def trainer(self, *args: Any, **kwargs: Any) -> Trainer:
+        """``RunContext.trainer``; the stage's run records that it trained on the data."""
+        self.on_train()
+        return super().trainer(*args, **kwargs)
 
     @property
     def previous_stage(self) -> str:

@@ -30,8 +30,10 @@ from ..compress.distill.teacher import (
     timm_teacher,
 )
 from ..core.config import DataConfig
+from ..core.errors import CompressPipeError
 from ..core.models import build_from_spec
 from ..tracking.download import download_teacher
+from ..tracking.pyfunc import MLMODEL_FILE, load_mlflow_model
 from .architecture import stage_architecture
 from .context import StageContext
 from .spec import PipelineView
@@ -78,6 +80,11 @@ def load_teacher(cfg: DistillConfig, view: PipelineView,
         return timm_teacher(cfg, view.data, download=load_stage is not None)
     if kind == "uri":
         path = download_teacher(cfg.teacher, view.tracking, view.resolved_output_dir())
+        if (path / MLMODEL_FILE).is_file():  # a logged (or registered) stage model
+            try:
+                return load_mlflow_model(path)
+            except CompressPipeError as exc:
+                raise TeacherError(f"teacher {cfg.teacher!r}: {exc}") from None
         return artifact_model(path, cfg.teacher)
     return path_teacher(Path(cfg.teacher), view.model, view.data)
 

@@ -1,18 +1,40 @@
-"""The ``tracking:`` section of a pipeline file: where MLflow runs go and how calls are retried."""
+"""The ``tracking:`` section of a pipeline file: where MLflow runs go, how calls are retried,
+what each stage's logged model holds and which stage is registered."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import (
-    Field,
-)
+from pydantic import ConfigDict, Field, field_validator
 
 from ..core.config import StrictModel
 
 
+class RegisterConfig(StrictModel):
+    """Register a stage's deployable in the MLflow Model Registry when the pipeline finishes."""
+
+    name: str = Field(..., min_length=1, max_length=256, pattern=r"^[^/:@]+$",
+                      description="Registered model name; a new version per finished run.")
+    alias: str | None = Field(
+        None, max_length=255, pattern=r"^[\w\-]+$",
+        description="Alias set to the new version, e.g. 'champion': models:/NAME@ALIAS.")
+    stage: str | None = Field(None, description="The stage whose deployable is registered; "
+                              "default: the last stage.")
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, alias: str | None) -> str | None:
+        if alias is not None and re.fullmatch(r"latest|[vV]\d+", alias):
+            raise ValueError(f"{alias!r} is reserved by MLflow (versions are 'v1', 'v2', ...; "
+                             "'latest' is the newest version)")
+        return alias
+
+
 class TrackingConfig(StrictModel):
     """MLflow. The URI defaults to an sqlite database inside output_dir."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, serialize_by_alias=True)
 
     enabled: bool = True
     uri: str | None = Field(
@@ -39,6 +61,14 @@ class TrackingConfig(StrictModel):
     )
     retry_backoff_s: float = Field(0.5, gt=0, le=60,
                                    description="First backoff delay; doubles per retry (cap 10 s).")
+    model_files: bool = Field(
+        True, description="Each stage's MLflow logged model holds its deployable files "
+        "(loadable with mlflow.pyfunc); false: it only points at the stage directory.")
+    # 'register' in the file; the attribute is named otherwise because pydantic's BaseModel
+    # (an ABC) has a register() of its own
+    registration: RegisterConfig | None = Field(
+        None, alias="register",
+        description="Register a stage's deployable as a model version with an alias.")
     request_timeout_s: float = Field(120.0, gt=0, le=3600,
                                      description="Timeout of one HTTP request to the server "
                                      "(connecting, or waiting for its answer).")

@@ -1,6 +1,8 @@
-"""Fetching a teacher from an MLflow tracking store: an artifact URI (``runs:/<id>/artifact``)
-or a registered model version whose source is such an artifact (``models:/NAME/VERSION``,
-``models:/NAME@ALIAS``), downloaded once per process to a local directory."""
+"""Fetching a teacher from an MLflow tracking store: an artifact URI (``runs:/<id>/artifact``),
+a registered model version (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``: the MLflow model
+of a logged model, or an artifact directory it was registered from) or a logged model
+(``models:/<model_id>``), downloaded once per process to a local directory.
+``tracking.pyfunc.load_mlflow_model`` reads a downloaded MLflow model."""
 
 from __future__ import annotations
 
@@ -54,18 +56,18 @@ def _registered_source(uri: str, store: str) -> str:
         found = client.get_model_version_by_alias(name, alias)
     elif version.isdigit():
         found = client.get_model_version(name, version)
-    elif not version and ref.startswith("m-"):  # a logged model's id, as the export stage logs
-        raise TeacherError(_mlflow_model(uri, client.get_logged_model(ref).source_run_id))
+    elif not version and ref.startswith("m-"):  # a logged model's id: models:/<model_id>
+        return client.get_logged_model(ref).artifact_location
     else:
-        raise TeacherError(f"teacher {uri!r}: expected models:/NAME/VERSION or "
-                           "models:/NAME@ALIAS (a registered model version)")
-    if getattr(found, "model_id", None):  # a version of a logged MLflow model
-        raise TeacherError(_mlflow_model(uri, found.run_id))
+        raise TeacherError(f"teacher {uri!r}: expected models:/NAME/VERSION, "
+                           "models:/NAME@ALIAS (a registered model version) or models:/<model id>")
+    model_id = getattr(found, "model_id", None) or _model_id(found.source)
+    if model_id:  # a version of a logged model: the MLflow model directory it holds
+        return client.get_logged_model(model_id).artifact_location
     return found.source
 
 
-def _mlflow_model(uri: str, run_id: str | None) -> str:
-    where = (f"the compresspipe artifact of the run that logged it: teacher: runs:/{run_id}/"
-             "artifact" if run_id else "a compresspipe artifact, e.g. runs:/<run_id>/artifact")
-    return (f"teacher {uri!r} is an MLflow model (e.g. the export stage's ONNX file), which "
-            f"compresspipe cannot train against; name {where}")
+def _model_id(source: str | None) -> str | None:
+    """The logged model id of a version's source ``models:/m-...``; None for other sources."""
+    ref = (source or "").removeprefix("models:/")
+    return ref if ref != source and ref.startswith("m-") and "/" not in ref else None

@@ -149,8 +149,18 @@ class Tracker:
             # lazy: importing mlflow takes seconds; untracked runs never pay for it
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.uri)
+            # the registry in the same store: mlflow would otherwise use the process's own
+            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         return self._client
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` (a call of ``self.client``) with the tracker's retries and error messages:
+        for the tracking modules that log models, datasets and registry entries."""
+        return self._call(what, fn)
+
+    def experiment_id(self) -> str:
+        """The experiment this pipeline's runs go to (created when missing)."""
+        return self._experiment()
 
     # -- retries ------------------------------------------------------------------------------
 
@@ -346,18 +356,34 @@ class Tracker:
             self._call("log params", lambda b=batch: self.client.log_batch(run_id, params=b))
 
     def log_metrics(self, run_id: str | None, metrics: dict[str, float],
-                    step: int | None = None) -> None:
-        """All metrics in as few calls as MLflow allows (one per 1000)."""
+                    step: int | None = None, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
+        """All metrics in as few calls as MLflow allows (one per 1000); with ``model_id`` they
+        are also the logged model's metrics, with ``dataset`` (name, digest) measured on it."""
         if not (self.enabled and run_id and metrics):
             return
         # lazy: importing mlflow takes seconds; untracked runs never pay for it
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        name, digest = dataset or (None, None)
+        items = [Metric(k, float(v), now, step or 0, model_id=model_id, dataset_name=name,
+                        dataset_digest=digest) for k, v in metrics.items()]
         for i in range(0, len(items), MAX_BATCH):
             batch = items[i: i + MAX_BATCH]
             self._call("log metrics", lambda b=batch: self.client.log_batch(run_id, metrics=b))
+
+    def log_datasets(self, run_id: str | None, datasets: list[Any]) -> None:
+        """``mlflow.log_input`` for each dataset record (``tracking.datasets.DatasetRecord``),
+        its split as the context the UI shows."""
+        if not (self.enabled and run_id and datasets):
+            return
+        # lazy: importing mlflow takes seconds; untracked runs never pay for it
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = [DatasetInput(d.entity(), tags=[InputTag("mlflow.data.context", d.split)])
+                  for d in datasets]
+        self._call("log datasets", lambda: self.client.log_inputs(run_id, datasets=inputs))
 
     def log_artifact(self, run_id: str | None, path: Path, subdir: str | None = None) -> None:
         if self.enabled and run_id:
@@ -377,7 +403,8 @@ class Tracker:
             self._call(f"set tag {key}", lambda: self.client.set_tag(run_id, key, value))
 
     def log_onnx_model(self, run_id: str | None, path: Path, example: Any,
-                       name: str = "model") -> str | None:
+                       name: str = "model", tags: dict[str, str] | None = None,
+                       params: dict[str, str] | None = None) -> str | None:
         """Log an ONNX file as an MLflow model of ``run_id`` (onnx flavour: nothing pickled),
         with ``example`` (a numpy batch) as input example and the signature it implies; return
         the model's URI, or None when tracking is off."""
@@ -395,10 +422,10 @@ class Tracker:
         # created here, in the run's experiment: log_model alone would file it under the
         # process's active experiment
         model = self._call("create a logged model", lambda: self.client.create_logged_model(
-            run.info.experiment_id, name=name, source_run_id=run_id))
+            run.info.experiment_id, name=name, source_run_id=run_id, tags=tags, params=params))
 
         def log():
-            with _process_tracking_uri(self.uri):
+            with process_tracking_uri(self.uri):
                 return mlflow.onnx.log_model(
                     onnx.load(str(path)), name=name, input_example=example, signature=signature,
                     run_id=run_id, model_id=model.model_id, save_as_external_data=False,
@@ -408,7 +435,7 @@ class Tracker:
 
 
 @contextlib.contextmanager
-def _process_tracking_uri(uri: str | None) -> Iterator[None]:
+def process_tracking_uri(uri: str | None) -> Iterator[None]:
     """mlflow's log_model talks to the process-wide tracking URI: point it at ours for the call,
     then restore it and the environment variable that set_tracking_uri also writes."""
     import mlflow  # lazy: importing mlflow takes seconds; untracked runs never pay for it
