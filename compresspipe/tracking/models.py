@@ -110,7 +110,8 @@ def log_model_metrics(tracker: Tracker, run_id: str | None, model_id: str | None
     groups: dict[str | None, dict[str, float]] = {}
     for key, value in metrics.items():
         split = ("test" if key in TEST_KEYS or key.startswith("test_")
-                 else "validation" if key.startswith("val_") else None)
+                 else "validation" if key.startswith(("val_", "deployed_val_"))
+                 else None)
         groups.setdefault(split if split in datasets else None, {})[key] = value
     for split, group in groups.items():
         record = datasets.get(split) if split else None

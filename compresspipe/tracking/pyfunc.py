@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from ..compress.quant.onnx_int8 import OnnxModel
@@ -67,7 +67,13 @@ def save_mlflow_model(path: Path, directory: Path, deploy: dict[str, Any] | None
         data = Path(tmp) / DATA_DIR
         data.mkdir()
         for name in files:
-            _link_or_copy(directory / name, data / name)
+            if name == MODEL_FILE and not (directory / name).is_file():
+                # saved into the tensor store, the stage keeps no safetensors file: write the
+                # one that ships
+                save_model(Artifact.load(directory).model, str(data / name),
+                           metadata={"format": "compresspipe"})
+            else:
+                _link_or_copy(directory / name, data / name)
         info = {"format_version": 1, "spec": spec, "deploy": deploy, "files": files}
         (data / INFO_FILE).write_text(json.dumps(info, indent=2))
         mlflow.pyfunc.save_model(str(path), loader_module=FLAVOUR_MODULE, data_path=str(data),
