@@ -217,3 +217,17 @@ def test_cli_scans_the_input_model(tmp_path, capsys):
     assert record["split"] != "test" and list(record["layers"]) == ["1.weight", "3.weight"]
     assert main(["sensitivity", str(path), "--bits", "two"]) != 0
     assert "--bits" in capsys.readouterr().err
+
+
+def test_allocation_by_sensitivity_needs_a_scan_to_read(tmp_path):
+    from compresspipe.core.errors import ConfigError
+
+    cfg = _sensitivity_pipeline(tmp_path / "run")
+    no_scan = {**cfg, "stages": [cfg["stages"][0], cfg["stages"][2]]}
+    no_scan["stages"][1]["prune"]["allocation"] = {"rule": "sensitivity"}
+    with pytest.raises(ConfigError, match="needs a sensitivity stage"):
+        load_pipeline(no_scan)
+    wrong = {**cfg, "stages": [cfg["stages"][0], cfg["stages"][2]]}
+    wrong["stages"][1]["prune"]["allocation"] = {"rule": "sensitivity", "scan": "stage:dense"}
+    with pytest.raises(ConfigError, match="not a sensitivity stage"):
+        load_pipeline(wrong)
