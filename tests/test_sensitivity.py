@@ -174,6 +174,9 @@ def _sensitivity_pipeline(out) -> dict:
                                                         "scan": "stage:sens"}}},
             {"name": "shared", "cluster": {"finetune": {"epochs": 0}, "kmeans_iters": 3,
                                            "allocation": {"budget_bytes": 600}}},
+            {"name": "int8", "ptq": {"calibration_batches": 1, "latency_repeats": 0,
+                                     "keep_float": {"sensitivity_threshold": 0.01,
+                                                    "max_batches": 1}}},
         ],
     }
 
@@ -201,7 +204,10 @@ def test_pipeline_sensitivity_feeds_prune_and_cluster(tmp_path):
     index_bits = sum(d["bits"] * (torch.Size(d["shape"]).numel() - d["pruned"])
                      for d in shared.values())
     assert (index_bits + 7) // 8 + sum(4 * 2 ** d["bits"] for d in shared.values()) <= 600
-    assert len({d["bits"] for d in shared.values()}) >= 1
+    int8 = json.loads((tmp_path / "run" / "int8" / "artifact.json").read_text())["quant"]["int8"]
+    drops = int8["int8_top1_drop_alone"]
+    assert set(drops) == set(record["layers"])
+    assert int8["float_layers"] == [n for n, d in drops.items() if d > 0.01]
 
 
 def test_cli_scans_the_input_model(tmp_path, capsys):
@@ -217,3 +223,17 @@ def test_cli_scans_the_input_model(tmp_path, capsys):
     assert record["split"] != "test" and list(record["layers"]) == ["1.weight", "3.weight"]
     assert main(["sensitivity", str(path), "--bits", "two"]) != 0
     assert "--bits" in capsys.readouterr().err
+
+
+def test_allocation_by_sensitivity_needs_a_scan_to_read(tmp_path):
+    from compresspipe.core.errors import ConfigError
+
+    cfg = _sensitivity_pipeline(tmp_path / "run")
+    no_scan = {**cfg, "stages": [cfg["stages"][0], cfg["stages"][2]]}
+    no_scan["stages"][1]["prune"]["allocation"] = {"rule": "sensitivity"}
+    with pytest.raises(ConfigError, match="needs a sensitivity stage"):
+        load_pipeline(no_scan)
+    wrong = {**cfg, "stages": [cfg["stages"][0], cfg["stages"][2]]}
+    wrong["stages"][1]["prune"]["allocation"] = {"rule": "sensitivity", "scan": "stage:dense"}
+    with pytest.raises(ConfigError, match="not a sensitivity stage"):
+        load_pipeline(wrong)
