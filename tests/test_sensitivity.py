@@ -22,8 +22,10 @@ from compresspipe.compress.sensitivity import (
     scan,
     validation_batches,
 )
+from compresspipe.core.artifact import Artifact
 from compresspipe.core.config import DataConfig
 from compresspipe.core.data import DataBundle
+from compresspipe.core.errors import CompressPipeError
 from compresspipe.pipeline.loader import load_pipeline
 from compresspipe.pipeline.runner import run_pipeline
 
@@ -40,21 +42,12 @@ class Untouchable(Dataset):
         raise AssertionError("the test split was read")
 
 
-class WithVal(DataBundle):
-    """A bundle that has the validation split the data branch adds (DataBundle.val)."""
-
-    def val_loader(self) -> DataLoader:
-        return DataLoader(self.val, batch_size=16, shuffle=False)
-
-
-def _bundle(cls=DataBundle, **extra) -> DataBundle:
+def _bundle(val_size: int = 12) -> DataBundle:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(120, 1, 8, 8, generator=g), torch.randint(0, 10, (120,), generator=g)
-    bundle = cls(TensorDataset(x, y), Untouchable(), 10, 1, 8,
-                 DataConfig(name="fake", image_size=8, batch_size=16, eval_batch_size=16))
-    for key, value in extra.items():
-        setattr(bundle, key, value)
-    return bundle
+    val = TensorDataset(x[:val_size], y[:val_size]) if val_size else None
+    return DataBundle(TensorDataset(x[val_size:], y[val_size:]), val, Untouchable(), 10, 1, 8,
+                      DataConfig(name="fake", image_size=8, batch_size=16, eval_batch_size=16))
 
 
 def _convnet() -> nn.Module:
@@ -69,7 +62,7 @@ def test_scan_structure_on_the_validation_split_and_model_unchanged():
     model = _convnet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches, split = validation_batches(_bundle(), max_batches=2)
-    assert split == "train-holdout" and len(batches) == 1  # 12 held-out images, one batch
+    assert split == "val" and len(batches) == 1  # 12 validation images, one batch
     names = ["conv.weight", "dw.weight", "fc.weight"]
     masks = {"fc.weight": torch.rand(10, 8) > 0.5}
     record = scan(model, names, batches, split=split, sparsities=[0.5, 0.9], bits=[4, 2],
@@ -92,15 +85,15 @@ def test_scan_structure_on_the_validation_split_and_model_unchanged():
         record["layers"]["dw.weight"]["sparsity"][1]["loss"] - record["dense"]["loss"])
     assert set(bits_curves(record)) == set(names)
     table = markdown_table(record)
-    assert table.count("\n| ") == 1 + len(names) and "train-holdout" in table
+    assert table.count("\n| ") == 1 + len(names) and "val" in table
     json.dumps(record)  # the record is plain JSON (it goes into artifact.json)
 
 
-def test_validation_split_is_used_when_the_bundle_has_one():
-    g = torch.Generator().manual_seed(1)
-    val = TensorDataset(torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,)))
-    batches, split = validation_batches(_bundle(WithVal, val=val), max_batches=2)
+def test_scan_batches_are_capped_and_refused_without_a_validation_split():
+    batches, split = validation_batches(_bundle(val_size=40), max_batches=2)
     assert split == "val" and sum(len(y) for _, y in batches) == 32  # capped at 2 batches of 16
+    with pytest.raises(CompressPipeError, match="val_split"):
+        validation_batches(_bundle(val_size=0), max_batches=2)
 
 
 def _outlier_head() -> nn.Module:
@@ -131,7 +124,7 @@ def test_mixed_precision_keeps_the_sensitive_layer_float(tmp_path):
     from compresspipe.stages.sensitivity import KeepFloat, keep_float_layers
 
     model, data = _outlier_head(), _outlier_data()
-    bundle = DataBundle(data, Untouchable(), 10, 1, 4, DataConfig(name="fake", image_size=4,
+    bundle = DataBundle(data, data, Untouchable(), 10, 1, 4, DataConfig(name="fake", image_size=4,
                                                                   batch_size=32))
     _, drops = int8_drops(model, ["pre.weight", "head.weight"], [data.tensors])
     assert drops["head.weight"] > 50 > 5 > drops["pre.weight"]
@@ -194,9 +187,8 @@ def test_pipeline_sensitivity_feeds_prune_and_cluster(tmp_path):
     per_layer = pruned["pruning"]["layer_sparsity"]
     assert pruned["pruning"]["allocation"] == "sensitivity"
     assert set(per_layer) == set(record["layers"])
-    from safetensors.torch import load_file
 
-    masks = load_file(str(tmp_path / "run" / "pruned" / "masks.safetensors"))
+    masks = Artifact.load(tmp_path / "run" / "pruned").masks
     total = sum(m.numel() for m in masks.values())
     assert sum(int((~m).sum()) for m in masks.values()) == round(0.8 * total)
     quant = json.loads((tmp_path / "run" / "shared" / "artifact.json").read_text())["quant"]
