@@ -21,13 +21,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..compress.quant.batchnorm import fold_statistics
+from ..compress.quant.batchnorm import STATISTICS, fold_statistics
 from ..compress.quant.onnx_int8 import DEPLOY_FORMAT, check_int8_masks
 from ..core import artifact_keys
 from ..core.artifact import Artifact
 from ..core.distributed import is_main
 from ..core.errors import CompressPipeError
-from ..formats import coding_summary, inspect_cpz
+from ..formats import coding_summary, container_parts, inspect_cpz
 from ..formats.cpz_model import (
     CPZ_FILE,
     read_model_cpz,
@@ -39,6 +39,7 @@ from .base import Stage, StageConfig
 from .context import StageContext
 from .registry import register_stage, stage_class
 from .spec import PipelineView
+from .vector_choice import choose_vectors
 
 
 class HuffmanConfig(StageConfig):
@@ -49,6 +50,12 @@ class HuffmanConfig(StageConfig):
         True, description="Fold BatchNorm running statistics into the affine scale and shift "
         "first, so the file stores 2 vectors per BatchNorm instead of 4 (outputs change only by "
         "float rounding; the deviation is logged as bn_fold_max_abs_diff).")
+    vectors: Literal["auto", "float32", "float16"] = Field(
+        "auto", description="Storage of 1-D float tensors (BatchNorm scales and shifts, biases): "
+        "'auto' tries per-tensor codebooks of 4 to 8 bits, then float16, and keeps the coarsest "
+        "that leaves top-1 and loss on validation data (the training data when the pipeline has "
+        "no validation split; never the test set) unchanged, else float32; the choice per tensor "
+        "is in the file's metadata 'encoding'.")
 
 
 @register_stage("huffman")
@@ -74,17 +81,21 @@ class HuffmanStage(Stage):
 
         dtype = self.config.float_dtype
         folded = self._fold_bn(artifact, ctx) if self.config.fold_bn else []
+        omitted = {f"{bn}.{stat}" for bn in folded for stat in STATISTICS}
+        vectors, expected = choose_vectors(artifact, ctx, self.config.vectors, omitted)
         # encode once here to verify the round trip before the runner writes the artifact
         with tempfile.TemporaryDirectory() as tmp:
             probe = Path(tmp) / CPZ_FILE
-            size = write_model_cpz(artifact, probe, dtype, folded)
+            size = write_model_cpz(artifact, probe, dtype, folded, vectors)
             decoded = read_model_cpz(probe).model.state_dict()
-            coding = coding_summary(inspect_cpz(probe))
+            rows = inspect_cpz(probe)
+            coding, parts = coding_summary(rows), container_parts(probe, rows)
         exact = dtype == "float32"
         for name, value in artifact.model.state_dict().items():
             got = decoded[name]
+            value = expected.get(name, value.cpu())
             # stale codebooks cannot cause this: the runner drops weight sharing a stage undid
-            if exact and not torch.equal(got, value.cpu()):
+            if exact and not torch.equal(got, value):
                 raise CompressPipeError(f"stage {self.name!r}: {name!r} does not decode "
                                         "bit-exactly")
             if name in artifact.masks and torch.count_nonzero(got[~artifact.masks[name].bool()]):
@@ -93,8 +104,10 @@ class HuffmanStage(Stage):
         clustered = len(artifact_keys.cluster_layers(artifact))
         ctx.log_metrics({"cpz_bytes": size, "clustered_tensors": clustered,
                          "bn_folded": len(folded),
+                         "cpz_overhead_fraction": parts["overhead"] / size,
                          **{f"cpz_{k}": v for k, v in coding.items()}}, None)
-        artifact.outputs[CPZ_FILE] = lambda path: write_model_cpz(artifact, path, dtype, folded)
+        artifact.outputs[CPZ_FILE] = lambda path: write_model_cpz(artifact, path, dtype, folded,
+                                                                  vectors)
         artifact.deploy = {"format": "cpz", "files": [CPZ_FILE], "module": "compresspipe.formats.cpz_model"}
         return artifact
 
