@@ -167,3 +167,35 @@ def test_vector_codings_decode_to_what_they_promise():
     assert assignment({"s": small}, "cb4") == {"s": "fp16"}
     with pytest.raises(ValueError, match="no vector coding"):
         encode_vector(np.ones(10, np.float32), "cb4")
+
+
+def test_vector_choice_keeps_only_what_leaves_predictions_unchanged():
+    """A classifier decided mostly by its bias: a 4-bit codebook merges close biases (argmax
+    changes), so the stage must pick a finer coding; the decoded predictions stay the same."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from compresspipe.core.artifact import Artifact
+    from compresspipe.stages.vector_choice import choose_vectors
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 400)  # a codebook pays for 400 values (not for 40)
+    with torch.no_grad():
+        model.weight.mul_(0.02)
+        model.bias.copy_(torch.linspace(0, 1, 400)[torch.randperm(400)])
+    x = torch.randn(256, 8)
+    y = model(x).argmax(1)
+    logged = {}
+    ctx = SimpleNamespace(
+        data=SimpleNamespace(train=TensorDataset(x, y), config=SimpleNamespace(eval_batch_size=64)),
+        device=torch.device("cpu"), seed=0, log_metrics=lambda m, step: logged.update(m))
+    chosen, expected = choose_vectors(Artifact(model=model, spec={}), ctx, "auto", set())
+    assert logged["vectors_considered"] == 1
+    assert logged["vectors_cb4_decision_flips"] > 0.002  # the coarsest level was tried, refused
+    assert chosen.get("bias", "fp32") != "cb4" and set(expected) == set(chosen)
+    with torch.no_grad():
+        decoded = torch.nn.functional.linear(x, model.weight, expected.get("bias", model.bias))
+    flips = (decoded.argmax(1) != y).float().mean().item()
+    assert flips <= 0.002

@@ -340,9 +340,7 @@ def test_stage_names_from_the_pipeline_file_cannot_be_paths(tmp_path, name):
 def test_cpz_tensor_names_cannot_be_paths(tmp_path):
     """The reader refuses path-like tensor names; decompress writes only the file it is told."""
     from compresspipe.cli import main
-    from compresspipe.formats import CpzFormatError, unpack_cpz
-
-    from compresspipe.formats import cpz
+    from compresspipe.formats import CpzFormatError, cpz, unpack_cpz
 
     # version 1: its JSON section table makes renaming easy; both versions share the name rule
     good = pack_cpz({"w": encode_raw(np.ones(3, np.float32))}, {}, version=cpz.JSON_VERSION)

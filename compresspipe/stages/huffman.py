@@ -35,6 +35,8 @@ from ..formats.cpz_model import (
     write_int8_cpz,
     write_model_cpz,
 )
+from ..formats.cpz_onnx import ONNX_CPZ_FILE, write_onnx_cpz
+from ..formats.export import example_inputs
 from .base import Stage, StageConfig
 from .context import StageContext
 from .registry import register_stage, stage_class
@@ -56,6 +58,10 @@ class HuffmanConfig(StageConfig):
         "that leaves top-1 and loss on validation data (the training data when the pipeline has "
         "no validation split; never the test set) unchanged, else float32; the choice per tensor "
         "is in the file's metadata 'encoding'.")
+    onnx_cpz: bool = Field(
+        False, description="Also write model.onnx.cpz: the model's ONNX graph with its weights "
+        "coded as in model.cpz (sparse, shared), readable on a device with only numpy and "
+        "onnxruntime by the single file compresspipe/formats/cpz_onnx_reader.py.")
 
 
 @register_stage("huffman")
@@ -83,6 +89,10 @@ class HuffmanStage(Stage):
         folded = self._fold_bn(artifact, ctx) if self.config.fold_bn else []
         omitted = {f"{bn}.{stat}" for bn in folded for stat in STATISTICS}
         vectors, expected = choose_vectors(artifact, ctx, self.config.vectors, omitted)
+        state = artifact.model.state_dict()
+        with torch.no_grad():  # the artifact is the model the file decodes to, vectors included
+            for name, value in expected.items():
+                state[name].copy_(value)
         # encode once here to verify the round trip before the runner writes the artifact
         with tempfile.TemporaryDirectory() as tmp:
             probe = Path(tmp) / CPZ_FILE
@@ -93,7 +103,7 @@ class HuffmanStage(Stage):
         exact = dtype == "float32"
         for name, value in artifact.model.state_dict().items():
             got = decoded[name]
-            value = expected.get(name, value.cpu())
+            value = value.cpu()
             # stale codebooks cannot cause this: the runner drops weight sharing a stage undid
             if exact and not torch.equal(got, value):
                 raise CompressPipeError(f"stage {self.name!r}: {name!r} does not decode "
@@ -108,6 +118,10 @@ class HuffmanStage(Stage):
                          **{f"cpz_{k}": v for k, v in coding.items()}}, None)
         artifact.outputs[CPZ_FILE] = lambda path: write_model_cpz(artifact, path, dtype, folded,
                                                                   vectors)
+        if self.config.onnx_cpz:
+            example = example_inputs(ctx.data.train)  # shapes only
+            artifact.outputs[ONNX_CPZ_FILE] = lambda path: write_onnx_cpz(artifact, example, path,
+                                                                          vectors)
         artifact.deploy = {"format": "cpz", "files": [CPZ_FILE], "module": "compresspipe.formats.cpz_model"}
         return artifact
 
