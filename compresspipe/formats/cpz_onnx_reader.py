@@ -175,8 +175,8 @@ def _entries(table: bytes) -> list[dict]:
     return out
 
 
-def _decode_stream(payload: memoryview, spec: dict, alphabet: int) -> np.ndarray:
-    """Canonical Huffman (LSB-first, docs/format.md section 4), one cursor per block in step."""
+def _prepare(payload: memoryview, spec: dict, alphabet: int) -> dict:
+    """A stream's code tables and blocks, checked; decoding is left to :func:`_decode_all`."""
     offset, length = spec["blob"]
     raw = bytes(payload[offset: offset + length])
     coded_alphabet = alphabet ** spec["group"]
@@ -187,10 +187,10 @@ def _decode_stream(payload: memoryview, spec: dict, alphabet: int) -> np.ndarray
         raise CpzReadError("stream: bad sizes")
     lengths = np.frombuffer(raw[:coded_alphabet], np.uint8).astype(np.int64)
     spans = np.frombuffer(raw[coded_alphabet:table_end], f"<u{spec['width']}").astype(np.int64)
-    bits = np.frombuffer(raw[table_end:] + bytes(8), np.uint8).astype(np.uint64)
     max_len = int(lengths.max(initial=0))
     if n and not 1 <= max_len <= MAX_CODE_LEN or np.sum(2.0 ** -lengths[lengths > 0]) > 1:
         raise CpzReadError("stream: bad code lengths")
+    max_len = max(max_len, 1)
     # canonical codes (RFC 1951): by length, then symbol; a table indexed by the next max_len
     # bits (LSB-first, so by the bit-reversed code) gives symbol and length
     symbols = np.flatnonzero(lengths)
@@ -198,46 +198,73 @@ def _decode_stream(payload: memoryview, spec: dict, alphabet: int) -> np.ndarray
     sym_table = np.zeros(1 << max_len, np.int64)
     len_table = np.zeros(1 << max_len, np.int64)
     code, prev = 0, 0
-    for s in symbols:
-        code <<= int(lengths[s]) - prev
-        prev = int(lengths[s])
+    for sym in symbols:
+        code <<= int(lengths[sym]) - prev
+        prev = int(lengths[sym])
         rev = int(format(code, f"0{prev}b")[::-1], 2)
-        sym_table[rev::1 << prev] = s
+        sym_table[rev::1 << prev] = sym
         len_table[rev::1 << prev] = prev
         code += 1
     starts = np.concatenate([[0], np.cumsum(spans)])
-    if starts[-1] > 8 * (len(bits) - 8):
+    if starts[-1] > 8 * (len(raw) - table_end):
         raise CpzReadError("stream: blocks run past the data")
-    cursor = starts[:-1].copy()
-    out = np.empty(n, np.int64)
     counts = np.minimum(spec["block_size"], n - np.arange(n_blocks) * spec["block_size"])
-    mask = np.uint64((1 << max_len) - 1)
+    return {"spec": spec, "alphabet": alphabet, "n": n, "bits": raw[table_end:],
+            "starts": starts, "counts": counts, "max_len": max_len,
+            "sym": sym_table, "len": len_table}
+
+
+def _decode_all(jobs: list[dict]) -> list[np.ndarray]:
+    """Decode the streams together: one cursor per block of every stream, all advanced by one
+    code per numpy step (so the steps are a block's length, not the file's)."""
+    if not jobs:
+        return []
+    byte_base = np.cumsum([0] + [len(j["bits"]) for j in jobs])
+    table_base = np.cumsum([0] + [j["sym"].size for j in jobs])
+    out_base = np.cumsum([0] + [j["n"] for j in jobs])
+    bits = np.frombuffer(b"".join(j["bits"] for j in jobs) + bytes(8), np.uint8).astype(np.uint64)
+    sym_table = np.concatenate([j["sym"] for j in jobs])
+    len_table = np.concatenate([j["len"] for j in jobs])
+    lane_job = np.concatenate([np.full(j["counts"].size, i) for i, j in enumerate(jobs)])
+    cursor = np.concatenate([j["starts"][:-1] + 8 * byte_base[i] for i, j in enumerate(jobs)])
+    ends = np.concatenate([j["starts"][1:] + 8 * byte_base[i] for i, j in enumerate(jobs)])
+    counts = np.concatenate([j["counts"] for j in jobs])
+    first = np.concatenate([out_base[i] + np.arange(j["counts"].size) * j["spec"]["block_size"]
+                            for i, j in enumerate(jobs)])
+    mask = np.array([(1 << j["max_len"]) - 1 for j in jobs], np.uint64)[lane_job]
+    offset = table_base[:-1][lane_job]
+    out = np.empty(out_base[-1], np.int64)
     for step in range(int(counts.max(initial=0))):
-        live = np.flatnonzero(counts > step)
+        live = np.flatnonzero(counts > step) if step >= counts.min(initial=0) else slice(None)
         pos = cursor[live]
         byte = pos >> 3
         window = (bits[byte] | bits[byte + 1] << np.uint64(8) | bits[byte + 2] << np.uint64(16)
-                  | bits[byte + 3] << np.uint64(24)) >> (pos & 7).astype(np.uint64) & mask
-        got = len_table[window]
+                  | bits[byte + 3] << np.uint64(24)) >> (pos & 7).astype(np.uint64) & mask[live]
+        index = offset[live] + window.astype(np.int64)
+        got = len_table[index]
         if not got.all():
             raise CpzReadError("stream: invalid code")
-        out[live * spec["block_size"] + step] = sym_table[window]
+        out[first[live] + step] = sym_table[index]
         cursor[live] = pos + got
-    if not np.array_equal(cursor, starts[1:]):
+    if not np.array_equal(cursor, ends):
         raise CpzReadError("stream: block lengths do not match the codes")
-    if spec["group"] == 2:
-        out = np.stack([out // alphabet, out % alphabet], 1).reshape(-1)[: spec["count"]]
-    return out
+    decoded = []
+    for i, j in enumerate(jobs):
+        values = out[out_base[i]: out_base[i + 1]]
+        if j["spec"]["group"] == 2:
+            values = np.stack([values // j["alphabet"], values % j["alphabet"]], 1).reshape(-1)
+        decoded.append(values[: j["spec"]["count"]])
+    return decoded
 
 
-def _positions(payload: memoryview, pos: dict, size: int) -> np.ndarray:
+def _positions(payload: memoryview, pos: dict, size: int, symbols: np.ndarray | None
+               ) -> np.ndarray:
     if pos["method"] == "bitmap":
         offset, length = pos["blob"]
         flags = np.unpackbits(np.frombuffer(payload[offset: offset + length], np.uint8),
                               count=size, bitorder="little")
         found = np.flatnonzero(flags)
     else:
-        symbols = _decode_stream(payload, pos["stream"], 1 << pos["bits"])
         escape = (1 << pos["bits"]) - 1
         final = np.flatnonzero(symbols != escape)
         values = (np.diff(final, prepend=-1) - 1) * escape + symbols[final]
@@ -254,14 +281,16 @@ def _positions(payload: memoryview, pos: dict, size: int) -> np.ndarray:
     return found
 
 
-def _tensor(payload: memoryview, e: dict) -> np.ndarray:
+def _tensor(payload: memoryview, e: dict, streams: list[np.ndarray]) -> np.ndarray:
+    """A tensor from its blobs and its decoded streams (values, then positions if coded)."""
     def array(blob: tuple[int, int], dtype: np.dtype) -> np.ndarray:
         offset, length = blob
         return np.frombuffer(payload[offset: offset + length], dtype).astype(dtype.newbyteorder("="))
 
     if e["kind"] == "raw":
         return array(e["values"], e["dtype"]).reshape(e["shape"])
-    values = _decode_stream(payload, e["values"], e["alphabet"])
+    values = streams[0]
+    coded_positions = streams[1] if len(streams) > 1 else None
     if e["kind"] == "clustered":
         book = array(e["codebook"], np.dtype("<f4"))
         if values.size and values.max() >= book.size:
@@ -269,7 +298,7 @@ def _tensor(payload: memoryview, e: dict) -> np.ndarray:
         if e["positions"] is None:
             return book[values].reshape(e["shape"])
         dense = np.full(e["size"], book[e["zero"]], np.float32)
-        dense[_positions(payload, e["positions"], e["size"])] = book[values]
+        dense[_positions(payload, e["positions"], e["size"], coded_positions)] = book[values]
         return dense.reshape(e["shape"])
     q = (values.astype(np.uint8) ^ np.uint8(0x80)).view(np.int8)
     if e["positions"] is None:
@@ -279,7 +308,7 @@ def _tensor(payload: memoryview, e: dict) -> np.ndarray:
     if e["axis"] >= 0:
         view[e["axis"]] = -1
     dense = np.broadcast_to(zero_point.astype(np.int8).reshape(view), e["shape"]).copy()
-    dense.reshape(-1)[_positions(payload, e["positions"], e["size"])] = q
+    dense.reshape(-1)[_positions(payload, e["positions"], e["size"], coded_positions)] = q
     return dense
 
 
@@ -296,10 +325,20 @@ def read_tensors(path: str) -> tuple[dict[str, np.ndarray], dict]:
         raise CpzReadError("more elements than this reader decodes")
     if not entries or sum(b[1] for e in entries for b in _blobs(e)) != len(payload):
         raise CpzReadError("section table does not cover the payload")
+    try:
+        jobs = [[] if e["kind"] == "raw" else
+                [_prepare(payload, e["values"], e["alphabet"])] +
+                ([_prepare(payload, e["positions"]["stream"], 1 << e["positions"]["bits"])]
+                 if e["positions"] and "stream" in e["positions"] else [])
+                for e in entries]
+        decoded = iter(_decode_all([j for per in jobs for j in per]))
+    except (IndexError, ValueError, OverflowError) as exc:
+        raise CpzReadError(f"streams: {exc}") from exc
     tensors = {}
-    for e in entries:
+    for e, per in zip(entries, jobs):
+        streams = [next(decoded) for _ in per]
         try:
-            tensors[e["name"]] = _tensor(payload, e)
+            tensors[e["name"]] = _tensor(payload, e, streams)
         except (IndexError, ValueError, OverflowError) as exc:
             raise CpzReadError(f"tensor {e['name']!r}: {exc}") from exc
     return tensors, metadata
