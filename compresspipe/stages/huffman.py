@@ -2,7 +2,10 @@
 
 Clustered weights (from the ``cluster`` stage) are stored as canonical-Huffman-coded indices
 with their codebook, pruned positions as coded gaps (or runs/bitmap, whichever is smaller);
-other tensors raw. The ``.cpz`` becomes the artifact's deployable file: the runner measures its
+1-D float tensors as float16 or a small codebook when the decision data shows no change
+(``vectors``, compresspipe.stages.vector_choice), other tensors raw. With ``onnx_cpz`` the stage
+also writes model.onnx.cpz, the ONNX graph with the same coded weights, for devices that have
+only numpy and onnxruntime (compresspipe/formats/cpz_onnx_reader.py). The ``.cpz`` becomes the artifact's deployable file: the runner measures its
 bytes and evaluates the model decoded from it.
 
 After ``ptq``/``qat`` the deployed model is their int8 ONNX file, and that is what gets coded:
