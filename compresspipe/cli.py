@@ -312,20 +312,30 @@ def _stages(args) -> int:
 
 def _inspect(args) -> int:
     # lazy: only the command that runs loads what it needs; --help stays instant
-    from .formats import CpzFormatError, inspect_cpz
+    from .formats import CpzFormatError, container_parts, inspect_cpz
 
     try:
         rows = inspect_cpz(args.file)
+        parts = container_parts(args.file, rows)
     except (CpzFormatError, OSError) as exc:
         raise ArtifactError(f"{args.file}: {exc}") from exc
     print(f"{'tensor':<40} {'shape':<18} {'sparsity':>8} {'bits/w':>7} {'pos B':>8} "
-          f"{'val B':>8} {'tab B':>6} {'bound B':>8}")
+          f"{'val B':>8} {'tab B':>6} {'bound B':>8}  bits/symbol (order-0 bound) pos | val")
     for r in rows:
         bound = sum(r.get(k) or 0 for k in ("positions_entropy_bits", "values_entropy_bits")) / 8
+        rates = " | ".join(
+            f"{8 * r[f'{s}_bytes'] / r[f'{s}_symbols']:.3f} ({r[f'{s}_entropy_bits'] / r[f'{s}_symbols']:.3f})"
+            if r.get(f"{s}_symbols") else "-" for s in ("positions", "values"))
         print(f"{r['name'][:40]:<40} {str(tuple(r['shape'])):<18} {r['sparsity']:>8.1%} "
               f"{r['bits_per_weight']:>7.3f} {r.get('positions_bytes', 0):>8,} "
-              f"{r.get('values_bytes', 0):>8,} {r.get('table_bytes', 0):>6,} {bound:>8,.0f}")
-    print(f"total: {os.path.getsize(args.file):,} bytes in {len(rows)} tensors")
+              f"{r.get('values_bytes', 0):>8,} {r.get('table_bytes', 0):>6,} {bound:>8,.0f}  "
+              f"{rates}")
+    total = parts["file"]
+    print(f"total: {total:,} bytes in {len(rows)} tensors (format version {parts['version']})")
+    for key in ("positions", "values", "side_arrays", "raw_tensors", "code_tables",
+                "container_header", "container_metadata", "container_section_table",
+                "container_digest", "overhead"):
+        print(f"  {key:<24} {parts[key]:>10,} B  {parts[key] / max(total, 1):>7.2%}")
     return 0
 
 

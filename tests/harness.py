@@ -198,3 +198,34 @@ def cpz_blob_refs(node: Any) -> list[dict]:
     if isinstance(node, list):
         return [r for v in node for r in cpz_blob_refs(v)]
     return []
+
+
+def cpz2_split(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """(metadata JSON, binary section table, payload) of a well-formed version-2 .cpz file,
+    both blocks inflated."""
+    from compresspipe.formats import cpz
+    from compresspipe.formats.cpz.table import parse_block
+
+    body = data[: -cpz._DIGEST_SIZE]
+    pos, blocks = cpz._HEADER.size, []
+    for _ in range(2):
+        length, _crc = cpz._SECTION.unpack_from(body, pos)
+        raw = body[pos + cpz._SECTION.size: pos + cpz._SECTION.size + length]
+        blocks.append(parse_block(raw, "test"))
+        pos += cpz._SECTION.size + length
+    return blocks[0], blocks[1], body[pos:]
+
+
+def cpz2_assemble(meta: bytes, table: bytes, payload: bytes) -> bytes:
+    """A version-2 .cpz file with every length and checksum valid, whatever the blocks say."""
+    from compresspipe.formats import cpz
+    from compresspipe.formats.cpz.table import pack_block
+
+    blocks = [pack_block(meta), pack_block(table)]
+    size = cpz._HEADER.size + sum(cpz._SECTION.size + len(b) for b in blocks) + len(payload) \
+        + cpz._DIGEST_SIZE
+    out = cpz._HEADER.pack(cpz.MAGIC, cpz.VERSION, 0, size)
+    for b in blocks:
+        out += cpz._SECTION.pack(len(b), zlib.crc32(b)) + b
+    out += payload
+    return out + hashlib.blake2b(out, digest_size=cpz._DIGEST_SIZE).digest()

@@ -62,8 +62,11 @@ def _sample_tensors(rng: np.random.Generator, scale: int = 1) -> dict[str, cpz.T
 
 @pytest.fixture(scope="module")
 def sample_file() -> bytes:
+    """A version-1 file (JSON section table): the hostile-file tests below edit its JSON; the
+    binary table of version 2 has its own in test_cpz_v2.py."""
     return pack_cpz(
-        _sample_tensors(np.random.default_rng(RNG_SEED)), {"arch": "resnet18", "top1": 0.69}
+        _sample_tensors(np.random.default_rng(RNG_SEED)), {"arch": "resnet18", "top1": 0.69},
+        version=cpz.JSON_VERSION,
     )
 
 
@@ -390,7 +393,7 @@ def _assemble(
     size = cpz._HEADER.size + 16 + len(m) + len(t) + len(payload) + cpz._DIGEST_SIZE
     body = b"".join(
         [
-            cpz._HEADER.pack(cpz.MAGIC, cpz.VERSION, 0, size),
+            cpz._HEADER.pack(cpz.MAGIC, cpz.JSON_VERSION, 0, size),
             cpz._SECTION.pack(len(m), zlib.crc32(m)),
             m,
             cpz._SECTION.pack(len(t), zlib.crc32(t)),
@@ -640,7 +643,7 @@ def test_header_hostility(sample_file: bytes) -> None:
     _expect_error(b"PK\x03\x04" + sample_file[4:], "magic")
     _expect_error(b"", "header")
     for offset, value, match in [
-        (4, struct.pack("<H", 2), "version 2"),
+        (4, struct.pack("<H", 3), "version 3 is not supported"),
         (6, struct.pack("<H", 1), "flags"),
         (8, struct.pack("<Q", 2**63), "header"),
         (16, struct.pack("<I", 2**32 - 1), "metadata: length"),
@@ -679,7 +682,7 @@ def multi_block_file() -> bytes:
         idx, book = _pruned_clustered(rng, (96, 64, 3, 3), 0.1)
         tensors[name] = encode_clustered(idx, book)
     tensors["c.bias"] = encode_raw(rng.normal(size=96).astype(np.float32))
-    return pack_cpz(tensors, {})
+    return pack_cpz(tensors, {}, version=cpz.JSON_VERSION)
 
 
 def _shift_block_boundary(sample: bytes, name: str, stream: str) -> bytes:

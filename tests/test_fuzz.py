@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from harness import cpz_assemble, cpz_blob_refs, cpz_reseal, cpz_split, yaml_paths
+from harness import (
+    cpz2_assemble,
+    cpz2_split,
+    cpz_assemble,
+    cpz_blob_refs,
+    cpz_reseal,
+    cpz_split,
+    yaml_paths,
+)
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -239,6 +247,8 @@ def mutated_cpz(draw, data: bytes) -> bytes:
     the section checks), JSON edits and blob edits with every checksum valid (reaching the
     table validation and the Huffman, position and tensor decoders)."""
     kind = draw(st.sampled_from(["bytes", "resealed", "json", "blob", "blob"]))
+    if data[4] == cpz.VERSION and kind in ("json", "blob"):
+        return draw(mutated_cpz2(data, kind))
     if kind == "blob":
         meta, table, payload = cpz_split(data)
         refs = [r for r in cpz_blob_refs(table) if r["length"]]
@@ -284,8 +294,38 @@ def mutated_cpz(draw, data: bytes) -> bytes:
     return bytes(buf) if kind == "bytes" else cpz_reseal(bytes(buf))
 
 
+@st.composite
+def mutated_cpz2(draw, data: bytes, kind: str) -> bytes:
+    """Version 2, every checksum valid: bytes of the inflated binary table or metadata edited
+    ("json"), or bytes of one blob of the payload ("blob"; its offsets come from the table)."""
+    from compresspipe.formats.cpz.parse import parse
+
+    meta, table, payload = cpz2_split(data)
+    which = "payload" if kind == "blob" else draw(st.sampled_from(["table", "table", "meta"]))
+    target = bytearray({"payload": payload, "table": table, "meta": meta}[which])
+    start, end = 0, len(target)
+    if kind == "blob":
+        blobs = [b for e in parse(data, 1 << 30).entries for b in e.blobs() if b.length]
+        blob = draw(st.sampled_from(blobs))
+        start, end = blob.offset, blob.offset + blob.length
+    for _ in range(draw(st.integers(1, 4))):
+        if end <= start:
+            break
+        at = draw(st.integers(start, end - 1))
+        op = draw(st.sampled_from(["flip", "byte"] if kind == "blob" else ["flip", "byte", "cut"]))
+        if op == "flip":
+            target[at] ^= 1 << draw(st.integers(0, 7))
+        elif op == "byte":
+            target[at] = draw(st.sampled_from([0, 1, 0x7F, 0x80, 0xFF]))
+        else:
+            del target[at:]
+            end = at
+    parts = {"meta": meta, "table": table, "payload": payload, which: bytes(target)}
+    return cpz2_assemble(parts["meta"], parts["table"], parts["payload"])
+
+
 @pytest.fixture(scope="module")
-def container_file() -> bytes:
+def container_tensors() -> dict:
     """Every coding the reader knows: clustered with each position method, raw, empty."""
     rng = np.random.default_rng(7)
     tensors = {}
@@ -297,7 +337,13 @@ def container_file() -> bytes:
         tensors[f"{name}.weight"] = encode_clustered(idx, book)
     tensors["bias"] = encode_raw(rng.normal(size=6).astype(np.float16))
     tensors["empty"] = encode_raw(np.zeros((0, 3), np.float32))
-    return cpz.pack_cpz(tensors, {"arch": "fuzz", "n": 1})
+    return tensors
+
+
+@pytest.fixture(scope="module", params=[cpz.JSON_VERSION, cpz.VERSION])
+def container_file(request, container_tensors) -> bytes:
+    """The same tensors in both versions the reader handles."""
+    return cpz.pack_cpz(container_tensors, {"arch": "fuzz", "n": 1}, version=request.param)
 
 
 @FUZZ

@@ -38,9 +38,15 @@ def test_cpz_is_the_measured_deployable(chain):
     huff = rec["huffman"]
     assert huff["model_files"] == ["model.cpz"]
     assert huff["metrics"]["model_bytes"] == (out / "huffman" / "model.cpz").stat().st_size
-    # the decoded model is the clustered model: same predictions, same accuracy
-    assert huff["metrics"]["test_top1"] == rec["cluster"]["metrics"]["test_top1"]
-    assert huff["metrics"]["test_loss"] == pytest.approx(rec["cluster"]["metrics"]["test_loss"], abs=1e-6)
+    # the decoded model is the clustered model but for the 1-D tensors stored as float16 or a
+    # small codebook, which the stage keeps only when they change nothing on its decision data
+    # (the validation split); the choice is recorded in the file
+    from compresspipe.formats import read_cpz
+
+    tensors, metadata = read_cpz(out / "huffman" / "model.cpz")
+    coded = {n: h for n, h in metadata["encoding"].items() if h.startswith("vector")}
+    assert coded and all(tensors[n].to_dense().ndim == 1 for n in coded)
+    assert abs(huff["metrics"]["test_top1"] - rec["cluster"]["metrics"]["test_top1"]) <= 1.0  # reported
     # 90% pruning + 4-bit indices, Huffman-coded: far smaller than the fp32 file and than the
     # cluster stage's dense index file (measured here: 19.5x vs 3.8x)
     assert huff["metrics"]["compression_ratio"] > 15

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from . import (
     read_cpz,
     write_cpz,
 )
+from .vectors import LABELS, encode_vector
 
 CPZ_FILE = "model.cpz"
 ONNX_KEY = "onnx"  # metadata: {"graph": skeleton tensor name, "file": the ONNX file's name}
@@ -66,11 +68,15 @@ def _statistics_names(bn_folded: list[str]) -> set[str]:
 
 
 def encode_state(artifact: Artifact, float_dtype: str = "float32",
-                 bn_folded: list[str] = ()) -> tuple[dict, dict[str, str]]:
+                 bn_folded: list[str] = (),
+                 vectors: Mapping[str, str] | None = None) -> tuple[dict, dict[str, str]]:
     """Coded tensors for every entry of the model's state, and how each was coded.
 
     The statistics of the BatchNorms in ``bn_folded`` (see compresspipe.compress.quant.batchnorm) are left
-    out: the decoder recreates them."""
+    out: the decoder recreates them. ``vectors`` names 1-D tensors stored as float16 or a small
+    codebook (compresspipe.formats.vectors: ``fp16``, ``cb4`` ...); the caller checked that the
+    model's accuracy allows it."""
+    vectors = vectors or {}
     layers = artifact_keys.cluster_layers(artifact)
     omitted = _statistics_names(list(bn_folded))
     tensors, how = {}, {}
@@ -84,6 +90,9 @@ def encode_state(artifact: Artifact, float_dtype: str = "float32",
             tensors[name] = encode_clustered(indices, codebook, tuple(value.shape),
                                              zero_index=info.get("zero_index"))
             how[name] = f"clustered {info['bits']}-bit"
+        elif name in vectors:
+            tensors[name] = encode_vector(value.detach().cpu().numpy(), vectors[name])[1]
+            how[name] = LABELS[vectors[name]]
         else:
             array = value.detach().cpu().numpy()
             if array.dtype == np.float32 and float_dtype == "float16":
@@ -94,15 +103,20 @@ def encode_state(artifact: Artifact, float_dtype: str = "float32",
 
 
 def write_model_cpz(artifact: Artifact, path: str | os.PathLike, float_dtype: str = "float32",
-                    bn_folded: list[str] = ()) -> int:
+                    bn_folded: list[str] = (), vectors: Mapping[str, str] | None = None) -> int:
     """Write the artifact's model as a .cpz file; return its size in bytes.
 
-    ``bn_folded`` names BatchNorms already folded with compresspipe.compress.quant.batchnorm.fold_statistics."""
-    tensors, how = encode_state(artifact, float_dtype, bn_folded)
-    metadata = _json_safe({"spec": artifact.spec, "lineage": _stable_lineage(artifact.lineage),
-                           "masks": sorted(artifact.masks), "encoding": how,
-                           "bn_folded": sorted(bn_folded)})
-    return write_cpz(path, tensors, metadata)
+    ``bn_folded`` names BatchNorms already folded with compresspipe.compress.quant.batchnorm.fold_statistics;
+    ``vectors`` as for :func:`encode_state`."""
+    tensors, how = encode_state(artifact, float_dtype, bn_folded, vectors)
+    return write_cpz(path, tensors, model_metadata(artifact, how, bn_folded))
+
+
+def model_metadata(artifact: Artifact, how: dict[str, str], bn_folded: list[str]) -> dict:
+    """The metadata of a model's .cpz: spec, lineage, masks, per-tensor coding, folded BNs."""
+    return _json_safe({"spec": artifact.spec, "lineage": _stable_lineage(artifact.lineage),
+                       "masks": sorted(artifact.masks), "encoding": how,
+                       "bn_folded": sorted(bn_folded)})
 
 
 def _stable_lineage(lineage: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -2,7 +2,10 @@
 
 Clustered weights (from the ``cluster`` stage) are stored as canonical-Huffman-coded indices
 with their codebook, pruned positions as coded gaps (or runs/bitmap, whichever is smaller);
-other tensors raw. The ``.cpz`` becomes the artifact's deployable file: the runner measures its
+1-D float tensors as float16 or a small codebook when the decision data shows no change
+(``vectors``, compresspipe.stages.vector_choice), other tensors raw. With ``onnx_cpz`` the stage
+also writes model.onnx.cpz, the ONNX graph with the same coded weights, for devices that have
+only numpy and onnxruntime (compresspipe/formats/cpz_onnx_reader.py). The ``.cpz`` becomes the artifact's deployable file: the runner measures its
 bytes and evaluates the model decoded from it.
 
 After ``ptq``/``qat`` the deployed model is their int8 ONNX file, and that is what gets coded:
@@ -21,13 +24,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..compress.quant.batchnorm import fold_statistics
+from ..compress.quant.batchnorm import STATISTICS, fold_statistics
 from ..compress.quant.onnx_int8 import DEPLOY_FORMAT, check_int8_masks
 from ..core import artifact_keys
 from ..core.artifact import Artifact
 from ..core.distributed import is_main
 from ..core.errors import CompressPipeError
-from ..formats import coding_summary, inspect_cpz
+from ..formats import coding_summary, container_parts, inspect_cpz
 from ..formats.cpz_model import (
     CPZ_FILE,
     read_model_cpz,
@@ -35,10 +38,13 @@ from ..formats.cpz_model import (
     write_int8_cpz,
     write_model_cpz,
 )
+from ..formats.cpz_onnx import ONNX_CPZ_FILE, write_onnx_cpz
+from ..formats.export import example_inputs
 from .base import Stage, StageConfig
 from .context import StageContext
 from .registry import register_stage, stage_class
 from .spec import PipelineView
+from .vector_choice import choose_vectors
 
 
 class HuffmanConfig(StageConfig):
@@ -49,6 +55,16 @@ class HuffmanConfig(StageConfig):
         True, description="Fold BatchNorm running statistics into the affine scale and shift "
         "first, so the file stores 2 vectors per BatchNorm instead of 4 (outputs change only by "
         "float rounding; the deviation is logged as bn_fold_max_abs_diff).")
+    vectors: Literal["auto", "float32", "float16"] = Field(
+        "auto", description="Storage of 1-D float tensors (BatchNorm scales and shifts, biases): "
+        "'auto' tries per-tensor codebooks of 4 to 8 bits, then float16, and keeps the coarsest "
+        "that leaves top-1 and loss on validation data (the training data when the pipeline has "
+        "no validation split; never the test set) unchanged, else float32; the choice per tensor "
+        "is in the file's metadata 'encoding'.")
+    onnx_cpz: bool = Field(
+        False, description="Also write model.onnx.cpz: the model's ONNX graph with its weights "
+        "coded as in model.cpz (sparse, shared), readable on a device with only numpy and "
+        "onnxruntime by the single file compresspipe/formats/cpz_onnx_reader.py.")
 
 
 @register_stage("huffman")
@@ -74,17 +90,25 @@ class HuffmanStage(Stage):
 
         dtype = self.config.float_dtype
         folded = self._fold_bn(artifact, ctx) if self.config.fold_bn else []
+        omitted = {f"{bn}.{stat}" for bn in folded for stat in STATISTICS}
+        vectors, expected = choose_vectors(artifact, ctx, self.config.vectors, omitted)
+        state = artifact.model.state_dict()
+        with torch.no_grad():  # the artifact is the model the file decodes to, vectors included
+            for name, value in expected.items():
+                state[name].copy_(value)
         # encode once here to verify the round trip before the runner writes the artifact
         with tempfile.TemporaryDirectory() as tmp:
             probe = Path(tmp) / CPZ_FILE
-            size = write_model_cpz(artifact, probe, dtype, folded)
+            size = write_model_cpz(artifact, probe, dtype, folded, vectors)
             decoded = read_model_cpz(probe).model.state_dict()
-            coding = coding_summary(inspect_cpz(probe))
+            rows = inspect_cpz(probe)
+            coding, parts = coding_summary(rows), container_parts(probe, rows)
         exact = dtype == "float32"
         for name, value in artifact.model.state_dict().items():
             got = decoded[name]
+            value = value.cpu()
             # stale codebooks cannot cause this: the runner drops weight sharing a stage undid
-            if exact and not torch.equal(got, value.cpu()):
+            if exact and not torch.equal(got, value):
                 raise CompressPipeError(f"stage {self.name!r}: {name!r} does not decode "
                                         "bit-exactly")
             if name in artifact.masks and torch.count_nonzero(got[~artifact.masks[name].bool()]):
@@ -93,8 +117,14 @@ class HuffmanStage(Stage):
         clustered = len(artifact_keys.cluster_layers(artifact))
         ctx.log_metrics({"cpz_bytes": size, "clustered_tensors": clustered,
                          "bn_folded": len(folded),
+                         "cpz_overhead_fraction": parts["overhead"] / size,
                          **{f"cpz_{k}": v for k, v in coding.items()}}, None)
-        artifact.outputs[CPZ_FILE] = lambda path: write_model_cpz(artifact, path, dtype, folded)
+        artifact.outputs[CPZ_FILE] = lambda path: write_model_cpz(artifact, path, dtype, folded,
+                                                                  vectors)
+        if self.config.onnx_cpz:
+            example = example_inputs(ctx.data.train)  # shapes only
+            artifact.outputs[ONNX_CPZ_FILE] = lambda path: write_onnx_cpz(artifact, example, path,
+                                                                          vectors)
         artifact.deploy = {"format": "cpz", "files": [CPZ_FILE], "module": "compresspipe.formats.cpz_model"}
         return artifact
 

@@ -9,16 +9,22 @@ only :class:`CpzFormatError`.
 One concern per module. Each imports only modules listed above it (named in brackets,
 besides :mod:`compresspipe.formats.huffman`), so there are no cycles::
 
-    container  magic, version, header/section structs, limits, dtypes,
+    container  magic, versions, header/section structs, limits, dtypes,
                CpzFormatError, the tensor-name rule
     streams    HuffmanStream, one Huffman-coded integer stream     [container]
     positions  sparse positions: relidx, runs, bitmap              [container, streams]
     encode     tensor records, TensorEncoding, encode_*            [container, streams, positions]
-    write      pack_cpz, write_cpz                                 [container, streams, encode]
-    parse      header, digest, JSON sections, section-table checks [container]
+    specs      Entry and the stream/array/blob specs, check_stream [container]
+    table      version 2: binary section table, compressed blocks  [container, encode, specs,
+                                                                    streams]
+    write      pack_cpz, write_cpz                                 [container, streams, encode,
+                                                                    table]
+    parse      header, digest, sections, section-table checks      [container, specs, table]
     decode     unpack_cpz, read_cpz                                [container, streams,
-                                                                    positions, encode, parse]
-    inspect    inspect_cpz, byte_parts, coding_summary             [container, parse, decode]
+                                                                    positions, encode, specs,
+                                                                    parse]
+    inspect    inspect_cpz, byte_parts, coding_summary,            [container, specs, parse,
+               container_parts                                      decode]
 
 This package offers the names the single ``cpz`` module did, including the private
 ``_HEADER``, ``_SECTION``, ``_DIGEST_SIZE``, ``_escape``, ``_gaps`` and ``_unescape`` that
@@ -31,6 +37,7 @@ from .container import (
     DEFAULT_MAX_ELEMENTS,
     DIGEST_SIZE,
     HEADER,
+    JSON_VERSION,
     MAGIC,
     MAX_CODEBOOK,
     MAX_ESCAPE_BITS,
@@ -54,7 +61,7 @@ from .encode import (
     encode_raw,
     encode_tensor,
 )
-from .inspect import byte_parts, coding_summary, inspect_cpz
+from .inspect import byte_parts, coding_summary, container_parts, inspect_cpz
 from .positions import (
     PositionsEncoding,
     decode_positions,
@@ -73,6 +80,7 @@ _escape, _gaps, _unescape = escape, gaps, unescape
 
 __all__ = [
     "DEFAULT_MAX_ELEMENTS",
+    "JSON_VERSION",
     "MAGIC",
     "MAX_CODEBOOK",
     "MAX_ESCAPE_BITS",
@@ -91,6 +99,7 @@ __all__ = [
     "TensorEncoding",
     "byte_parts",
     "coding_summary",
+    "container_parts",
     "decode_positions",
     "encode_clustered",
     "encode_int8",

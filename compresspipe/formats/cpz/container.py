@@ -1,7 +1,8 @@
 """The fixed parts of the ``.cpz`` container, shared by its writer and its reader.
 
-Holds the magic and version, the byte structs of the header and of each JSON section, the
-size of the blake2b digest trailer (docs/format.md), the limits on code lengths, ranks,
+Holds the magic and the versions (1: JSON section table; 2: binary section table, compressed
+metadata), the byte structs of the header and of each section, the size of the blake2b digest
+trailer (docs/format.md), the dtype and block codes of the binary table, the limits on code lengths, ranks,
 codebooks, names, escape widths, pair alphabets and decoded elements, the dtypes a file may
 store, the position methods, :class:`CpzFormatError` and the rule for tensor names
 (:func:`name_problem`).
@@ -14,9 +15,11 @@ import struct
 import numpy as np
 
 MAGIC = b"CPZ\x00"
-VERSION = 1
+VERSION = 2  # what writers write
+JSON_VERSION = 1  # the JSON section table: still read, written only on request
+VERSIONS = (JSON_VERSION, VERSION)
 HEADER = struct.Struct("<4sHHQ")  # magic, version, flags, file length
-SECTION = struct.Struct("<II")  # length, crc32 of a JSON block
+SECTION = struct.Struct("<II")  # length, crc32 of the metadata or the section-table block
 DIGEST_SIZE = 32  # blake2b-256 trailer
 MIN_FILE = HEADER.size + 2 * SECTION.size + DIGEST_SIZE
 
@@ -48,9 +51,12 @@ DTYPES = {
         "float64",
     )
 }
+DTYPE_CODES = tuple(DTYPES)  # version 2 stores a dtype as its index in this tuple
 INT_DTYPES = {k for k, v in DTYPES.items() if v.kind in "iu"}
 FLOAT_DTYPES = {k for k, v in DTYPES.items() if v.kind == "f"}
 POSITION_METHODS = ("relidx", "runs", "bitmap")
+KINDS = ("clustered", "int8", "raw")  # version 2 stores a kind as its index
+BLOCK_CODECS = ("raw", "zlib", "lzma")  # version 2: the first byte of each section block
 
 
 class CpzFormatError(ValueError):

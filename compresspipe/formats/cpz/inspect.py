@@ -2,8 +2,10 @@
 
 :func:`inspect_cpz` verifies every checksum and gives one row per tensor: shape, sparsity,
 bits per weight, the bytes of its positions, values and tables, and the order-0 Shannon
-bound of each coded stream. :func:`byte_parts` splits a row's bytes by part and
-:func:`coding_summary` sums the rows of a file.
+bound of each coded stream. :func:`byte_parts` splits a row's bytes by part,
+:func:`coding_summary` sums the rows of a file and :func:`container_parts` splits the whole
+file: the container's own bytes (header, metadata, section table, digest), the Huffman code
+tables, codebooks and other side arrays, coded positions and values, and raw tensors.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 from .. import huffman
 from .container import DEFAULT_MAX_ELEMENTS
 from .decode import guarded, read_positions, read_stream
-from .parse import Blob, Entry, parse
+from .parse import parse
+from .specs import Blob, Entry
 
 
 def _histogram_bits(symbols: np.ndarray) -> float:
@@ -38,6 +41,8 @@ def _inspect_entry(entry: Entry, payload: memoryview) -> dict[str, Any]:
         "positions_bytes": 0,
         "values_bytes": 0,
         "table_bytes": side,
+        "side_bytes": side,  # codebooks, scales, zero points
+        "code_table_bytes": 0,  # Huffman code lengths and block offsets
         "positions_entropy_bits": None,
         "values_entropy_bits": None,
         "positions_symbols": None,
@@ -51,6 +56,7 @@ def _inspect_entry(entry: Entry, payload: memoryview) -> dict[str, Any]:
         table = entry.values.table_bytes
         stats["values_bytes"] = entry.values.blob.length - table
         stats["table_bytes"] += table
+        stats["code_table_bytes"] += table
         stats["values_entropy_bits"] = _histogram_bits(symbols)
         stats["values_symbols"] = entry.values.count
     pos = entry.positions
@@ -69,6 +75,7 @@ def _inspect_entry(entry: Entry, payload: memoryview) -> dict[str, Any]:
             stats["positions_bits"] = pos.bits
             stats["positions_bytes"] = pos.stream.blob.length - table
             stats["table_bytes"] += table
+            stats["code_table_bytes"] += table
             stats["positions_entropy_bits"] = _histogram_bits(symbols)
             stats["positions_symbols"] = pos.stream.count
     total = stats["positions_bytes"] + stats["values_bytes"] + stats["table_bytes"]
@@ -121,3 +128,25 @@ def coding_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
         bound = sum(r[f"{stream}_entropy_bits"] or 0 for r in coded)
         out[f"{stream}_entropy_bits_per_nonzero"] = bound / nonzero
     return out
+
+
+def container_parts(source: str | os.PathLike | bytes, rows: list[dict[str, Any]] | None = None,
+                    *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, int]:
+    """Every byte of a file by part; the parts sum to the file size. ``overhead`` is what is
+    neither a coded stream, a codebook (or scale) nor a raw tensor: the container's header,
+    metadata, section table and digest plus the Huffman code tables."""
+    data = (
+        source if isinstance(source, bytes | bytearray | memoryview) else Path(source).read_bytes()
+    )
+    parsed = guarded(lambda: parse(data, max_elements))
+    rows = inspect_cpz(data, max_elements=max_elements) if rows is None else rows
+    parts = {f"container_{k}": v for k, v in parsed.layout.items()}
+    parts["code_tables"] = sum(r["code_table_bytes"] for r in rows)
+    parts["side_arrays"] = sum(r["side_bytes"] for r in rows if r["kind"] != "raw")
+    parts["positions"] = sum(r["positions_bytes"] for r in rows)
+    parts["values"] = sum(r["values_bytes"] for r in rows if r["kind"] != "raw")
+    parts["raw_tensors"] = sum(r["values_bytes"] for r in rows if r["kind"] == "raw")
+    parts["overhead"] = sum(parsed.layout.values()) + parts["code_tables"]
+    parts["file"] = len(data)
+    parts["version"] = parsed.version
+    return parts

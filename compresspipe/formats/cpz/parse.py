@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,93 +34,14 @@ from .container import (
     POSITION_METHODS,
     SECTION,
     VERSION,
-    CpzFormatError,
+    VERSIONS,
     name_problem,
 )
+from .specs import ArraySpec, Blob, Entry, PositionsSpec, StreamSpec, fail, section
+from .table import parse_block, parse_table
 
-
-@contextmanager
-def section(where: str) -> Iterator[None]:
-    """Re-raise anything that goes wrong while reading ``where`` as a CpzFormatError naming it."""
-    try:
-        yield
-    except CpzFormatError:
-        raise
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as exc:
-        raise CpzFormatError(f"{where}: {exc}") from exc
-
-
-def fail(where: str, message: str) -> CpzFormatError:
-    return CpzFormatError(f"{where}: {message}")
-
-
-@dataclass(frozen=True)
-class Blob:
-    offset: int
-    length: int
-    crc32: int
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    blob: Blob
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    count: int
-    alphabet: int
-    group: int
-    block_size: int
-    width: int
-    blob: Blob
-
-    @property
-    def coded(self) -> int:
-        """Huffman codes in the bitstream."""
-        return -(-self.count // self.group)
-
-    @property
-    def n_blocks(self) -> int:
-        return -(-self.coded // self.block_size)
-
-    @property
-    def table_bytes(self) -> int:
-        return self.alphabet**self.group + self.n_blocks * self.width
-
-
-@dataclass(frozen=True)
-class PositionsSpec:
-    method: str
-    count: int
-    bits: int
-    stream: StreamSpec | None
-    blob: Blob | None
-
-
-@dataclass(frozen=True)
-class Entry:
-    name: str
-    kind: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    size: int
-    zero_index: int | None
-    axis: int | None
-    arrays: dict[str, ArraySpec]
-    positions: PositionsSpec | None
-    values: StreamSpec | Blob
-
-    def blobs(self) -> list[Blob]:
-        out = [a.blob for a in self.arrays.values()]
-        if self.positions is not None:
-            out.append(
-                self.positions.blob if self.positions.stream is None else self.positions.stream.blob
-            )
-        out.append(self.values if isinstance(self.values, Blob) else self.values.blob)
-        return out
+__all__ = ["ArraySpec", "Blob", "Entry", "PositionsSpec", "StreamSpec", "fail", "parse",
+           "section"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +49,9 @@ class _Parsed:
     metadata: dict[str, Any]
     entries: list[Entry]
     payload: memoryview
+    # bytes of the container's own parts: header, metadata, section table, digest
+    layout: dict[str, int] = field(default_factory=dict)
+    version: int = VERSION
 
 
 def _keys(obj: object, required: set[str], where: str) -> dict[str, Any]:
@@ -354,8 +276,8 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _json_section(buf: memoryview, offset: int, where: str) -> tuple[Any, int]:
-    """Parse one length + crc32 + JSON block at ``offset``; return the value and the next offset."""
+def _block(buf: memoryview, offset: int, where: str) -> tuple[memoryview, int]:
+    """One length + crc32 + bytes section at ``offset``: its bytes and the next offset."""
     if offset + SECTION.size > len(buf):
         raise fail(where, "truncated")
     length, crc = SECTION.unpack_from(buf, offset)
@@ -365,26 +287,30 @@ def _json_section(buf: memoryview, offset: int, where: str) -> tuple[Any, int]:
     raw = buf[start : start + length]
     if zlib.crc32(raw) != crc:
         raise fail(where, "checksum mismatch")
+    return raw, start + length
+
+
+def _json(raw: bytes | memoryview, where: str) -> Any:
     with section(where):
-        value = json.loads(
+        return json.loads(
             bytes(raw).decode("utf-8"),
             object_pairs_hook=_strict_object,
             parse_constant=_reject_constant,
         )
-    return value, start + length
 
 
-def parse(data: bytes | bytearray | memoryview, max_elements: int) -> _Parsed:
-    """Check the header, checksums and section table; decode nothing yet."""
-    buf = memoryview(data).cast("B")
+def _header(buf: memoryview) -> int:
+    """Check magic, version, flags, length and digest; return the version."""
     if len(buf) < MIN_FILE:
         raise fail("header", f"file of {len(buf)} bytes is too short to be a .cpz file")
     magic, version, flags, declared = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
         raise fail("header", f"bad magic {bytes(magic)!r}, not a .cpz file")
-    if version != VERSION:
+    if version not in VERSIONS:
         raise fail(
-            "header", f"format version {version} is not supported (this reader handles {VERSION})"
+            "header",
+            f"format version {version} is not supported (this reader handles versions "
+            f"{', '.join(map(str, VERSIONS))}; a newer compresspipe may read it)",
         )
     if flags != 0:
         raise fail("header", f"unknown flags 0x{flags:04x}")
@@ -395,20 +321,37 @@ def parse(data: bytes | bytearray | memoryview, max_elements: int) -> _Parsed:
     body = buf[:-DIGEST_SIZE]
     if hashlib.blake2b(body, digest_size=DIGEST_SIZE).digest() != bytes(buf[-DIGEST_SIZE:]):
         raise fail("file", "checksum mismatch")
-    metadata, offset = _json_section(body, HEADER.size, "metadata")
+    return version
+
+
+def parse(data: bytes | bytearray | memoryview, max_elements: int) -> _Parsed:
+    """Check the header, checksums and section table; decode nothing yet."""
+    buf = memoryview(data).cast("B")
+    version = _header(buf)
+    body = buf[:-DIGEST_SIZE]
+    meta_raw, offset = _block(body, HEADER.size, "metadata")
+    table_raw, offset = _block(body, offset, "section table")
+    payload = body[offset:]
+    if version == VERSION:
+        metadata = _json(parse_block(meta_raw, "metadata"), "metadata")
+    else:
+        metadata = _json(meta_raw, "metadata")
     if not isinstance(metadata, dict):
         raise fail("metadata", "must be a JSON object")
-    table, offset = _json_section(body, offset, "section table")
-    payload = body[offset:]
-    table = _keys(table, {"tensors"}, "section table")
-    if not isinstance(table["tensors"], list):
-        raise fail("section table", "tensors must be a list")
-    entries = [
-        _entry(e, len(payload), f"section table: tensor #{i}")
-        for i, e in enumerate(table["tensors"])
-    ]
+    if version == VERSION:
+        entries = parse_table(parse_block(table_raw, "section table"), len(payload))
+    else:
+        table = _keys(_json(table_raw, "section table"), {"tensors"}, "section table")
+        if not isinstance(table["tensors"], list):
+            raise fail("section table", "tensors must be a list")
+        entries = [
+            _entry(e, len(payload), f"section table: tensor #{i}")
+            for i, e in enumerate(table["tensors"])
+        ]
     _check_entries(entries, len(payload), max_elements)
-    return _Parsed(metadata, entries, payload)
+    layout = {"header": HEADER.size, "metadata": SECTION.size + len(meta_raw),
+              "section_table": SECTION.size + len(table_raw), "digest": DIGEST_SIZE}
+    return _Parsed(metadata, entries, payload, layout, version)
 
 
 def _check_entries(entries: list[Entry], payload_size: int, max_elements: int) -> None:

@@ -1,8 +1,11 @@
 """Writing a ``.cpz`` file: :func:`pack_cpz` and :func:`write_cpz`.
 
-:func:`pack_cpz` lays out the header, the metadata and section-table JSON sections, the
-payload (every array and stream as a blob that the table describes by offset, length and
-crc32) and the blake2b digest of it all; :func:`write_cpz` writes those bytes atomically.
+:func:`pack_cpz` lays out the header, the metadata and section-table sections, the payload
+(every array and stream as a blob the table describes) and the blake2b digest of it all.
+Version 2 (the default) writes a compressed binary table (:mod:`.table`) and compressed
+metadata; version 1, the JSON table with an offset, length and crc32 per blob, is still
+written on request (for readers that know only version 1, and for tests of the v1 reader).
+:func:`write_cpz` writes the bytes atomically.
 """
 
 from __future__ import annotations
@@ -18,9 +21,19 @@ from typing import Any
 
 import numpy as np
 
-from .container import DIGEST_SIZE, DTYPES, HEADER, MAGIC, SECTION, VERSION, name_problem
+from .container import (
+    DIGEST_SIZE,
+    DTYPES,
+    HEADER,
+    JSON_VERSION,
+    MAGIC,
+    SECTION,
+    VERSION,
+    name_problem,
+)
 from .encode import TensorEncoding
 from .streams import HuffmanStream
+from .table import pack_block, pack_table
 
 
 class _Payload:
@@ -95,39 +108,47 @@ def _json_bytes(obj: Any, what: str) -> bytes:
     return text.encode("utf-8")
 
 
-def pack_cpz(tensors: Mapping[str, TensorEncoding], metadata: Mapping[str, Any]) -> bytes:
+def pack_cpz(tensors: Mapping[str, TensorEncoding], metadata: Mapping[str, Any],
+             version: int = VERSION) -> bytes:
     """Serialize encoded tensors and a JSON-serializable metadata dict to .cpz bytes."""
     if not isinstance(metadata, Mapping):
         raise TypeError("metadata must be a mapping")
-    payload = _Payload()
-    entries = []
+    if version not in (JSON_VERSION, VERSION):
+        raise ValueError(f"cannot write format version {version}")
     for name, enc in tensors.items():
         problem = name_problem(name)
         if problem:
             raise ValueError(f"tensor name {name!r}: {problem}")
         if not isinstance(enc, TensorEncoding):
             raise TypeError(f"tensor {name!r}: expected a TensorEncoding, got {type(enc).__name__}")
-        entries.append(_tensor_entry(payload, name, enc))
     meta = _json_bytes(dict(metadata), "metadata")
-    table = _json_bytes({"tensors": entries}, "section table")
-    total = HEADER.size + 2 * SECTION.size + len(meta) + len(table) + payload.size + DIGEST_SIZE
+    if version == VERSION:
+        table, blobs = pack_table(tensors.items())
+        meta, table = pack_block(meta), pack_block(table)
+    else:
+        payload = _Payload()
+        entries = [_tensor_entry(payload, name, enc) for name, enc in tensors.items()]
+        table, blobs = _json_bytes({"tensors": entries}, "section table"), payload.parts
+    size = sum(len(b) for b in blobs)
+    total = HEADER.size + 2 * SECTION.size + len(meta) + len(table) + size + DIGEST_SIZE
     parts = [
-        HEADER.pack(MAGIC, VERSION, 0, total),
+        HEADER.pack(MAGIC, version, 0, total),
         SECTION.pack(len(meta), zlib.crc32(meta)),
         meta,
         SECTION.pack(len(table), zlib.crc32(table)),
         table,
-        *payload.parts,
+        *blobs,
     ]
     body = b"".join(parts)
     return body + hashlib.blake2b(body, digest_size=DIGEST_SIZE).digest()
 
 
 def write_cpz(
-    path: str | os.PathLike, tensors: Mapping[str, TensorEncoding], metadata: Mapping[str, Any]
+    path: str | os.PathLike, tensors: Mapping[str, TensorEncoding], metadata: Mapping[str, Any],
+    version: int = VERSION,
 ) -> int:
     """Write a .cpz file atomically (temp file in the same directory, then rename); return its size."""
-    data = pack_cpz(tensors, metadata)
+    data = pack_cpz(tensors, metadata, version)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
