@@ -175,7 +175,7 @@ def test_vector_choice_keeps_only_what_leaves_predictions_unchanged():
     from types import SimpleNamespace
 
     import torch
-    from torch.utils.data import TensorDataset
+    from torch.utils.data import DataLoader, TensorDataset
 
     from compresspipe.core.artifact import Artifact
     from compresspipe.stages.vector_choice import choose_vectors
@@ -189,7 +189,7 @@ def test_vector_choice_keeps_only_what_leaves_predictions_unchanged():
     y = model(x).argmax(1)
     logged = {}
     ctx = SimpleNamespace(
-        data=SimpleNamespace(train=TensorDataset(x, y), config=SimpleNamespace(eval_batch_size=64)),
+        data=SimpleNamespace(val_loader=lambda purpose: DataLoader(TensorDataset(x, y), 64)),
         device=torch.device("cpu"), seed=0, log_metrics=lambda m, step: logged.update(m))
     chosen, expected = choose_vectors(Artifact(model=model, spec={}), ctx, "auto", set())
     assert logged["vectors_considered"] == 1
