@@ -129,6 +129,8 @@ def measure(name: str, factory, limit: int | None, reps: int, seed: int = 0) -> 
         "model": name, "images": len(y), "steps": -(-len(y) // BATCH), "repetitions": reps,
         "candidate_s": med["candidate"], "baseline_s": med["baseline"],
         "ratio": med["candidate"] / med["baseline"], "ratio_per_rep": ratios,
+        # the least disturbed run of each side: on a shared machine, the steadier estimate
+        "ratio_min": min(rows["candidate"]) / min(rows["baseline"]),
         "candidate_data_s": med["candidate_data"],
         "candidate_compute_s": med["candidate"] - med["candidate_data"],
         "baseline_data_s": med["baseline_data"],
@@ -139,13 +141,14 @@ def measure(name: str, factory, limit: int | None, reps: int, seed: int = 0) -> 
 
 def table(results: list[dict]) -> str:
     lines = ["| model | images | candidate s (data + rest) | plain loop s (data + rest) | "
-             "ratio | target |", "|---|---:|---:|---:|---:|---|"]
+             "ratio of medians | ratio of minima | target |", "|---|---:|---:|---:|---:|---:|---|"]
     for r in results:
         lines.append(
             f"| {r['model']} | {r['images']:,} | {r['candidate_s']:.2f} "
             f"({r['candidate_data_s']:.2f} + {r['candidate_compute_s']:.2f}) | "
             f"{r['baseline_s']:.2f} ({r['baseline_data_s']:.2f} + {r['baseline_compute_s']:.2f})"
-            f" | {r['ratio']:.3f}x | {'met' if r['met'] else 'MISSED'} (<= {TARGET:.2f}x) |")
+            f" | {r['ratio']:.3f}x | {r['ratio_min']:.3f}x | "
+            f"{'met' if r['met'] else 'MISSED'} (<= {TARGET:.2f}x, medians) |")
     return "\n".join(lines)
 
 
