@@ -4,7 +4,7 @@ The candidate is the real ``Trainer`` (core/training.py, no hooks) fed by the da
 pipeline uses (``build_data``: Fashion-MNIST read from its idx files, held once as uint8, each
 batch gathered, converted and normalised with tensor ops). The baseline is the loop a person
 would write: the same images already as a normalised float tensor in memory, a permutation,
-``x[idx]``, forward, cross-entropy, backward, SGD step. Same model (the same initial weights),
+``x.index_select(0, idx)``, forward, cross-entropy, backward, SGD step. Same model (the same initial weights),
 batch 128, SGD (lr 0.05, momentum 0.9, weight decay 5e-4), same torch threads, no augmentation
 on either side (the baseline has none) and no evaluation pass. Repetitions are interleaved
 (baseline and candidate alternate, the order flipping every repetition) and the median taken:
@@ -91,7 +91,8 @@ def baseline_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int
     started = time.perf_counter()
     for start in range(0, len(y), BATCH):
         idx = order[start: start + BATCH]
-        xb, yb = x[idx], y[idx]
+        # index_select, the fast form (x[idx] costs ~0.15 ms more per batch): the strong baseline
+        xb, yb = x.index_select(0, idx), y.index_select(0, idx)
         if data_only:
             continue
         loss = F.cross_entropy(model(xb), yb)
