@@ -21,13 +21,15 @@ from torch.utils.data import Subset
 
 import compresspipe
 from compresspipe.compress.distill.config import DistillConfig
-from compresspipe.core.config import DataConfig
+from compresspipe.core.artifact import Artifact
+from compresspipe.core.config import DataConfig, ModelConfig
 from compresspipe.core.data import build_data
 from compresspipe.core.errors import ConfigError
+from compresspipe.core.models import build_model
 from compresspipe.formats.cpz_model import read_model_cpz
 from compresspipe.stages.teacher import load_teacher
 from compresspipe.tracking.datasets import describe_data
-from compresspipe.tracking.pyfunc import INFO_FILE
+from compresspipe.tracking.pyfunc import INFO_FILE, save_mlflow_model
 from compresspipe.tracking.tracker import process_tracking_uri
 
 NAME, ALIAS = "tiny-digits", "champion"
@@ -39,7 +41,8 @@ def finished(tmp_path_factory, one_thread):
     cfg = tiny_pipeline(out, epochs=1)
     cfg["data"]["limit_train"] = 256  # a second of training; the test split stays whole
     cfg["stages"] = [cfg["stages"][0], {"name": "huffman", "huffman": {}}]
-    cfg["tracking"] = {"register": {"name": NAME, "alias": ALIAS}}
+    # files only for the registered stage: dense's model points at its directory
+    cfg["tracking"] = {"register": {"name": NAME, "alias": ALIAS}, "model_files": False}
     summary = compresspipe.run(cfg)
     store = summary["tracking_uri"]
     pipeline = compresspipe.load_pipeline(cfg, check_model=False)
@@ -82,14 +85,16 @@ def test_every_run_lists_the_data_it_saw(finished):
             assert d.dataset.name == "digits"
             assert json.loads(d.dataset.source)["uri"].endswith("digits.csv.gz")
             profile = json.loads(d.dataset.profile)
-            assert profile["num_rows"] == {"train": 256, "test": 360}[profile["split"]]
+            if profile["split"] != "validation":  # a validation split, where the data has one
+                assert profile["num_rows"] == {"train": 256, "test": 360}[profile["split"]]
             assert len(profile["source_sha256"]) == 64
-    # the dense stage trained and was evaluated; huffman was only evaluated
-    assert contexts == {"pipeline": ["test", "train"], "dense": ["test", "train"],
-                        "huffman": ["test"]}
-    digests = {d.dataset.digest for d in client.get_run(summary["parent_run_id"]).inputs
-               .dataset_inputs}
-    assert len(digests) == 2  # train and test differ
+    # the dense stage trained (and validated, where there is a validation split) and was
+    # evaluated; huffman was only evaluated
+    assert contexts["pipeline"] == contexts["dense"]
+    assert set(contexts["dense"]) - {"validation"} == {"test", "train"}
+    assert contexts["huffman"] == ["test"]
+    inputs = client.get_run(summary["parent_run_id"]).inputs.dataset_inputs
+    assert len({d.dataset.digest for d in inputs}) == len(inputs)  # the splits differ
 
 
 def test_one_logged_model_per_stage_with_metrics_and_lineage(finished):
@@ -181,15 +186,27 @@ def test_register_stage_must_exist(tmp_path):
             "register": {"name": "m", "alias": "v3"}}), check_model=False)
 
 
-def test_every_stage_model_loads_with_pyfunc(finished, test_images):
-    """The dense stage's model (plain safetensors deployable) by its logged-model URI."""
-    summary, _, store, _ = finished
+def test_without_model_files_a_model_points_at_its_stage(finished):
+    summary, client, _, _ = finished
     dense = summary["stages"][1]
-    x, y = test_images
-    with process_tracking_uri(store):
-        model = mlflow.pyfunc.load_model(f"models:/{dense['model_id']}")
-    top1 = 100.0 * float((model.predict(x).argmax(1) == y).mean())
-    assert top1 == pytest.approx(dense["metrics"]["top1"], abs=1e-6)
+    model = client.get_logged_model(dense["model_id"])
+    assert model.tags["mlflow.model.isExternal"] == "true"
+    assert model.tags["compresspipe.stage_dir"] == str(Path(summary["output_dir"]) / "dense")
+    assert client.list_logged_model_artifacts(dense["model_id"]) == []
+
+
+def test_plain_stage_as_an_mlflow_model(tmp_path):
+    """A stage whose deployable is model.safetensors: the flavour rebuilds it from its spec."""
+    model, spec = build_model(ModelConfig(name="test_resnet"),
+                              DataConfig(name="digits", image_size=16))
+    Artifact(model=model, spec=spec).save(tmp_path / "stage")
+    x = torch.randn(5, 1, 16, 16)
+    save_mlflow_model(tmp_path / "mlflow", tmp_path / "stage", None, spec, x[:2].numpy(), 10)
+    assert sorted(p.name for p in (tmp_path / "mlflow" / "data" / "deployable").iterdir()) == \
+        [INFO_FILE, "model.safetensors"]
+    loaded = mlflow.pyfunc.load_model(str(tmp_path / "mlflow"))
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded.predict(x.numpy()), model.eval()(x).numpy(), atol=1e-5)
 
 
 def test_dataset_digests_follow_the_split_contents():

@@ -85,9 +85,11 @@ class ModelTracking:
         def log_model(path: Path, example: Any) -> str | None:
             before = previous()
             tags = {"compresspipe.pipeline": self.cfg.name, "compresspipe.stage": spec.name,
-                    "compresspipe.stage_type": spec.type, "compresspipe.deploy_format": "onnx",
-                    "compresspipe.parent_stage": before.get("name", ""),
-                    "compresspipe.source_model_id": before.get("model_id") or ""}
+                    "compresspipe.stage_type": spec.type, "compresspipe.deploy_format": "onnx"}
+            if before.get("name"):
+                tags["compresspipe.parent_stage"] = before["name"]
+            if before.get("model_id"):
+                tags["compresspipe.source_model_id"] = before["model_id"]
             uri = self.tracker.log_onnx_model(log.run_id, path, example, name=spec.name,
                                               tags=tags)
             log.model_id = uri.removeprefix("models:/") if uri else None
@@ -118,6 +120,7 @@ class ModelTracking:
         log_model_metrics(self.tracker, log.run_id, log.model_id, {**linked, **latency},
                           self.datasets)
         record["model_id"] = log.model_id
+        record["model_metrics"] = {**linked, **latency}
 
     def _create_model(self, record: dict[str, Any], stages: list[dict[str, Any]],
                       data: DataBundle, run_id: str) -> str | None:

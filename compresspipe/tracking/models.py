@@ -88,8 +88,12 @@ def log_stage_model(tracker: Tracker, run_id: str | None, model: StageModel,
             local = Path(tmp) / "model"
             save_mlflow_model(local, model.directory, model.deploy, model.spec, model.example,
                               model.num_classes)
-            tracker.call(f"upload the model of stage {model.stage!r}",
-                         lambda: client.log_model_artifacts(logged.model_id, str(local)))
+            # one call per file: a retry after a failed request re-sends that file only
+            for path in sorted(p for p in local.rglob("*") if p.is_file()):
+                folder = path.parent.relative_to(local).as_posix()
+                tracker.call(f"upload {path.name} of the model of stage {model.stage!r}",
+                             lambda p=path, f=folder: client.log_model_artifact(
+                                 logged.model_id, str(p), None if f == "." else f))
     tracker.call("link the model to its run", lambda: client.log_outputs(
         run_id, models=[LoggedModelOutput(logged.model_id, step=0)]))
     tracker.call("finalize the logged model",

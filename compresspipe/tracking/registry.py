@@ -16,9 +16,18 @@ VERSION_TAGS = {"compression_ratio": "ratio", "top1": "top1", "sparsity": "spars
                 "val_top1": "val_top1", "test_top1": "test_top1"}
 
 
+# where the stage's model is the exported ONNX file, its own numbers (runs name them so)
+ONNX_NUMBERS = {"model_bytes": "export_onnx_bytes", "top1": "export_onnx_top1",
+                "compression_ratio": "export_onnx_compression_ratio",
+                "bits_per_weight": "export_onnx_bits_per_weight"}
+
+
 def version_tags(record: dict[str, Any], pipeline: str) -> dict[str, str]:
-    """The tags of the model version registered from a stage's summary ``record``."""
-    metrics = record.get("metrics", {})
+    """The tags of the model version registered from a stage's summary ``record``: the numbers
+    of the registered model itself (``model_metrics``, those linked to it)."""
+    metrics = dict(record.get("metrics", {}))
+    model = record.get("model_metrics", {})
+    metrics.update({key: model[onnx] for key, onnx in ONNX_NUMBERS.items() if onnx in model})
     tags = {tag: f"{metrics[key]:.6g}" for key, tag in VERSION_TAGS.items() if key in metrics}
     tags.update({"pipeline": pipeline, "stage": record["name"], "stage_type": record["type"],
                  "fingerprint": record.get("fingerprint", "")})
