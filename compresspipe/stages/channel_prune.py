@@ -26,7 +26,7 @@ from .base import Stage, StageConfig
 from .context import StageContext
 from .registry import register_stage
 from .spec import PipelineView
-from .structured_support import check_graph, record_result, stage_start
+from .structured_support import check_graph, plan_notes, record_result, stage_start
 
 
 class LatencyConfig(StrictModel):
@@ -94,7 +94,11 @@ class ChannelPruneStage(Stage):
     Config = ChannelPruneConfig
 
     def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
+        """The dependency graph with a dry run of every group's removal, and the plan: the
+        budget reached with L1 scores of the weights at hand (the real criterion may pick
+        other channels, never a smaller reach)."""
         cfg = self.config
+        self.notes = []
         graph, problems = check_graph(model, view.data, cfg.ignore)
         if problems:
             return problems
@@ -102,6 +106,16 @@ class ChannelPruneStage(Stage):
                 s is None for s in unit_scores(graph, make_importance("bn_scale"))):
             return [("criterion", "'bn_scale' reads BatchNorm scales, and no prunable "
                      "group of this model has a BatchNorm layer; use l1, l2, fpgm or taylor")]
+        cost = CostModel(graph)
+        reference = float(cost.evaluate()[cfg.target])
+        try:
+            allocation = allocate(graph, cost, unit_scores(graph, make_importance("l1")),
+                                  cfg.target, reference * (1 - cfg.ratio), cfg.scope,
+                                  cfg.max_layer_ratio, cfg.round_to)
+        except CompressPipeError as exc:
+            return [("ratio", str(exc))]
+        reached = reference / max(allocation.predicted[cfg.target], 1.0)
+        self.notes = plan_notes(self.name, graph, f"planned {reached:.2f}x fewer {cfg.target}")
         return []
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:

@@ -18,7 +18,7 @@ from .channel_prune import LatencyConfig
 from .context import StageContext
 from .registry import register_stage
 from .spec import PipelineView
-from .structured_support import check_graph, record_result, stage_start
+from .structured_support import check_graph, plan_notes, record_result, stage_start
 
 
 class PaSConfig(StageConfig):
@@ -51,8 +51,10 @@ class PaSStage(Stage):
     Config = PaSConfig
 
     def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
-        return check_graph(model, view.data, self.config.ignore, "searched",
-                           need_gateable=True)[1]
+        graph, problems = check_graph(model, view.data, self.config.ignore, "searched",
+                                      need_gateable=True)
+        self.notes = plan_notes(self.name, graph) if graph is not None else []
+        return problems
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
         cfg = self.config
