@@ -10,7 +10,7 @@ from torch import nn
 
 from ..compress.structured.allocate import allocate, remove_units
 from ..compress.structured.cost import CostModel
-from ..compress.structured.graph import StructuredGraph
+from ..compress.structured.graph import DEFAULT_BUDGET_S, StructuredGraph
 from ..compress.structured.importance import (
     BatchNormL1,
     accumulate_gradients,
@@ -78,6 +78,10 @@ class ChannelPruneConfig(StageConfig):
                                             "training on BatchNorm scales before pruning.")
     latency: LatencyConfig | None = Field(default_factory=LatencyConfig,
                                           description="Measure latency (null: skip).")
+    graph_budget_s: float = Field(DEFAULT_BUDGET_S, gt=0, le=3600, description="Seconds "
+                                  "building the channel groups may take before validation "
+                                  "stops with a message; a single group that does not resolve "
+                                  "keeps its width.")
 
     @model_validator(mode="after")
     def _sparsity_needs_bn_scale(self) -> ChannelPruneConfig:
@@ -99,7 +103,7 @@ class ChannelPruneStage(Stage):
         other channels, never a smaller reach)."""
         cfg = self.config
         self.notes = []
-        graph, problems = check_graph(model, view.data, cfg.ignore)
+        graph, problems = check_graph(model, view.data, cfg.ignore, budget_s=cfg.graph_budget_s)
         if problems:
             return problems
         if cfg.criterion == "bn_scale" and all(
@@ -120,7 +124,8 @@ class ChannelPruneStage(Stage):
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
         cfg = self.config
-        model, shape, dense, graph = stage_start(artifact, ctx, self.name, cfg.ignore)
+        model, shape, dense, graph = stage_start(artifact, ctx, self.name, cfg.ignore,
+                                                 budget_s=cfg.graph_budget_s)
         if cfg.sparsity is not None:
             hook = BatchNormL1(group_batchnorms(graph), cfg.sparsity.l1)
             ctx.trainer(model, cfg.sparsity.train, hooks=[hook], masks=artifact.masks,
@@ -129,7 +134,7 @@ class ChannelPruneStage(Stage):
         steps = []
         for step in range(1, cfg.steps + 1):
             if step > 1:
-                graph = StructuredGraph(model, shape, cfg.ignore)
+                graph = StructuredGraph(model, shape, cfg.ignore, budget_s=cfg.graph_budget_s)
             goal = reference * (1 - cfg.ratio * step / cfg.steps)
             steps.append(self._prune_step(graph, artifact, ctx, goal, step))
             if cfg.train is not None and cfg.train.epochs > 0:

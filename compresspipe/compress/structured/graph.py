@@ -158,7 +158,7 @@ class StructuredGraph:
         done = len(self.groups) + len(self.skipped)
         return CompressPipeError(
             f"building the channel groups of {type(self.model).__name__} took more than "
-            f"{self.budget_s:g} s (structured_budget_s) after {done} groups; the graph is too "
+            f"{self.budget_s:g} s (graph_budget_s) after {done} groups; the graph is too "
             f"costly to resolve at input {list(self.input_shape)}: add `ignore:` patterns for the "
             f"blocks that tangle it, or use unstructured pruning (stage 'prune')")
 
