@@ -231,6 +231,10 @@ class StructuredGraph:
             if out and inside:
                 return (f"{name} is inside {inside}, whose head layout structured pruning "
                         f"cannot follow; the attention keeps its width")
+            cut = _fixed_cut(it.dep, node, tp)
+            if cut:
+                return (f"model code {cut} these channels at sizes fixed when it was built "
+                        f"({getattr(node, 'name', name)}); narrowing them would break that code")
             if isinstance(target, nn.Parameter) and target.dim() >= 2:
                 return f"token embedding {name} keeps the embedding width"
             if isinstance(target, nn.Parameter):
@@ -266,6 +270,20 @@ class StructuredGraph:
         parts = name.split(".")
         prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
         return any(fnmatch.fnmatch(p, pat) for p in prefixes for pat in self.ignore)
+
+
+def _fixed_cut(dep, node, tp) -> str | None:
+    """'slices' or 'splits' where the group's channels pass a slice or split along the channel
+    dimension (Torch-Pruning maps its indices only then): the sizes are constants of the model's
+    code (GhostNet's ``out[:, :out_chs]``, RexNet's partial residual, MobileViTv2's
+    ``split([1, d, d])``), so a narrower input no longer fits them."""
+    if node.type not in (tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.SPLIT):
+        return None
+    mapped = any(m is not None and type(m).__name__ in ("_SliceIndexMapping", "_SplitIndexMapping")
+                 for m in dep.index_mapping)
+    if not mapped:
+        return None
+    return "slices" if node.type == tp.ops.OPTYPE.SLICE else "splits"
 
 
 def _extra_state(module: nn.Module) -> str | None:
