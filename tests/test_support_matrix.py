@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import time
 
 import pytest
 import torch
@@ -91,16 +90,16 @@ class _PartialResidual(nn.Module):
 def _rexnet_like() -> nn.Module:
     blocks = [_PartialResidual(8 + 4 * i, 12 + 4 * i) for i in range(8)]
     return nn.Sequential(nn.Conv2d(1, 8, 3), *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(44, 10))
+                         nn.Linear(40, 10))
 
 
 def test_a_tangled_group_search_stops_and_is_skipped_with_its_reason():
     model = _rexnet_like().eval()
-    started = time.monotonic()
     graph = StructuredGraph(model, (1, 1, 8, 8))
-    assert time.monotonic() - started < 20
-    # whatever cannot be resolved or removed keeps its width, with a reason; the rest runs
-    assert all(isinstance(v, str) and v for v in graph.skipped.values())
+    # the channels the shortcut is added to are cut at a size fixed in the block's code: they
+    # keep their width, with the reason; the rest is pruned and the network still runs
+    reasons = " | ".join(graph.skipped.values())
+    assert "slices these channels" in reasons or "do not resolve" in reasons, reasons
     if graph.groups:
         cost = CostModel(graph)
         allocation = allocate(graph, cost, unit_scores(graph, make_importance("l1")), "macs",
