@@ -53,7 +53,8 @@ RATIOS = {2: 0.5, 4: 0.75}
 TARGET = {1: 1.3, 32: 1.5}
 
 
-def pruned_copy(name: str, size: int, ratio: float | None) -> torch.nn.Module:
+def pruned_copy(name: str, size: int, ratio: float | None, round_to: int = 1
+                ) -> torch.nn.Module:
     """The ImageNet-shaped network, with channels removed to (1 - ratio) of its MACs."""
     torch.manual_seed(0)
     model = build_from_spec({"source": "timm", "name": name, "kwargs": {}}).eval()
@@ -62,7 +63,8 @@ def pruned_copy(name: str, size: int, ratio: float | None) -> torch.nn.Module:
     graph = StructuredGraph(model, (1, 3, size, size))
     cost = CostModel(graph)
     goal = float(cost.evaluate()["macs"]) * (1 - ratio)
-    allocation = allocate(graph, cost, unit_scores(graph, make_importance("l1")), "macs", goal)
+    allocation = allocate(graph, cost, unit_scores(graph, make_importance("l1")), "macs", goal,
+                          round_to=round_to)
     remove_units(graph, allocation.removals)
     return model.eval()
 
@@ -121,7 +123,7 @@ def top_ops(model: torch.nn.Module, size: int, threads: int, n: int = 4) -> dict
 def family_rows(family: str, name: str, size: int, cfg: dict, threads: int) -> list[dict]:
     models = {"dense": pruned_copy(name, size, None)}
     for factor, ratio in RATIOS.items():
-        models[f"{factor}x"] = pruned_copy(name, size, ratio)
+        models[f"{factor}x"] = pruned_copy(name, size, ratio, cfg["round_to"])
     macs = {k: count_macs(m, (1, 3, size, size))["macs"] for k, m in models.items()}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,6 +134,7 @@ def family_rows(family: str, name: str, size: int, cfg: dict, threads: int) -> l
                 for factor in RATIOS:
                     key = f"{factor}x"
                     rows.append({"family": family, "model": name, "image_size": size,
+                             "round_to": cfg["round_to"],
                                  "batch": batch, "runtime": runtime, "macs_target": factor,
                                  "macs_reduction": macs["dense"] / macs[key],
                                  "dense_ms": 1000 * t["dense"], "pruned_ms": 1000 * t[key],
@@ -182,23 +185,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--families", nargs="*", default=list(FAMILIES))
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="channel_prune's round_to: kept widths at multiples of this")
     args = parser.parse_args()
     cfg = ({"rounds": 3, "repeats": {1: 5, 32: 1}} if args.quick
            else {"rounds": 5, "repeats": {1: 10, 32: 2}})
+    cfg["round_to"] = args.round_to
     started = time.perf_counter()
     rows = []
-    for family in args.families:
-        rows += family_rows(family, FAMILIES[family], args.size, cfg, args.threads)
-    text = table(rows, args.threads, args.size)
-    print("\n" + text)
     name = "structured_deploy_quick" if args.quick else "structured_deploy"
-    result = {"quick": args.quick, "threads": args.threads, "image_size": args.size,
-              "settings": cfg, "torch": torch.__version__, "onnxruntime": ort.__version__,
-              "platform": platform.platform(), "processor": platform.processor(),
-              "wall_s": time.perf_counter() - started, "rows": rows, "table": text}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(text + "\n")
+    if args.round_to > 1:
+        name += f"_round{args.round_to}"
+    for i, family in enumerate(args.families):
+        rows += family_rows(family, FAMILIES[family], args.size, cfg, args.threads)
+        text = table(rows, args.threads, args.size)
+        result = {"quick": args.quick, "threads": args.threads, "image_size": args.size,
+                  "settings": cfg, "torch": torch.__version__, "onnxruntime": ort.__version__,
+                  "platform": platform.platform(), "processor": platform.processor(),
+                  "complete": i == len(args.families) - 1,
+                  "wall_s": time.perf_counter() - started, "rows": rows, "table": text}
+        RESULTS.mkdir(parents=True, exist_ok=True)  # saved after every family: runs are long
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / f"{name}.md").write_text(text + "\n")
+    print("\n" + text)
     print(f"\nsaved {RESULTS / name}.json ({result['wall_s']:.0f} s)")
 
 
