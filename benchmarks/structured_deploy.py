@@ -193,9 +193,8 @@ def main() -> None:
     cfg["round_to"] = args.round_to
     started = time.perf_counter()
     rows = []
-    name = "structured_deploy_quick" if args.quick else "structured_deploy"
-    if args.round_to > 1:
-        name += f"_round{args.round_to}"
+    name = "structured_deploy" + (f"_round{args.round_to}" if args.round_to > 1 else "")
+    name += "_quick" if args.quick else ""
     for i, family in enumerate(args.families):
         rows += family_rows(family, FAMILIES[family], args.size, cfg, args.threads)
         text = table(rows, args.threads, args.size)
