@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import compresspipe
+import compresspipe.pipeline.loader
 from compresspipe.compress.structured.allocate import allocate, remove_units
 from compresspipe.compress.structured.cost import CostModel
 from compresspipe.compress.structured.graph import StructuredGraph
@@ -315,5 +316,7 @@ def test_channel_prune_config_errors_name_the_place(tmp_path):
         compresspipe.pipeline.loader.load_pipeline(cfg)
     cfg = _stage_pipeline(tmp_path, {})
     cfg["model"] = {"name": "test_vit_relpos", "kwargs": {"img_size": 16, "patch_size": 4}}
-    with pytest.raises(ConfigError, match=r"layer 'blocks\.0\.attn\.rel_pos' \(RelPosMlp\)"):
+    # its attention keeps its width, so validation's dry run of the plan says the budget is out
+    # of reach, at the ratio
+    with pytest.raises(ConfigError, match=r"channel_prune\.ratio: cannot reduce macs"):
         compresspipe.pipeline.loader.load_pipeline(cfg)
