@@ -185,6 +185,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--families", nargs="*", default=list(FAMILIES))
+    parser.add_argument("--tag", default="", help="suffix of the result file name (a part run)")
     parser.add_argument("--round-to", type=int, default=1,
                         help="channel_prune's round_to: kept widths at multiples of this")
     args = parser.parse_args()
@@ -194,7 +195,7 @@ def main() -> None:
     started = time.perf_counter()
     rows = []
     name = "structured_deploy" + (f"_round{args.round_to}" if args.round_to > 1 else "")
-    name += "_quick" if args.quick else ""
+    name += (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
     for i, family in enumerate(args.families):
         rows += family_rows(family, FAMILIES[family], args.size, cfg, args.threads)
         text = table(rows, args.threads, args.size)
