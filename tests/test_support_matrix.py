@@ -129,4 +129,4 @@ def test_the_readme_table_comes_from_the_matrix_results():
     assert result["table"] in (ROOT / "README.md").read_text(encoding="utf-8")
     for family in CI_FAMILIES:  # what CI checks here, the matrix must not contradict
         if family in result["families"]:
-            assert result["families"][family]["stages"].get("channel_prune") == "ok", family
+            assert result["families"][family]["stages"]["channel_prune"].startswith("ok"), family

@@ -156,6 +156,8 @@ def support_table(root: Path) -> str:
     """The "Model support" table as ``benchmarks/support_matrix.py`` last measured it (family x
     stage type: ✓ or why not), with how it was measured; never written by hand."""
     path = root / SUPPORT_RESULTS
+    if not path.is_file():  # a README copied elsewhere: the results of this checkout
+        path = Path(__file__).resolve().parents[2] / SUPPORT_RESULTS
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
         table = result["table"]
