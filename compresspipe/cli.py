@@ -268,6 +268,8 @@ def _validate(args) -> int:
             continue
         names = ", ".join(f"{s.name} ({s.type})" for s in pipeline.stages)
         print(f"{file}: valid; {len(pipeline.stages)} stages: {names}", flush=True)
+        for note in pipeline.notes:
+            print(f"  {note}", flush=True)
     if not failures:
         return 0
     return EXIT_CONFIG if set(failures) == {EXIT_CONFIG} else EXIT_ERROR

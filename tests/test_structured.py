@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import compresspipe
+import compresspipe.pipeline.loader
 from compresspipe.compress.structured.allocate import allocate, remove_units
 from compresspipe.compress.structured.cost import CostModel
 from compresspipe.compress.structured.graph import StructuredGraph
@@ -207,12 +208,20 @@ def test_apply_structure_rejects_what_does_not_fit():
         apply_structure(base_model(spec), {"version": 99})
 
 
-def test_unsupported_attention_is_a_clear_error_naming_the_layer():
+def test_unsupported_attention_keeps_its_width_and_the_rest_is_pruned():
     torch.manual_seed(0)
     spec = {"source": "timm", "name": "test_vit_relpos",
             "kwargs": {"num_classes": 10, "in_chans": 1, "img_size": 32}}
-    with pytest.raises(CompressPipeError, match=r"'blocks\.0\.attn\.rel_pos' \(RelPosMlp\)"):
-        StructuredGraph(base_model(spec), SHAPE)
+    graph = StructuredGraph(base_model(spec), SHAPE)
+    kept = {k: v for k, v in graph.skipped.items() if "RelPosMlp" in v}
+    assert kept and all("blocks." in k and "attention keeps its width" in v
+                        for k, v in kept.items())
+    assert any(g.name.endswith("mlp.fc1") for g in graph.groups)
+    cost = CostModel(graph)
+    goal = float(cost.evaluate()["macs"]) * 0.8
+    allocation = allocate(graph, cost, unit_scores(graph, make_importance("l1")), "macs", goal)
+    remove_units(graph, allocation.removals)  # raises if the forward pass broke
+    assert count_macs(graph.model, SHAPE)["macs"] <= goal * 1.02
 
 
 def test_groups_that_must_keep_their_width_say_why():
@@ -307,5 +316,7 @@ def test_channel_prune_config_errors_name_the_place(tmp_path):
         compresspipe.pipeline.loader.load_pipeline(cfg)
     cfg = _stage_pipeline(tmp_path, {})
     cfg["model"] = {"name": "test_vit_relpos", "kwargs": {"img_size": 16, "patch_size": 4}}
-    with pytest.raises(ConfigError, match=r"layer 'blocks\.0\.attn\.rel_pos' \(RelPosMlp\)"):
+    # its attention keeps its width, so validation's dry run of the plan says the budget is out
+    # of reach, at the ratio
+    with pytest.raises(ConfigError, match=r"channel_prune\.ratio: cannot reduce macs"):
         compresspipe.pipeline.loader.load_pipeline(cfg)

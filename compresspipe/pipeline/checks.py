@@ -18,14 +18,17 @@ from ..stages.spec import INPUT_STAGE, StageSpec, stage_references
 from .schema import PipelineConfig, view_of
 
 
-def check_against_model(config: PipelineConfig, stages: list[StageSpec]) -> list[Problem]:
+def check_against_model(config: PipelineConfig, stages: list[StageSpec],
+                        notes: list[str] | None = None) -> list[Problem]:
     """Build the model (without downloading weights, with the checkpoint's) and let each stage
     check its names against the architecture it receives: the pipeline's model, or the
     ``student`` of the last distill stage before it. Each distinct architecture is built once.
 
     Stages whose config did not parse (``parsed`` False) are not checked; after one that may
     switch to a network the file does not tell, no later stage is. A stage whose ``stage:``
-    references are unresolved is not checked either: its teacher is unknown."""
+    references are unresolved is not checked either: its teacher is unknown. What a check
+    found worth telling without being a problem (a structured stage's dry run) goes to
+    ``notes``."""
     problems: list[Problem] = []
     if config.model.name is not None:
         import timm  # lazy: importing timm takes seconds; only model building needs it
@@ -66,6 +69,8 @@ def check_against_model(config: PipelineConfig, stages: list[StageSpec]) -> list
             stage = get_stage(stage_spec.type)(stage_spec.config, stage_spec.name)
             for rel, message in stage.check(model, view_of(config, stages, i)):
                 problems.append(Problem(f"{stage_spec.path}.{rel}", message))
+            if notes is not None:
+                notes += stage.notes
         current = passed_on(stage_spec, current, view_of(config, stages, i))
         if current is not None and _key(current) not in built:
             built[_key(current)] = _build_quietly(current)

@@ -1,5 +1,6 @@
-"""README sections generated from the code: the stage table (from the stage registry) and the
-list of example pipelines (from ``pipelines/*.yaml``).
+"""README sections generated from the code: the stage table (from the stage registry), the
+list of example pipelines (from ``pipelines/*.yaml``) and the model support table (from
+``benchmarks/results/support_matrix.json``).
 
     python -m compresspipe.pipeline.docs [README.md] [--check]
 
@@ -11,6 +12,7 @@ go undocumented.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import types
@@ -147,9 +149,33 @@ def example_list(pipelines: Path) -> str:
                      f"{first_sentence(f.read_text(encoding='utf-8'))}" for f in files)
 
 
+SUPPORT_RESULTS = Path("benchmarks") / "results" / "support_matrix.json"
+
+
+def support_table(root: Path) -> str:
+    """The "Model support" table as ``benchmarks/support_matrix.py`` last measured it (family x
+    stage type: ✓ or why not), with how it was measured; never written by hand."""
+    path = root / SUPPORT_RESULTS
+    if not path.is_file():  # a README copied elsewhere: the results of this checkout
+        path = Path(__file__).resolve().parents[2] / SUPPORT_RESULTS
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        table = result["table"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CompressPipeError(f"{path}: no support matrix results ({exc}); run "
+                                "benchmarks/support_matrix.py") from exc
+    return (f"{table}\n\nFrom `{SUPPORT_RESULTS.as_posix()}`, written by "
+            "`benchmarks/support_matrix.py` (`make bench`): each family's tiny variant runs "
+            "whole pipelines on digits (one training step per stage); a cell is ✓ when its "
+            "stage completed and every file it wrote loaded in its consumer, otherwise the "
+            "reason. `tests/test_support_matrix.py` keeps the structured part true in CI.")
+
+
 def sections(readme: Path) -> dict[str, Callable[[], str]]:
+    root = readme.resolve().parent
     return {"stages": stage_table,
-            "examples": lambda: example_list(readme.resolve().parent / "pipelines")}
+            "examples": lambda: example_list(root / "pipelines"),
+            "support": lambda: support_table(root)}
 
 
 def render(text: str, readme: Path) -> str:

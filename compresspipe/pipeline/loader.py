@@ -104,14 +104,16 @@ def load_pipeline(
         config, broken = _partial_config(raw, exc, bad_items)
 
     stages: list[StageSpec] = []
+    notes: list[str] = []
     if config is not None:
         stages = _stage_specs(config)
-        problems += _checks(config, stages, check_model, broken)
+        problems += _checks(config, stages, check_model, broken, notes)
 
     if problems:
         raise ConfigError(file, locate(problems, smap))
     assert config is not None
-    return Pipeline(config=config, stages=stages, file=file, raw=raw, source_map=smap)
+    return Pipeline(config=config, stages=stages, file=file, raw=raw, source_map=smap,
+                    notes=notes)
 
 
 # what the checks against the model read besides the stages
@@ -119,7 +121,7 @@ _MODEL_CHECK_NEEDS = ("name", "output_dir", "model", "data", "tracking")
 
 
 def _checks(config: PipelineConfig, stages: list[StageSpec], check_model: bool,
-            broken: set[str]) -> list[Problem]:
+            broken: set[str], notes: list[str] | None = None) -> list[Problem]:
     """The checks beyond the schema, each run where the parts it reads parsed: stage
     references, input paths and (``check_model``) names against the real model."""
     problems = check_references(stages)
@@ -132,7 +134,7 @@ def _checks(config: PipelineConfig, stages: list[StageSpec], check_model: bool,
         # lazy: the model checks load torch and timm; a file is validated without them first
         from .checks import check_against_model
 
-        problems += check_against_model(config, stages)
+        problems += check_against_model(config, stages, notes)
     return problems
 
 

@@ -4,7 +4,7 @@ stage type at load time."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Union
 
@@ -110,6 +110,7 @@ class PipelineFile:
     file: str
     raw: dict[str, Any]
     source_map: SourceMap
+    notes: list[str] = field(default_factory=list)  # what the model checks told (validate)
 
     @property
     def output_dir(self) -> Path:

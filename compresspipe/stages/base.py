@@ -45,6 +45,8 @@ class Stage:
     def __init__(self, config: StageConfig, name: str):
         self.config = config
         self.name = name
+        # what check() found worth telling without being a problem (``validate`` prints it)
+        self.notes: list[str] = []
 
     def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
         """Checks against the real model before anything runs: (path in config, message).

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..compress.structured.allocate import allocate, remove_units
 from ..compress.structured.cost import CostModel
-from ..compress.structured.graph import StructuredGraph
+from ..compress.structured.graph import DEFAULT_BUDGET_S, StructuredGraph
 from ..compress.structured.importance import (
     BatchNormL1,
     accumulate_gradients,
@@ -26,7 +26,7 @@ from .base import Stage, StageConfig
 from .context import StageContext
 from .registry import register_stage
 from .spec import PipelineView
-from .structured_support import check_graph, record_result, stage_start
+from .structured_support import check_graph, plan_notes, record_result, stage_start
 
 
 class LatencyConfig(StrictModel):
@@ -78,6 +78,10 @@ class ChannelPruneConfig(StageConfig):
                                             "training on BatchNorm scales before pruning.")
     latency: LatencyConfig | None = Field(default_factory=LatencyConfig,
                                           description="Measure latency (null: skip).")
+    graph_budget_s: float = Field(DEFAULT_BUDGET_S, gt=0, le=3600, description="Seconds "
+                                  "building the channel groups may take before validation "
+                                  "stops with a message; a single group that does not resolve "
+                                  "keeps its width.")
 
     @model_validator(mode="after")
     def _sparsity_needs_bn_scale(self) -> ChannelPruneConfig:
@@ -94,19 +98,34 @@ class ChannelPruneStage(Stage):
     Config = ChannelPruneConfig
 
     def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
+        """The dependency graph with a dry run of every group's removal, and the plan: the
+        budget reached with L1 scores of the weights at hand (the real criterion may pick
+        other channels, never a smaller reach)."""
         cfg = self.config
-        graph, problems = check_graph(model, view.data, cfg.ignore)
+        self.notes = []
+        graph, problems = check_graph(model, view.data, cfg.ignore, budget_s=cfg.graph_budget_s)
         if problems:
             return problems
         if cfg.criterion == "bn_scale" and all(
                 s is None for s in unit_scores(graph, make_importance("bn_scale"))):
             return [("criterion", "'bn_scale' reads BatchNorm scales, and no prunable "
                      "group of this model has a BatchNorm layer; use l1, l2, fpgm or taylor")]
+        cost = CostModel(graph)
+        reference = float(cost.evaluate()[cfg.target])
+        try:
+            allocation = allocate(graph, cost, unit_scores(graph, make_importance("l1")),
+                                  cfg.target, reference * (1 - cfg.ratio), cfg.scope,
+                                  cfg.max_layer_ratio, cfg.round_to)
+        except CompressPipeError as exc:
+            return [("ratio", str(exc))]
+        reached = reference / max(allocation.predicted[cfg.target], 1.0)
+        self.notes = plan_notes(self.name, graph, f"planned {reached:.2f}x fewer {cfg.target}")
         return []
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
         cfg = self.config
-        model, shape, dense, graph = stage_start(artifact, ctx, self.name, cfg.ignore)
+        model, shape, dense, graph = stage_start(artifact, ctx, self.name, cfg.ignore,
+                                                 budget_s=cfg.graph_budget_s)
         if cfg.sparsity is not None:
             hook = BatchNormL1(group_batchnorms(graph), cfg.sparsity.l1)
             ctx.trainer(model, cfg.sparsity.train, hooks=[hook], masks=artifact.masks,
@@ -115,7 +134,7 @@ class ChannelPruneStage(Stage):
         steps = []
         for step in range(1, cfg.steps + 1):
             if step > 1:
-                graph = StructuredGraph(model, shape, cfg.ignore)
+                graph = StructuredGraph(model, shape, cfg.ignore, budget_s=cfg.graph_budget_s)
             goal = reference * (1 - cfg.ratio * step / cfg.steps)
             steps.append(self._prune_step(graph, artifact, ctx, goal, step))
             if cfg.train is not None and cfg.train.epochs > 0:

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..compress.structured.allocate import remove_units
 from ..compress.structured.cost import CostModel
+from ..compress.structured.graph import DEFAULT_BUDGET_S
 from ..compress.structured.pas import PaSHook
 from ..core.artifact import Artifact
 from ..core.config import TrainConfig
@@ -18,7 +19,7 @@ from .channel_prune import LatencyConfig
 from .context import StageContext
 from .registry import register_stage
 from .spec import PipelineView
-from .structured_support import check_graph, record_result, stage_start
+from .structured_support import check_graph, plan_notes, record_result, stage_start
 
 
 class PaSConfig(StageConfig):
@@ -42,6 +43,9 @@ class PaSConfig(StageConfig):
                                    "than this fraction of its channels.")
     latency: LatencyConfig | None = Field(default_factory=LatencyConfig,
                                           description="Measure latency (null: skip).")
+    graph_budget_s: float = Field(DEFAULT_BUDGET_S, gt=0, le=3600, description="Seconds "
+                                  "building the channel groups may take before validation "
+                                  "stops with a message.")
 
 
 @register_stage("pas")
@@ -51,13 +55,16 @@ class PaSStage(Stage):
     Config = PaSConfig
 
     def check(self, model: nn.Module, view: PipelineView) -> list[tuple[str, str]]:
-        return check_graph(model, view.data, self.config.ignore, "searched",
-                           need_gateable=True)[1]
+        graph, problems = check_graph(model, view.data, self.config.ignore, "searched",
+                                      need_gateable=True, budget_s=self.config.graph_budget_s)
+        self.notes = plan_notes(self.name, graph) if graph is not None else []
+        return problems
 
     def run(self, artifact: Artifact, ctx: StageContext) -> Artifact:
         cfg = self.config
         model, shape, dense, graph = stage_start(artifact, ctx, self.name, cfg.ignore,
-                                                 "searched", need_gateable=True)
+                                                 "searched", need_gateable=True,
+                                                 budget_s=cfg.graph_budget_s)
         cost = CostModel(graph)
         search = PaSHook(graph, cost, cfg.p, cfg.alpha, cfg.gate_scale)
         try:

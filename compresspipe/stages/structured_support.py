@@ -70,6 +70,27 @@ def check_graph(model: nn.Module, data_cfg: DataConfig, ignore: Sequence[str],
     return graph, []
 
 
+# reasons every network has (the classifier, what the file ignores): not worth a note
+_EXPECTED = ("is the classifier", "produces the model output", "is ignored")
+
+
+def plan_notes(stage: str, graph: StructuredGraph, plan: str = "") -> list[str]:
+    """What ``validate`` says about a structured stage's dry run: how many channel groups can
+    be narrowed, which keep their width and why, and the ``ignore:`` patterns that say so in
+    the file (the stage keeps those widths on its own; the patterns make it explicit)."""
+    kept = {name: why for name, why in graph.skipped.items()
+            if not any(e in why for e in _EXPECTED)}
+    head = (f"stage {stage!r}: {len(graph.groups)} channel groups can be narrowed"
+            + (f"; {plan}" if plan else ""))
+    if not kept:
+        return [head]
+    lines = [f"{head}; {len(kept)} keep their width:"]
+    lines += [f"    {name}: {why}" for name, why in kept.items()]
+    patterns = ", ".join(repr(n) for n in kept)
+    lines.append(f"    to state it in the file: ignore: [{patterns}]")
+    return ["\n".join(lines)]
+
+
 def _no_groups(graph: StructuredGraph, what: str) -> str:
     return (f"no channel group of the model can be {what}: "
             + "; ".join(f"{k}: {v}" for k, v in graph.skipped.items()))

@@ -10,6 +10,7 @@ layer facts the groups are judged by (``is_depthwise``, grouped convolutions, ex
 from __future__ import annotations
 
 import fnmatch
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ from torch import nn
 
 from ...core.errors import CompressPipeError
 from ...core.structure import BATCHNORM, CONV, AttentionInfo, find_attention
+
+DEFAULT_BUDGET_S = 20.0  # building the groups of any listed timm family at 32 px takes < 5 s
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -66,25 +69,21 @@ class StructuredGraph:
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int],
-                 ignore: Sequence[str] = (), need_gateable: bool = False):
-        import torch_pruning as tp  # lazy: seconds to import; only structured stages run it
+                 ignore: Sequence[str] = (), need_gateable: bool = False,
+                 budget_s: float = DEFAULT_BUDGET_S, verify: bool = True):
+        from .depgraph import BudgetedGraph  # lazy: imports Torch-Pruning (seconds)
 
         self.model = model
         self.input_shape = tuple(input_shape)
         self.ignore = list(ignore)
+        self.budget_s = budget_s
         self.names: dict[Any, str] = {m: n for n, m in model.named_modules()}
         self.names.update({p: n for n, p in model.named_parameters()})
-        self.attention, unsupported = find_attention(model)
-        if unsupported:
-            name, kind = next(iter(unsupported.items()))
-            more = f" (and {len(unsupported) - 1} more)" if len(unsupported) > 1 else ""
-            raise CompressPipeError(
-                f"layer {name!r} ({kind}){more} is an attention layer whose head layout "
-                f"structured pruning cannot follow; supported are timm Attention layers "
-                f"(qkv + proj, no q/k norm) as in ViT")
+        self.attention, self.unsupported_attention = find_attention(model)
+        deadline = time.monotonic() + budget_s
         was_training = model.training
         try:
-            self.dg = tp.DependencyGraph().build_dependency(
+            self.dg = BudgetedGraph(deadline=deadline).build_dependency(
                 model, example_inputs=self.example_input(), verbose=False)
         except Exception as exc:  # tracing runs arbitrary model code
             raise CompressPipeError(
@@ -94,7 +93,10 @@ class StructuredGraph:
             model.train(was_training)
         self.groups: list[ChannelGroup] = []
         self.skipped: dict[str, str] = {}
-        self._collect_groups(need_gateable)
+        self._collect_groups(need_gateable, deadline)
+        self.dg.deadline = None  # the budget is for building; removals later run unbounded
+        if verify and self.groups:
+            self._drop_breaking_groups()
 
     def example_input(self) -> torch.Tensor:
         """A fixed random input (its own generator: the global random state is left alone)."""
@@ -107,12 +109,9 @@ class StructuredGraph:
 
     # -- grouping -------------------------------------------------------------------------
 
-    def _collect_groups(self, need_gateable: bool) -> None:
-        import torch_pruning as tp  # lazy: seconds to import; only structured stages run it
-
+    def _collect_groups(self, need_gateable: bool, deadline: float) -> None:
         qkv_owner = {id(a.module.qkv): a for a in self.attention.values()}
-        roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)
-        for group in self.dg.get_all_groups(root_module_types=roots):
+        for group in self._all_groups(deadline):
             attention = next((qkv_owner[id(it.dep.target.module)] for it in group
                               if id(it.dep.target.module) in qkv_owner
                               and self.is_out(it.dep.handler)), None)
@@ -125,6 +124,54 @@ class StructuredGraph:
                 self.skipped[candidate.name] = reason
             else:
                 self.groups.append(candidate)
+
+    def _all_groups(self, deadline: float):
+        """Torch-Pruning's get_all_groups (output channels of every conv and linear layer as a
+        root), except that a group whose search does not close is skipped with its reason, and
+        the whole takes at most the graph's time budget."""
+        import torch_pruning as tp  # lazy: seconds to import; only structured stages run it
+
+        from .depgraph import GroupSearchTooLong  # lazy: imports Torch-Pruning (seconds)
+
+        visited: set[int] = set()
+        for m in list(self.dg.module2node):
+            if (not isinstance(m, (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)) or id(m) in visited
+                    or m in self.dg.IGNORED_LAYERS_IN_TRACING):
+                continue
+            pruner = self.dg.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            try:
+                group = self.dg.get_pruning_group(m, pruner.prune_out_channels,
+                                                  list(range(pruner.get_out_channels(m))))
+            except GroupSearchTooLong as exc:
+                if time.monotonic() > deadline:
+                    raise self._too_long() from exc
+                visited.add(id(m))
+                self.skipped[self.names.get(m, "?")] = (
+                    f"its channel dependencies do not resolve ({exc}); it keeps its width")
+                continue
+            visited.update(id(it.dep.target.module) for it in group if self.is_out(it.dep.handler))
+            yield group
+
+    def _too_long(self) -> CompressPipeError:
+        done = len(self.groups) + len(self.skipped)
+        return CompressPipeError(
+            f"building the channel groups of {type(self.model).__name__} took more than "
+            f"{self.budget_s:g} s (graph_budget_s) after {done} groups; the graph is too "
+            f"costly to resolve at input {list(self.input_shape)}: add `ignore:` patterns for the "
+            f"blocks that tangle it, or use unstructured pruning (stage 'prune')")
+
+    def _drop_breaking_groups(self) -> None:
+        """Dry-run a removal in every group on a copy of the network; a group whose removal
+        breaks the forward pass (code that reshapes by a width it reads from an attribute)
+        keeps its width, with the error as its reason."""
+        from .probe import breaking_groups  # lazy: imports Torch-Pruning (seconds)
+
+        bad = breaking_groups(self)
+        for i in sorted(bad, reverse=True):
+            g = self.groups.pop(i)
+            self.skipped[g.name] = f"removing its channels breaks the forward pass ({bad[i]})"
 
     def _channel_group(self, group) -> ChannelGroup:
         root = group[0].dep.target.module
@@ -180,6 +227,14 @@ class StructuredGraph:
                 return f"{name} is the classifier"
             if out and isinstance(target, nn.Module) and self.ignored(name):
                 return f"{name} is ignored"
+            inside = self._unsupported_attention_of(name)
+            if out and inside:
+                return (f"{name} is inside {inside}, whose head layout structured pruning "
+                        f"cannot follow; the attention keeps its width")
+            cut = _fixed_cut(it.dep, node, tp)
+            if cut:
+                return (f"model code {cut} these channels at sizes fixed when it was built "
+                        f"({getattr(node, 'name', name)}); narrowing them would break that code")
             if isinstance(target, nn.Parameter) and target.dim() >= 2:
                 return f"token embedding {name} keeps the embedding width"
             if isinstance(target, nn.Parameter):
@@ -204,11 +259,31 @@ class StructuredGraph:
             return f"{g.attention.name} is ignored"
         return None
 
+    def _unsupported_attention_of(self, name: str) -> str | None:
+        for attn, kind in self.unsupported_attention.items():
+            if name.startswith(attn + "."):
+                return f"{attn} ({kind})"
+        return None
+
     def ignored(self, name: str) -> bool:
         """A layer is ignored when it or one of its parents matches an ignore pattern."""
         parts = name.split(".")
         prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
         return any(fnmatch.fnmatch(p, pat) for p in prefixes for pat in self.ignore)
+
+
+def _fixed_cut(dep, node, tp) -> str | None:
+    """'slices' or 'splits' where the group's channels pass a slice or split along the channel
+    dimension (Torch-Pruning maps its indices only then): the sizes are constants of the model's
+    code (GhostNet's ``out[:, :out_chs]``, RexNet's partial residual, MobileViTv2's
+    ``split([1, d, d])``), so a narrower input no longer fits them."""
+    if node.type not in (tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.SPLIT):
+        return None
+    mapped = any(m is not None and type(m).__name__ in ("_SliceIndexMapping", "_SplitIndexMapping")
+                 for m in dep.index_mapping)
+    if not mapped:
+        return None
+    return "slices" if node.type == tp.ops.OPTYPE.SLICE else "splits"
 
 
 def _extra_state(module: nn.Module) -> str | None:
