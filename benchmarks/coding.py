@@ -79,9 +79,9 @@ def run_pipeline(name: str, overrides: list[str], workdir: Path) -> dict:
     return {
         "pipeline": name, "overrides": overrides, "minutes": (time.perf_counter() - started) / 60,
         "fp32_bytes": fp32, "cpz_bytes": len(data), "ratio": fp32 / len(data),
-        "dense_top1": stages["dense"]["top1"], "dense_loss": stages["dense"]["loss"],
-        "cpz_top1": stages["huffman"]["top1"], "cpz_loss": stages["huffman"]["loss"],
-        "top1_drop": stages["dense"]["top1"] - stages["huffman"]["top1"],
+        "dense_top1": stages["dense"]["test_top1"], "dense_loss": stages["dense"]["test_loss"],
+        "cpz_top1": stages["huffman"]["test_top1"], "cpz_loss": stages["huffman"]["test_loss"],
+        "top1_drop": stages["dense"]["test_top1"] - stages["huffman"]["test_top1"],
         "sparsity": stages["huffman"].get("masked_sparsity"),
         "breakdown": byte_breakdown(stats, len(data)), "streams": stream_bounds(stats),
         "load_seconds": load_s,

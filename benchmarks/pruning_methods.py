@@ -111,7 +111,7 @@ def main() -> None:
                     summary = compresspipe.run(cfg, resume=True)
                     m = summary["stages"][-1]["metrics"]
                     rows.setdefault((name, s), []).append(
-                        {"top1": m["top1"], "loss": m["loss"], "epochs": epochs})
+                        {"top1": m["test_top1"], "loss": m["test_loss"], "epochs": epochs})
                     if name.startswith("LTH"):
                         rows.setdefault(("LTH random re-init control", s), []).append({
                             "top1": control_metric(summary, "control_top1"),
@@ -132,7 +132,7 @@ def main() -> None:
                                            resume=True)
                 m = summary["stages"][-1]["metrics"]
                 rows.setdefault((name, 0.0), []).append(
-                    {"top1": m["top1"], "loss": m["loss"], "epochs": DENSE + 6})
+                    {"top1": m["test_top1"], "loss": m["test_loss"], "epochs": DENSE + 6})
     report(rows, args, time.time() - started)
 
 

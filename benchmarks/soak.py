@@ -152,7 +152,7 @@ def soak_concurrent(n: int, server: MlflowServer, work: Path) -> dict[str, Any]:
             problems += _tracking_problems(server.url, name, summary)
         results.append({"pipeline": name, "exit_code": rc, "problems": problems,
                         "final_top1": (summary.get("stages") or [{}])[-1].get("metrics", {})
-                        .get("top1")})
+                        .get("test_top1")})
         print(f"   {name}: exit {rc}, {len(problems)} problem(s) {problems[:2]}", flush=True)
     ok = sum(1 for r in results if not r["problems"])
     return {"pipelines": n, "completed": ok, "wall_s": round(time.monotonic() - started, 1),

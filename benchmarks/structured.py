@@ -91,7 +91,7 @@ def finetune(epochs: int, train: dict) -> dict:
 def dense_model(family: str, model: tuple, epochs: int, out: Path) -> tuple[Path, float]:
     train = {"epochs": epochs, **model[3]}
     metrics, _ = run(pipeline(f"{family}-dense", out, model, [{"name": "dense", "train": train}]))
-    return out / f"{family}-dense" / "dense" / "model.safetensors", metrics["top1"]
+    return out / f"{family}-dense" / "dense" / "model.safetensors", metrics["test_top1"]
 
 
 def speedups(family: str, model: tuple, cfg: dict, out: Path, threads: int) -> list[dict]:
@@ -119,7 +119,7 @@ def _pruned(family: str, model: tuple, scope: str, ratio: float, checkpoint: Pat
             "macs_reduction_target": round(1 / (1 - ratio)), "dense_top1": dense_top1,
             "params_dense": record["params_before"], "params": record["params_after"],
             "macs_dense": record["macs_before"], "macs": record["macs"],
-            "macs_reduction": record["macs_reduction"], "top1": metrics["top1"],
+            "macs_reduction": record["macs_reduction"], "top1": metrics["test_top1"],
             "speedup_b1": record["speedup_b1"], "speedup_b32": record["speedup_b32"],
             "latency_b1_ms": record["latency_b1_ms"],
             "latency_b1_dense_ms": record["latency_b1_before_ms"],
@@ -140,7 +140,7 @@ def pas_vs_uniform(cfg: dict, out: Path) -> list[dict]:
         metrics, record = run(pipeline(f"pas-s{seed}", out, PAS_MODEL, [{"name": "pas",
                                                                           "pas": pas}],
                                        seed=seed, checkpoint=checkpoint))
-        rows.append({"method": "PaS", "seed": seed, "top1": metrics["top1"],
+        rows.append({"method": "PaS", "seed": seed, "top1": metrics["test_top1"],
                      "macs": record["macs"], "macs_dense": record["macs_before"],
                      "params": record["params_after"],
                      "searched_macs_ratio": record["searched_macs_ratio"]})
@@ -150,7 +150,7 @@ def pas_vs_uniform(cfg: dict, out: Path) -> list[dict]:
         metrics, record = run(pipeline(f"l1u-s{seed}", out, PAS_MODEL, [{"name": "prune",
                                                                           "channel_prune": uniform}],
                                        seed=seed, checkpoint=checkpoint))
-        rows.append({"method": "uniform L1", "seed": seed, "top1": metrics["top1"],
+        rows.append({"method": "uniform L1", "seed": seed, "top1": metrics["test_top1"],
                      "macs": record["macs"], "macs_dense": record["macs_before"],
                      "params": record["params_after"]})
         print(rows[-1], flush=True)

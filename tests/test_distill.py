@@ -163,14 +163,16 @@ def test_logit_cache_runs_the_teacher_once_per_image(digits):
     cached = DistillHook(teacher, DistillConfig(teacher="x", cache_teacher_logits=True),
                          _mlp(16, 0), (1, 8, 8))
     with_cache = _fit(_mlp(16, seed=0), digits, [cached], epochs=3)
-    # every training image once, and the test set once (its predictions are kept)
-    assert sum(seen) - len(digits.test) == cached.cache.misses == len(cached.cache) == 256
+    # every training image once, the test set once (the starting report) and the validation
+    # split once (the per-epoch evaluation; predictions kept)
+    assert sum(seen) - len(digits.test) - len(digits.val) == cached.cache.misses \
+        == len(cached.cache) == 256
 
     seen.clear()
     without = _fit(_mlp(16, seed=0), digits,
                    [DistillHook(teacher, DistillConfig(teacher="x"), _mlp(16, 0), (1, 8, 8))],
                    epochs=3)
-    assert sum(seen) == 3 * 256 + len(digits.test)
+    assert sum(seen) == 3 * 256 + len(digits.test) + len(digits.val)
     for a, b in zip(with_cache, without):
         assert a["train_kd"] == pytest.approx(b["train_kd"], rel=1e-4)
 
@@ -215,11 +217,11 @@ def test_distill_stage_keeps_masks_and_logs(distilled):
     metrics = runs["kd"].data.metrics
     records = {r["name"]: r["metrics"] for r in summary["stages"]}
     # the teacher is the dense stage's output, measured by the runner from its file
-    assert metrics["teacher_top1"] == pytest.approx(records["dense"]["top1"])
-    assert metrics["student_top1"] == pytest.approx(records["kd"]["top1"])
+    assert metrics["teacher_top1"] == pytest.approx(records["dense"]["test_top1"])
+    assert metrics["student_top1"] == pytest.approx(records["kd"]["test_top1"])
     assert 0 <= metrics["agreement"] <= 100
     # KD recovers part of what the mask destroyed
-    assert records["kd"]["top1"] > records["prune"]["top1"]
+    assert records["kd"]["test_top1"] > records["prune"]["test_top1"]
     for curve in ("train_kd", "train_ce", "train_feat_layer3"):
         history = client.get_metric_history(runs["kd"].info.run_id, curve)
         assert [m.step for m in history] == [1, 2] and all(m.value > 0 for m in history), curve
@@ -232,9 +234,9 @@ def test_new_student_replaces_the_model(distilled):
     records = {r["name"]: r["metrics"] for r in summary["stages"]}
     assert records["small"]["params"] < records["dense"]["params"] / 3
     assert records["small"]["model_bytes"] < records["dense"]["model_bytes"] / 3
-    assert records["small"]["top1"] > 70.0
+    assert records["small"]["test_top1"] > 70.0
     metrics = runs["small"].data.metrics
-    assert metrics["teacher_cache_images"] == 1437  # every digits training image, once
+    assert metrics["teacher_cache_images"] == 1293  # every digits training image, once
     assert metrics["agreement"] > 70.0
 
 
@@ -346,8 +348,9 @@ def test_hook_logs_teacher_accuracy_once_and_agreement_per_evaluation(digits, ca
     teacher.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
     hook = DistillHook(teacher, DistillConfig(teacher="mlp48"), student, (1, 8, 8))
     history, logged = _logged_fit(student, digits, hook)
-    # the teacher ran over the test set once, then its predictions were reused
-    assert sum(seen) == 2 * len(digits.train) + len(digits.test)
+    # the teacher ran over the test set (the starting report) and the validation split (the
+    # per-epoch evaluation) once each, then its predictions were reused
+    assert sum(seen) == 2 * len(digits.train) + len(digits.test) + len(digits.val)
 
     first, step = logged[0]
     assert step == 0 and first == {
@@ -356,7 +359,7 @@ def test_hook_logs_teacher_accuracy_once_and_agreement_per_evaluation(digits, ca
     assert [m for m, _ in logged[1:] if "teacher_top1" in m] == []  # once
     assert [step for m, step in logged if "agreement" in m] == [1, 2]
     # the loop's own predictions against the teacher's, as measured from scratch
-    assert history[-1]["agreement"] == agreement(student, teacher, digits.test_loader())
+    assert history[-1]["agreement"] == agreement(student, teacher, digits.val_loader())
     assert 0 < history[0]["agreement"] <= 100
     out = capsys.readouterr().out
     assert (f"distillation teacher mlp48: top-1 {teacher_test['top1']:.2f}% on the test set; "
@@ -396,7 +399,8 @@ def test_measuring_the_student_at_the_start_leaves_no_trace(digits):
     hook = DistillHook(_mlp(48, seed=1), DistillConfig(teacher="x"), student, (1, 8, 8))
     _, logged = _logged_fit(student, digits, hook, epochs=1)
     assert "student_start_top1" in logged[0][0]  # measured, then the buffers put back:
-    assert recorder.images == len(digits.train) + len(digits.test)  # the loop's own passes
+    # the starting report on the test set and the loop's own passes (train, validation)
+    assert recorder.images == len(digits.train) + len(digits.test) + len(digits.val)
     assert recorder.first_batch.tolist() == [64.0]  # a training batch, not a test batch
 
 
@@ -432,7 +436,7 @@ def test_joint_kd_logs_teacher_and_agreement(joint_prune):
     dense = next(r for r in summary["stages"] if r["name"] == "dense")["metrics"]
     teacher = client.get_metric_history(run_id, "teacher_top1")
     # the teacher is the dense stage's file, which the runner measured
-    assert [(m.step, m.value) for m in teacher] == [(0, pytest.approx(dense["top1"]))]
+    assert [(m.step, m.value) for m in teacher] == [(0, pytest.approx(dense["test_top1"]))]
     agreed = client.get_metric_history(run_id, "agreement")
     assert [m.step for m in agreed] == [1, 2] and all(0 < m.value <= 100 for m in agreed)
     assert [m.step for m in client.get_metric_history(run_id, "student_start_top1")] == [0]

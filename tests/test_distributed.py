@@ -100,12 +100,12 @@ def test_sharded_evaluation_equals_full_evaluation(two_ranks):
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
     for record in summary["stages"][1:]:
         run = client.get_run(record["run_id"])
-        # the last epoch's val metrics were reduced over the two test shards; the stage's
-        # metrics were measured by rank 0 alone on the whole test set, from the saved model
+        # the last epoch's val metrics were reduced over the two validation shards; the
+        # stage's were measured by rank 0 alone on the whole validation split, from the file
         history = client.get_metric_history(run.info.run_id, "val_top1")
-        assert history[-1].value == pytest.approx(record["metrics"]["top1"], rel=1e-9)
+        assert history[-1].value == pytest.approx(record["metrics"]["deployed_val_top1"], rel=1e-9)
         loss = client.get_metric_history(run.info.run_id, "val_loss")[-1].value
-        assert loss == pytest.approx(record["metrics"]["loss"], rel=1e-5)
+        assert loss == pytest.approx(record["metrics"]["deployed_val_loss"], rel=1e-5)
 
 
 def test_single_process_ignores_stray_rank(tmp_path, monkeypatch):

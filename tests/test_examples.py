@@ -76,7 +76,7 @@ def test_example_runs_end_to_end(path, tmp_path):
     assert names == ["input"] + [s.name for s in pipeline.stages]
     for record in summary["stages"]:
         m = record["metrics"]
-        assert 0 <= m["top1"] <= 100 and m["model_bytes"] > 0
+        assert 0 <= m["test_top1"] <= 100 and m["model_bytes"] > 0
         assert m["model_bytes"] == sum((tmp_path / "run" / record["name"] / f).stat().st_size
                                        for f in record["model_files"])
 

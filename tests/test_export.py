@@ -68,7 +68,7 @@ def chain(tmp_path_factory):
 def test_every_file_gives_the_reported_accuracy_in_a_fresh_process(chain):
     out, summary = chain
     stages = _stages(summary)
-    pruned = stages["prune"]["metrics"]["top1"]
+    pruned = stages["prune"]["metrics"]["test_top1"]
     assert pruned > 80.0  # equal accuracies mean something only for a model that learned
     manifest = _manifest(out, "export-dense")
     assert list(manifest["formats"]) == DENSE_FORMATS
@@ -104,7 +104,7 @@ def test_deployed_model_and_size_are_those_of_the_stage_before(chain):
                                   ("huffman", "export", ["model.cpz"])):
         a, b = stages[before], stages[export]
         assert b["model_files"] == files
-        for key in ("top1", "loss", "model_bytes", "nonzero_params"):
+        for key in ("deployed_val_top1", "test_top1", "test_loss", "model_bytes", "nonzero_params"):
             assert b["metrics"][key] == a["metrics"][key], (export, key)
     # the exported .cpz is the huffman stage's file, byte for byte
     assert (out / "export" / "model.cpz").read_bytes() == (out / "huffman" / "model.cpz").read_bytes()
@@ -140,7 +140,7 @@ def test_check_tensor_masks_catches_a_revived_weight():
 def test_cpz_export_after_huffman_is_read_back_by_compresspipe(chain):
     out, summary = chain
     manifest = _manifest(out, "export")
-    huffman = _stages(summary)["huffman"]["metrics"]["top1"]
+    huffman = _stages(summary)["huffman"]["metrics"]["test_top1"]
     assert list(manifest["formats"]) == ["cpz", "onnx"]  # the default after huffman
     assert manifest["deployed_format"] == "cpz" and manifest["mlflow_model_uri"] is None
     cpz, fp32 = manifest["formats"]["cpz"], manifest["formats"]["onnx"]
@@ -193,8 +193,8 @@ def test_int8_export_is_the_measured_int8_file(int8):
     assert onnx["file"] == INT8_FILE and onnx["holds"] == "deployed model"
     assert (out / "export" / INT8_FILE).read_bytes() == (out / "ptq" / INT8_FILE).read_bytes()
     assert stages["export"]["model_files"] == [INT8_FILE]
-    assert stages["export"]["metrics"]["top1"] == stages["ptq"]["metrics"]["top1"]
-    assert onnx["reference_top1"] == pytest.approx(stages["ptq"]["metrics"]["top1"], abs=1e-9)
+    assert stages["export"]["metrics"]["test_top1"] == stages["ptq"]["metrics"]["test_top1"]
+    assert onnx["reference_top1"] == pytest.approx(stages["ptq"]["metrics"]["test_top1"], abs=1e-9)
     assert abs(onnx["top1"] - onnx["reference_top1"]) <= 0.1
     assert manifest["mlflow_model_uri"] is None  # tracking off: logging skipped, no error
 
@@ -204,7 +204,7 @@ def test_int8_fp32_weights_are_labelled_as_not_the_deployed_model(int8):
     dense = _manifest(out, "export")["formats"]["safetensors"]
     assert dense["holds"] == "fp32 weights (not the deployed model)"
     # ptq leaves the fp32 weights as trained, so the file holds the dense stage's model
-    assert dense["reference_top1"] == pytest.approx(_stages(summary)["dense"]["metrics"]["top1"],
+    assert dense["reference_top1"] == pytest.approx(_stages(summary)["dense"]["metrics"]["test_top1"],
                                                     abs=1e-9)
     assert dense["verified"] and abs(dense["top1"] - dense["reference_top1"]) <= 0.1
 

@@ -62,8 +62,8 @@ def test_cpz_is_the_measured_int8_deployable(run):
     # read the input at 16x16, which were mostly pruned zeros)
     assert huff["model_bytes"] < 0.6 * ptq["model_bytes"]
     # the runner evaluated the decoded int8 model: exactly the ptq stage's predictions
-    assert huff["top1"] == ptq["top1"]
-    assert huff["loss"] == ptq["loss"]
+    assert huff["test_top1"] == ptq["test_top1"]
+    assert huff["test_loss"] == ptq["test_loss"]
 
 
 def test_decodes_to_the_int8_file_byte_for_byte(run):
@@ -163,7 +163,7 @@ def test_decompress_writes_the_onnx_file(run, tmp_path, capsys):
 def test_export_after_int8_huffman_emits_the_cpz_and_the_int8_file(run):
     out, rec = run
     manifest = json.loads((out / "export" / "export.json").read_text())
-    deployed = rec["huffman"]["metrics"]["top1"]
+    deployed = rec["huffman"]["metrics"]["test_top1"]
     masks = len(_masks(out))
     assert manifest["deployed_format"] == "cpz"
     for fmt, file in (("cpz", CPZ_FILE), ("onnx", INT8_FILE)):

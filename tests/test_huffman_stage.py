@@ -39,8 +39,8 @@ def test_cpz_is_the_measured_deployable(chain):
     assert huff["model_files"] == ["model.cpz"]
     assert huff["metrics"]["model_bytes"] == (out / "huffman" / "model.cpz").stat().st_size
     # the decoded model is the clustered model: same predictions, same accuracy
-    assert huff["metrics"]["top1"] == rec["cluster"]["metrics"]["top1"]
-    assert huff["metrics"]["loss"] == pytest.approx(rec["cluster"]["metrics"]["loss"], abs=1e-6)
+    assert huff["metrics"]["test_top1"] == rec["cluster"]["metrics"]["test_top1"]
+    assert huff["metrics"]["test_loss"] == pytest.approx(rec["cluster"]["metrics"]["test_loss"], abs=1e-6)
     # 90% pruning + 4-bit indices, Huffman-coded: far smaller than the fp32 file and than the
     # cluster stage's dense index file (measured here: 19.5x vs 3.8x)
     assert huff["metrics"]["compression_ratio"] > 15

@@ -24,7 +24,7 @@ def _factory_pipeline(out, **model):
 
 def test_factory_model_trains_and_reloads(tmp_path):
     summary = compresspipe.run(_factory_pipeline(tmp_path / "out"))
-    assert summary["stages"][-1]["metrics"]["top1"] > 80
+    assert summary["stages"][-1]["metrics"]["test_top1"] > 80
     art = compresspipe.load(tmp_path / "out" / "train")
     assert art.spec == {"source": "factory", "factory": "factories_for_tests:mlp",
                         "kwargs": {"img": 8, "in_chans": 1, "num_classes": 10}}
@@ -43,7 +43,7 @@ def test_checkpoint_starts_from_trained_weights(tmp_path, suffix):
         torch.save({"state_dict": trained.state_dict()}, ckpt)
     second = compresspipe.run(_factory_pipeline(tmp_path / "b", checkpoint=str(ckpt)))
     # the new pipeline's *input* is the trained model, measured from its own file
-    assert second["stages"][0]["metrics"]["top1"] == first["stages"][-1]["metrics"]["top1"]
+    assert second["stages"][0]["metrics"]["test_top1"] == first["stages"][-1]["metrics"]["test_top1"]
 
 
 def test_pickled_objects_are_refused(tmp_path):
@@ -66,7 +66,8 @@ def test_checkpoint_shape_mismatch_names_tensor(tmp_path):
 def test_fake_data_is_learnable_and_configurable():
     data = build_data(DataConfig(name="fake", num_classes=3, channels=3, image_size=12,
                                  train_size=40, test_size=10))
-    assert (len(data.train), len(data.test), data.num_classes) == (40, 10, 3)
+    # the default validation split: 10% of the training images, held out
+    assert (len(data.train), len(data.val), len(data.test), data.num_classes) == (36, 4, 10, 3)
     assert data.train[0][0].shape == (3, 12, 12)
 
 
@@ -81,7 +82,7 @@ def test_imagefolder(tmp_path):
                 pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
     data = build_data(DataConfig(name="imagefolder", root=tmp_path, image_size=16))
-    assert data.num_classes == 2 and len(data.train) == 6
+    assert data.num_classes == 2 and (len(data.train), len(data.val)) == (5, 1)
     x, y = data.train[0]
     assert x.shape == (3, 16, 16) and y in (0, 1)
     pipeline = compresspipe.load_pipeline({

@@ -35,8 +35,8 @@ def test_summary_lists_every_stage(finished):
     assert [s["name"] for s in on_disk["stages"]] == ["input", "dense", "finetune"]
     assert summary["tracking_uri"] == f"sqlite:///{out / 'mlflow.db'}"
     dense = on_disk["stages"][1]["metrics"]
-    assert dense["top1"] > 50.0  # two epochs on digits learn something real
-    assert {"top1", "top5", "loss", "params", "nonzero_params", "sparsity", "model_bytes",
+    assert dense["test_top1"] > 50.0  # two epochs on digits learn something real
+    assert {"deployed_val_top1", "deployed_val_loss", "test_top1", "test_top5", "test_loss", "params", "nonzero_params", "sparsity", "model_bytes",
             "artifact_bytes", "bits_per_weight", "compression_ratio", "wall_time_s"} <= set(dense)
 
 
@@ -58,7 +58,7 @@ def test_logged_metrics_equal_summary(finished):
         for key, value in record["metrics"].items():
             assert logged[key] == pytest.approx(value, rel=1e-12, abs=0), key
     final = summary["stages"][-1]["metrics"]
-    assert parent.data.metrics["final.top1"] == final["top1"]
+    assert parent.data.metrics["final.test_top1"] == final["test_top1"]
     assert parent.data.metrics["input.model_bytes"] == summary["stages"][0]["metrics"]["model_bytes"]
 
 

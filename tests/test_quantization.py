@@ -113,10 +113,10 @@ def _onnx_weight(path, name):
 
 def test_int8_accuracy_within_one_point_of_fp32(int8_run):
     _, summary, _ = int8_run
-    fp32 = _metrics(summary, "prune-late")["top1"]
+    fp32 = _metrics(summary, "prune-late")["test_top1"]
     assert fp32 > 90.0  # the comparison means something only for a model that learned
-    assert abs(_metrics(summary, "ptq")["top1"] - fp32) <= 1.0
-    assert _metrics(summary, "qat")["top1"] >= fp32 - 1.0
+    assert abs(_metrics(summary, "ptq")["test_top1"] - fp32) <= 1.0
+    assert _metrics(summary, "qat")["test_top1"] >= fp32 - 1.0
 
 
 def test_deployed_model_is_the_int8_file(int8_run):
@@ -209,7 +209,7 @@ def test_int8_metrics_are_tracked(int8_run):
     _, qat = _stage_run(summary, "qat")
     m = qat.data.metrics
     assert m["int8_bytes"] == (out / "qat" / INT8_FILE).stat().st_size
-    assert m["int8_top1"] == pytest.approx(_metrics(summary, "qat")["top1"])
+    assert m["int8_top1"] == pytest.approx(_metrics(summary, "qat")["test_top1"])
     assert {"fp32_top1", "int8_top1_drop", "int8_kernels", "bits_per_weight"} <= set(m)
     assert m["int8_masked_tensors_checked"] == len(PRUNED)
     _, ptq = _stage_run(summary, "ptq")
@@ -368,7 +368,7 @@ def test_dynamic_ptq_of_a_linear_model(tmp_path):
     assert quant["method"] == "ptq-dynamic"
     assert quant["masked_tensors_checked"] == 1 and quant["masked_tensors_not_in_file"] == []
     assert not {"Gemm", "MatMul", "FusedGemm"} & set(quant["onnxruntime_ops"])  # all int8
-    assert abs(_metrics(summary, "dyn")["top1"] - _metrics(summary, "prune")["top1"]) <= 1.0
+    assert abs(_metrics(summary, "dyn")["test_top1"] - _metrics(summary, "prune")["test_top1"]) <= 1.0
     assert _metrics(summary, "dyn")["model_bytes"] < _metrics(summary, "prune")["model_bytes"] / 3
 
 

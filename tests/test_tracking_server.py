@@ -138,10 +138,10 @@ def _check_complete(uri: str, experiment: str, summary: dict) -> None:
     for record in stages:
         run = by_name[record["name"]]
         assert set(record["metrics"]) <= set(run.data.metrics), record["name"]
-        assert run.data.metrics["top1"] == pytest.approx(record["metrics"]["top1"])
+        assert run.data.metrics["test_top1"] == pytest.approx(record["metrics"]["test_top1"])
         assert [a.path for a in client.list_artifacts(run.info.run_id)] != []
     parent = by_name[summary["pipeline"]]
-    assert parent.data.metrics["final.top1"] == pytest.approx(stages[-1]["metrics"]["top1"])
+    assert parent.data.metrics["final.test_top1"] == pytest.approx(stages[-1]["metrics"]["test_top1"])
 
 
 def test_pipeline_through_a_flaky_server_completes(server, tmp_path):

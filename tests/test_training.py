@@ -114,7 +114,7 @@ def test_diverging_loss_gives_clear_error(digits):
 
 def test_digits_split_is_fixed_and_stratified():
     data = build_data(DataConfig(name="digits", image_size=16))
-    assert len(data.train) == 1437 and len(data.test) == 360
+    assert (len(data.train), len(data.val), len(data.test)) == (1293, 144, 360)
     labels = torch.stack([y for _, y in data.test])
     assert torch.bincount(labels).min() >= 35  # every class present in proportion
     x, _ = data.train[0]

@@ -75,8 +75,11 @@ class DataConfig(StrictModel):
     """The dataset, its preprocessing and loaders."""
 
     name: DatasetName = Field("digits", description="Built-in dataset or 'imagefolder'.")
-    root: UsablePath | None = Field(None,
-                                   description="Dataset directory (imagefolder, torchvision sets).")
+    root: UsablePath | None = Field(
+        None, description="Dataset directory. mnist/fashion_mnist: idx files (.gz or not) in "
+        "the Debian layout (<root>/train-images-idx3-ubyte.gz) or torchvision's "
+        "(<root>/FashionMNIST/raw/...); omitted, the Debian package's "
+        "/usr/share/datasets/fashion-mnist (or .../mnist).")
     download: bool = Field(False, description="Let torchvision download the dataset into root.")
     image_size: int = Field(32, ge=4, le=2048, description="Images are resized to this side.")
     channels: int | None = Field(
@@ -86,8 +89,17 @@ class DataConfig(StrictModel):
     eval_batch_size: int | None = Field(None, ge=1, le=65536)
     workers: int = Field(0, ge=0, le=128, description="DataLoader worker processes.")
     augment: bool = Field(False, description="Training augmentation (random crop/flip/shift).")
-    limit_train: int | None = Field(None, ge=1, description="Use only the first N training images.")
-    limit_test: int | None = Field(None, ge=1, description="Use only the first N test images.")
+    limit_train: int | None = Field(None, ge=1, description="Use only N training images (a "
+                                    "fixed random subset, taken after the validation split).")
+    limit_test: int | None = Field(None, ge=1, description="Use only N test images (a fixed "
+                                   "random subset).")
+    limit_val: int | None = Field(None, ge=1, description="Use only N validation images.")
+    val_split: float = Field(
+        0.1, ge=0, description="Validation split held out of the training set, stratified by "
+        "class: a fraction (< 1) or a count (>= 1); 0 turns it off (then anything that must "
+        "choose, e.g. the per-epoch evaluation, has no split to choose on).")
+    split_seed: int = Field(0, ge=0, description="Seed of the validation split (fixed, not the "
+                            "pipeline's seed, so that every run holds out the same images).")
     num_classes: int | None = Field(None, ge=2, le=100000, description="'fake' only.")
     train_size: int = Field(256, ge=1, le=10_000_000, description="'fake' only.")
     test_size: int = Field(64, ge=1, le=10_000_000, description="'fake' only.")
@@ -96,6 +108,11 @@ class DataConfig(StrictModel):
     def _fake_only_keys(self) -> DataConfig:
         if self.name != "fake" and self.num_classes is not None:
             raise ValueError("'num_classes' is set by the dataset; only 'fake' takes it")
+        if self.val_split >= 1 and self.val_split != int(self.val_split):
+            raise ValueError(f"val_split {self.val_split} is neither a fraction below 1 nor a "
+                             "whole number of images")
+        if self.download and self.root is None:
+            raise ValueError("'download' needs a 'root' to download into")
         return self
 
     def dataset_num_classes(self) -> int | None:

@@ -73,7 +73,7 @@ class TrainHook:
         pass
 
     def on_evaluate(self, loader: DataLoader, predictions: torch.Tensor) -> dict[str, float]:
-        """Extra metrics at each test-set evaluation, given the model's top-1 classes on
+        """Extra metrics at each validation-split evaluation, given the model's top-1 classes on
         ``loader`` (in its order) from the loop's own pass; logged as named. Under torchrun
         ``loader`` is this process's shard and the values are averaged over processes."""
         return {}
@@ -165,7 +165,9 @@ class Trainer:
             hook.on_train_start(self)
         generator = torch.Generator()
         loader = self.data.train_loader(generator)
-        test_loader = self.data.test_loader(shard=True)
+        # per-epoch evaluation (history, best-epoch choices) on the validation split, never
+        # the test set; none without one
+        val_loader = self.data.val_loader(shard=True) if self.data.val is not None else None
         main = dist.is_main()
         for epoch in range(self.start_epoch, self.cfg.epochs):
             torch.manual_seed(epoch_seed(self.seed, epoch))
@@ -173,8 +175,8 @@ class Trainer:
             started = time.perf_counter()
             metrics = self._train_epoch(loader, epoch)
             last = epoch + 1 == self.cfg.epochs
-            if last or (epoch + 1) % self.cfg.eval_every == 0:
-                metrics.update(self._evaluate(test_loader))
+            if val_loader is not None and (last or (epoch + 1) % self.cfg.eval_every == 0):
+                metrics.update(self._evaluate(val_loader))
             metrics["epoch_time_s"] = time.perf_counter() - started
             self.history.append({"epoch": epoch + 1, **metrics})
             for hook in self.hooks:
@@ -207,8 +209,8 @@ class Trainer:
             dist.broadcast_module(self.model)
 
     def _evaluate(self, loader: DataLoader) -> dict[str, float]:
-        """``val_*`` metrics on the test set and the hooks' ``on_evaluate`` metrics, from one
-        pass of the model; under torchrun each rank evaluates its shard."""
+        """``val_*`` metrics on the validation split and the hooks' ``on_evaluate`` metrics,
+        from one pass of the model; under torchrun each rank evaluates its shard."""
         if dist.world_size() > 1:
             dist.broadcast_module(self.model)  # the same BatchNorm statistics on every shard
         predictions: list[torch.Tensor] = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import re
 import shutil
 import signal
@@ -44,7 +45,11 @@ from .schema import NAME_PATTERN, PipelineFile
 
 SUMMARY_FILE = "summary.json"
 
-SUMMARY_METRICS = ("top1", "top5", "loss", "model_bytes", "compression_ratio", "sparsity")
+# accuracy metrics carry their split: deployed_val_* (the saved model on the held-out
+# validation split, what decisions use; plain val_* are the training loop's per-epoch curves)
+# and test_* (the test set, reported only)
+SUMMARY_METRICS = ("deployed_val_top1", "deployed_val_loss", "test_top1", "test_top5",
+                   "test_loss", "model_bytes", "compression_ratio", "sparsity")
 
 
 def run_pipeline(pipeline: PipelineFile, resume: bool = False) -> dict[str, Any]:
@@ -271,7 +276,7 @@ class Runner:
         counts = param_counts(reloaded.model)
         metrics: dict[str, float] = {
             # measured on the model rebuilt from the files on disk, in its deployed form
-            **evaluate(deployed.to(device), data.test_loader(), device),
+            **measure_splits(deployed.to(device), data, device),
             **counts,
             "model_bytes": model_bytes,
             "artifact_bytes": sum(files.values()),
@@ -414,8 +419,21 @@ class Runner:
                                           if k in final})
 
 
+def measure_splits(model: torch.nn.Module, data, device) -> dict[str, float]:
+    """``deployed_val_*`` metrics on the validation split (when there is one) and ``test_*``
+    on the test set: every accuracy says which split it is from. (Not ``val_*``: those name
+    the training loop's per-epoch curves, logged to the same MLflow run.)"""
+    metrics = {f"test_{k}": v for k, v in evaluate(model, data.test_loader(), device).items()}
+    if data.val is not None:
+        metrics.update({f"deployed_val_{k}": v for k, v in
+                        evaluate(model, data.val_loader(), device).items()})
+    return metrics
+
+
 def _print_record(record: dict[str, Any]) -> None:
     m = record["metrics"]
-    print(f"   {record['name']}: top1 {m['top1']:.2f}%  loss {m['loss']:.4f}  "
+    val = f"val top1 {m['deployed_val_top1']:.2f}%  " if "deployed_val_top1" in m else ""
+    print(f"   {record['name']}: {val}test top1 {m.get('test_top1', math.nan):.2f}%  "
+          f"test loss {m.get('test_loss', math.nan):.4f}  "
           f"{m['model_bytes']:,} bytes  ({m['compression_ratio']:.2f}x)  "
           f"sparsity {m['sparsity']:.1%}", flush=True)

@@ -98,8 +98,10 @@ class ClusterStage(Stage):
         model = artifact.model.to(ctx.device)
         bits = layer_bits(model, cfg.conv_bits, cfg.linear_bits, cfg.overrides)
         layers = cluster_model(model, bits, artifact.masks, cfg.kmeans_iters)
-        test = ctx.data.test_loader()
-        metrics = {"cluster_top1_before_finetune": evaluate(model, test, ctx.device)["top1"]}
+        # on the validation split: these numbers steer the centroid fine-tuning's settings
+        val = ctx.data.val_loader(purpose=f"stage {ctx.spec.name!r} (accuracy before and after "
+                                  "centroid fine-tuning)")
+        metrics = {"cluster_val_top1_before_finetune": evaluate(model, val, ctx.device)["top1"]}
         if cfg.finetune.epochs > 0:
             hooks = [CentroidHook(layers, cfg.centroid_grad)]
             if cfg.distill is not None:
@@ -110,7 +112,7 @@ class ClusterStage(Stage):
             finally:
                 for hook in hooks:
                     hook.close()
-            metrics["cluster_top1_after_finetune"] = evaluate(model, test, ctx.device)["top1"]
+            metrics["cluster_val_top1_after_finetune"] = evaluate(model, val, ctx.device)["top1"]
         verify(model, layers, artifact.masks)
         info = store(artifact, layers)
         attach_deployable(artifact, layers)
@@ -118,9 +120,10 @@ class ClusterStage(Stage):
         ctx.log_metrics(metrics, None)
         print(f"[{ctx.spec.name}] {len(layers)} layers clustered, "
               f"{metrics['cluster_bits_per_weight']:.2f} index bits per clustered weight, "
-              f"top1 {metrics['cluster_top1_before_finetune']:.2f}%"
-              + (f" -> {metrics['cluster_top1_after_finetune']:.2f}% after centroid fine-tuning"
-                 if "cluster_top1_after_finetune" in metrics else ""), flush=True)
+              f"val top1 {metrics['cluster_val_top1_before_finetune']:.2f}%"
+              + (f" -> {metrics['cluster_val_top1_after_finetune']:.2f}% after centroid "
+                 "fine-tuning" if "cluster_val_top1_after_finetune" in metrics else ""),
+              flush=True)
         return artifact
 
 

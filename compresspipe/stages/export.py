@@ -166,12 +166,12 @@ class ExportStage(Stage):
         onnx = next((i for i in items if i.format == "onnx"), None)
         model_uri = None
         if cfg.log_model and onnx is not None:
-            model_uri = ctx.log_model(onnx.path, example_inputs(ctx.data.test).numpy())
+            model_uri = ctx.log_model(onnx.path, example_inputs(ctx.data.examples()).numpy())
         for item in items:
             artifact.outputs.setdefault(item.path.name, _copier(item.path))
         info = {"source_stage": name, "deployed_format": incoming.format or "safetensors",
                 "deployed_top1": incoming.deployed_top1, "tolerance": cfg.tolerance,
-                "input_shape": [None, *ctx.data.test[0][0].shape],
+                "input_shape": [None, *ctx.data.examples()[0][0].shape],
                 "mlflow_model_uri": model_uri}
         artifact.outputs[MANIFEST_FILE] = lambda path: write_manifest(path, items, info)
         _print(self.name, items, incoming)
@@ -181,7 +181,7 @@ class ExportStage(Stage):
                ctx: StageContext) -> Exported:
         """Write one format into ``work``, check its masks, and say which model it holds."""
         job = _Job(self.name, self.config, artifact, incoming, work,
-                   example_inputs(ctx.data.test), f"stage {self.name!r}: format {fmt!r}")
+                   example_inputs(ctx.data.examples()), f"stage {self.name!r}: format {fmt!r}")
         return _WRITERS[fmt](job)
 
 
@@ -283,7 +283,8 @@ def _incoming(name: str, source: Artifact, artifact: Artifact, ctx: StageContext
     """The previous stage's deployed model and its accuracy (as the runner measured it)."""
     directory = ctx.stage_dir(name)
     deployed = source.deployed_model(directory)
-    top1 = ctx.incoming["top1"]
+    # the consumers run the test split: compare with the runner's test-split number
+    top1 = ctx.incoming["test_top1"]
     fmt = source.deploy["format"] if source.deploy else None
     if fmt in DENSE_DEPLOYS and not isinstance(deployed, OnnxModel):  # not an int8 .cpz
         return Incoming(name, directory, source.deploy, deployed, top1, deployed, top1)

@@ -103,7 +103,9 @@ class HuffmanStage(Stage):
 
         model = artifact.model.eval()
         layers = set(artifact_keys.cluster_layers(artifact))
-        inputs = next(iter(ctx.data.test_loader()))[0].to(next(model.parameters()).device)
+        examples = ctx.data.examples()  # the validation split: the test set only reports
+        inputs = torch.stack([examples[i][0] for i in range(min(len(examples), 256))])
+        inputs = inputs.to(next(model.parameters()).device)
         with torch.no_grad():
             before = model(inputs)
             folded = fold_statistics(model, skip=layers)

@@ -53,7 +53,7 @@ class PTQStage(Stage):
         from ..compress.quant.qdq import QDQScheme
 
         cfg = self.config
-        example = example_batch(ctx.data.test)
+        example = example_batch(ctx.data.examples())
         path = ctx.work_dir / INT8_FILE
         model = artifact.model.cpu().eval()
         if cfg.mode == "static":

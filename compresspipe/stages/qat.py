@@ -79,7 +79,7 @@ class QATStage(Stage):
         scheme = QDQScheme(per_channel=cfg.per_channel,
                            symmetric_activations=cfg.symmetric_activations, qat=True)
         nudged = nudge_zero_bn_scales(artifact.model, artifact.masks)
-        example = example_batch(ctx.data.test)
+        example = example_batch(ctx.data.examples())
         prepared = prepare_qat(artifact.model, example, scheme)
         modes = enable_train_eval(prepared)
         hooks = [QATScheduleHook(prepared, modes, cfg.freeze_bn_after, cfg.freeze_observers_after)]

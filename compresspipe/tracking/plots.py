@@ -13,12 +13,12 @@ from ..formats.cpz import byte_parts
 
 
 def size_accuracy_plot(summary: dict[str, Any], path: Path) -> Path:
-    """Model bytes on disk (log scale) against top-1, one labelled point per stage."""
+    """Model bytes on disk (log scale) against test top-1, one labelled point per stage."""
     from matplotlib.figure import Figure  # lazy: matplotlib loads only where a plot is drawn
 
     stages = summary["stages"]
     sizes = [s["metrics"]["model_bytes"] / 1024 for s in stages]
-    accs = [s["metrics"]["top1"] for s in stages]
+    accs = [s["metrics"]["test_top1"] for s in stages]
     fig = Figure(figsize=(6.4, 4.2), dpi=110)
     ax = fig.subplots()
     ax.plot(sizes, accs, "-o", color="#3465a4")

@@ -78,6 +78,7 @@ def latency_metrics(fp32_model: nn.Module, path: Path, data, repeats: int,
                                              Path(tmp) / "fp32.onnx", trim_taps=trim_taps),
                                  threads=threads)
         for label, n in (("b1", 1), (f"b{batch}", batch)):
+            # timing inputs only (no decision): the test set, for batches of the full size
             x = example_batch(data.test, n)
             with torch.no_grad():
                 fp32 = 1e3 * median_seconds(lambda x=x: fp32_model(x), repeats)
@@ -101,7 +102,7 @@ def finish_int8(artifact: Artifact, ctx: RunContext, path: Path, fp32_model: nn.
     absent = check_int8_masks(path, artifact.masks, ctx.name)
     checked = len(artifact.masks) - len(absent)
     int8 = OnnxModel(path)
-    test = ctx.data.test_loader()
+    test = ctx.data.test_loader()  # reported numbers, beside the runner's test_top1
     fp32 = evaluate(fp32_model.to(ctx.device), test, ctx.device)
     q = evaluate(int8, test, "cpu")
     ops = fused_op_counts(path)
