@@ -70,7 +70,9 @@ def stage_bytes(cpz: Path, params: int) -> dict[str, float]:
     tensors, _ = read_cpz(cpz)
     raw = sum(r["values_bytes"] + r["table_bytes"] for r in rows if r["kind"] == "raw")
     coded = [r for r in rows if r["kind"] != "raw"]
-    positions = sum((r["positions_bits"] or 0) * (r["positions_symbols"] or 0) for r in coded) / 8
+    # gap-coded positions at their fixed width; a bitmap or run-length layout as stored
+    positions = sum(r["positions_bits"] * r["positions_symbols"] / 8 if r["positions_bits"]
+                    else r["positions_bytes"] for r in coded)
     nonzero = sum(r["nonzero"] for r in coded)
     index_bits = sum(r["nonzero"] * _index_bits(tensors[r["name"]]) for r in coded) / 8
     books = sum(4 * len(tensors[r["name"]].codebook) for r in coded)

@@ -51,6 +51,8 @@ def tiny_overrides(path: Path, out: Path) -> list[str]:
     pipeline = load_pipeline(path, check_model=False)
     overrides = [f"output_dir={out}", "tracking.enabled=false", "device=cpu"]
     overrides += [f"data.{k}={v}" for k, v in TINY_DATA.items()]
+    if "image_size" in (pipeline.config.model.kwargs or {}):  # the zoo's LeNets are told it
+        overrides.append(f"model.kwargs.image_size={TINY_DATA['image_size']}")
     for spec in pipeline.stages:
         config = spec.config.model_dump(mode="json")
         overrides += _diff(config, _shrink(config), f"stages.{spec.index}.{spec.type}")
