@@ -56,7 +56,7 @@ def test_idx_files_in_either_layout(tmp_path, layout, gz):
 
 
 def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
-    with pytest.raises(CompressPipeError, match=r"^data: no fashion_mnist idx files in .*"
+    with pytest.raises(CompressPipeError, match=r"^data.root: no fashion_mnist idx files in .*"
                        r"set data.download: true") as info:
         build_data(DataConfig(name="fashion_mnist", root=tmp_path))
     assert "\n" not in str(info.value)
@@ -114,12 +114,20 @@ def test_digits_validation_split_comes_out_of_the_training_set():
     val = {tuple(x.flatten().tolist()) for x in d.val.images}
     assert len(d.val) == 144 and not train & val
     assert torch.bincount(d.val.labels).min() >= 13  # every class, in proportion
-    again = build_data(DataConfig(name="digits", image_size=8, limit_train=100))
-    assert torch.equal(again.val.images, d.val.images)  # the limit does not move the split
     off = build_data(DataConfig(name="digits", image_size=8, val_split=0))
     assert off.val is None and len(off.train) == 1437
     with pytest.raises(CompressPipeError, match="data.val_split is 0, but the search chooses"):
         off.val_loader(purpose="the search")
+
+
+def test_limits_apply_after_the_split():
+    full = build_data(DataConfig(name="fake", image_size=4, train_size=200))
+    limited = build_data(DataConfig(name="fake", image_size=4, train_size=200, limit_train=50,
+                                    limit_val=10))
+    assert (len(limited.train), len(limited.val)) == (50, 10)
+    val = {tuple(x.flatten().tolist()) for x in full.val.images}
+    assert {tuple(x.flatten().tolist()) for x in limited.val.images} <= val  # same split
+    assert not {tuple(x.flatten().tolist()) for x in limited.train.images} & val
 
 
 def _memory_set(n=37, side=8, flip=True) -> InMemoryImages:

@@ -65,19 +65,32 @@ def find_idx_files(name: str, root: Path | None) -> dict[str, Path]:
     """``{"train_images", "train_labels", "test_images", "test_labels"}`` -> file, from ``root``
     in the Debian or torchvision layout (``.gz`` or not), or from the Debian location when
     ``root`` is None. None found: one line saying how to get them."""
-    roots = [root] if root is not None else [DEBIAN_ROOTS[name]]
-    candidates = [d for r in roots for d in (r, r / TORCHVISION_DIRS[name] / "raw")]
-    for directory in candidates:
-        files = _files_in(directory)
-        if files is not None:
-            return files
+    found = _find(name, root)
+    if found is None:
+        raise CompressPipeError(f"data.root: {missing_message(name, root)}")
+    return found
+
+
+def missing_message(name: str, root: Path | None) -> str | None:
+    """None when the files are there, else what is missing and how to get it (one line)."""
+    if _find(name, root) is not None:
+        return None
     where = root if root is not None else DEBIAN_ROOTS[name]
     if root is None:
         how = f"{INSTALL_HINT[name]}, or set data.root and data.download: true"
     else:
         how = "set data.download: true to download it there"
-    raise CompressPipeError(f"data: no {name} idx files in {where} (Debian or torchvision "
-                            f"layout); {how}")
+    return (f"no {name} idx files in {where} (Debian layout <dir>/train-images-idx3-ubyte.gz "
+            f"or torchvision's <dir>/{TORCHVISION_DIRS[name]}/raw/); {how}")
+
+
+def _find(name: str, root: Path | None) -> dict[str, Path] | None:
+    base = root if root is not None else DEBIAN_ROOTS[name]
+    for directory in (base, base / TORCHVISION_DIRS[name] / "raw"):
+        files = _files_in(directory)
+        if files is not None:
+            return files
+    return None
 
 
 def _files_in(directory: Path) -> dict[str, Path] | None:

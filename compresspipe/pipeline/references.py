@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from ..core.errors import Problem, suggest
+from ..core.idx import missing_message
 from ..stages.spec import INPUT_STAGE, StageSpec, stage_references
 from .schema import PipelineConfig
 
@@ -61,7 +62,11 @@ def check_paths(config: PipelineConfig, broken: set[str] | None = None) -> list[
             if not any((data.root / d).is_dir() for d in ("val", "test", "validation")):
                 problems.append(Problem("data.root",
                                         f"no 'val' or 'test' subdirectory in {data.root}"))
-    elif data.name in ("mnist", "fashion_mnist", "cifar10", "cifar100"):
+    elif data.name in ("mnist", "fashion_mnist"):
+        missing = None if data.download else missing_message(data.name, data.root)
+        if missing:
+            problems.append(Problem("data.root", missing))
+    elif data.name in ("cifar10", "cifar100"):
         if data.root is None:
             problems.append(Problem("data.root", f"{data.name!r} needs a root directory"))
         elif not data.download and not data.root.is_dir():
