@@ -142,6 +142,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--workdir", type=Path, default=None, help="keep runs here (resumable)")
+    ap.add_argument("--only-seed", type=int, default=None,
+                    help="run just this seed (parallel workers sharing --workdir; a final call "
+                    "without it resumes them all and writes the table)")
     args = ap.parse_args()
     if not Path(FASHION_ROOT).is_dir():
         sys.exit(f"Fashion-MNIST not found at {FASHION_ROOT}: apt-get install dataset-fashion-mnist")
@@ -151,10 +154,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         work = args.workdir or Path(scratch)
         for model in args.models:
-            for seed in range(seeds):
+            for seed in range(seeds) if args.only_seed is None else [args.only_seed]:
                 row = run_one(model, seed, work / f"{model}-seed{seed}", args.quick)
                 print(json.dumps(row), flush=True)
                 runs.setdefault(model, []).append(row)
+    if args.only_seed is not None:
+        return
     text = report(runs, seeds, args.quick)
     print(text)
     RESULTS.mkdir(exist_ok=True)

@@ -15,7 +15,8 @@ from compresspipe.pipeline.loader import load_pipeline
 from compresspipe.pipeline.runner import run_pipeline
 
 PIPELINES = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.yaml"))
-TINY_DATA = {"image_size": 16, "batch_size": 32, "limit_train": 96, "limit_test": 48, "workers": 0}
+TINY_DATA = {"image_size": 16, "batch_size": 32, "limit_train": 96, "limit_test": 48, "limit_val": 48,
+             "workers": 0}
 # key -> value at any depth of a stage's resolved config; applied only where the key is set
 TINY = {"warmup_epochs": 0, "rounds": 2, "steps": 1, "calibration_batches": 1,
         "latency_repeats": 0, "latency": None, "kmeans_iters": 5, "taylor_batches": 1,
