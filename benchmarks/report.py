@@ -352,7 +352,10 @@ def headline_pruning_methods(d: list) -> list[str]:
 
 def headline_seed_claims(d: dict) -> list[str]:
     """Each seed paper's claim and its verdict from the numbers."""
-    return [f"{c['claim']}: {c['verdict']} ({c['diff']:+.2f} ± {c['se']:.2f} pt)"
+    return [f"{c['claim']} at {c['sparsity']:.2%}: {c['verdict']} ({c['a']} "
+            f"{c['mean_a']:.2f} vs {c['b']} {c['mean_b']:.2f} layers emptied)"
+            if c.get("metric") == "collapsed_layers" else
+            f"{c['claim']}: {c['verdict']} ({c['diff']:+.2f} ± {c['se']:.2f} pt)"
             for c in d["claims"]]
 
 
