@@ -4,7 +4,7 @@ The candidate is the real ``Trainer`` (core/training.py, no hooks) fed by the da
 pipeline uses (``build_data``: Fashion-MNIST read from its idx files, held once as uint8, each
 batch gathered, converted and normalised with tensor ops). The baseline is the loop a person
 would write: the same images already as a normalised float tensor in memory, a permutation,
-``x[idx]``, forward, cross-entropy, backward, SGD step. Same model (the same initial weights),
+``x.index_select(0, idx)``, forward, cross-entropy, backward, SGD step. Same model (the same initial weights),
 batch 128, SGD (lr 0.05, momentum 0.9, weight decay 5e-4), same torch threads, no augmentation
 on either side (the baseline has none) and no evaluation pass. Repetitions are interleaved
 (baseline and candidate alternate, the order flipping every repetition) and the median taken:
@@ -91,7 +91,8 @@ def baseline_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int
     started = time.perf_counter()
     for start in range(0, len(y), BATCH):
         idx = order[start: start + BATCH]
-        xb, yb = x[idx], y[idx]
+        # index_select, the fast form (x[idx] costs ~0.15 ms more per batch): the strong baseline
+        xb, yb = x.index_select(0, idx), y.index_select(0, idx)
         if data_only:
             continue
         loss = F.cross_entropy(model(xb), yb)
@@ -129,6 +130,8 @@ def measure(name: str, factory, limit: int | None, reps: int, seed: int = 0) -> 
         "model": name, "images": len(y), "steps": -(-len(y) // BATCH), "repetitions": reps,
         "candidate_s": med["candidate"], "baseline_s": med["baseline"],
         "ratio": med["candidate"] / med["baseline"], "ratio_per_rep": ratios,
+        # the least disturbed run of each side: on a shared machine, the steadier estimate
+        "ratio_min": min(rows["candidate"]) / min(rows["baseline"]),
         "candidate_data_s": med["candidate_data"],
         "candidate_compute_s": med["candidate"] - med["candidate_data"],
         "baseline_data_s": med["baseline_data"],
@@ -139,13 +142,14 @@ def measure(name: str, factory, limit: int | None, reps: int, seed: int = 0) -> 
 
 def table(results: list[dict]) -> str:
     lines = ["| model | images | candidate s (data + rest) | plain loop s (data + rest) | "
-             "ratio | target |", "|---|---:|---:|---:|---:|---|"]
+             "ratio of medians | ratio of minima | target |", "|---|---:|---:|---:|---:|---:|---|"]
     for r in results:
         lines.append(
             f"| {r['model']} | {r['images']:,} | {r['candidate_s']:.2f} "
             f"({r['candidate_data_s']:.2f} + {r['candidate_compute_s']:.2f}) | "
             f"{r['baseline_s']:.2f} ({r['baseline_data_s']:.2f} + {r['baseline_compute_s']:.2f})"
-            f" | {r['ratio']:.3f}x | {'met' if r['met'] else 'MISSED'} (<= {TARGET:.2f}x) |")
+            f" | {r['ratio']:.3f}x | {r['ratio_min']:.3f}x | "
+            f"{'met' if r['met'] else 'MISSED'} (<= {TARGET:.2f}x, medians) |")
     return "\n".join(lines)
 
 
