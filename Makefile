@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 
 .PHONY: install demo test lint clean bench bench-quick bench-report soak
 
@@ -23,6 +24,7 @@ test: $(STAMP)
 
 # every benchmarks/*.py in full (long), then benchmarks/REPORT.md from benchmarks/results/
 bench: $(STAMP)
+	@test -d $(FASHION_MNIST) || { echo "make bench needs Fashion-MNIST in $(FASHION_MNIST): apt-get install dataset-fashion-mnist"; exit 2; }
 	$(BIN)/python benchmarks/report.py --run
 
 # the same with --quick where a benchmark has it

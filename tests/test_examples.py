@@ -15,7 +15,8 @@ from compresspipe.pipeline.loader import load_pipeline
 from compresspipe.pipeline.runner import run_pipeline
 
 PIPELINES = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.yaml"))
-TINY_DATA = {"image_size": 16, "batch_size": 32, "limit_train": 96, "limit_test": 48, "workers": 0}
+TINY_DATA = {"image_size": 16, "batch_size": 32, "limit_train": 96, "limit_test": 48, "limit_val": 48,
+             "workers": 0}
 # key -> value at any depth of a stage's resolved config; applied only where the key is set
 TINY = {"warmup_epochs": 0, "rounds": 2, "steps": 1, "calibration_batches": 1,
         "latency_repeats": 0, "latency": None, "kmeans_iters": 5, "taylor_batches": 1,
@@ -51,6 +52,8 @@ def tiny_overrides(path: Path, out: Path) -> list[str]:
     pipeline = load_pipeline(path, check_model=False)
     overrides = [f"output_dir={out}", "tracking.enabled=false", "device=cpu"]
     overrides += [f"data.{k}={v}" for k, v in TINY_DATA.items()]
+    if "image_size" in (pipeline.config.model.kwargs or {}):  # the zoo's LeNets are told it
+        overrides.append(f"model.kwargs.image_size={TINY_DATA['image_size']}")
     for spec in pipeline.stages:
         config = spec.config.model_dump(mode="json")
         overrides += _diff(config, _shrink(config), f"stages.{spec.index}.{spec.type}")

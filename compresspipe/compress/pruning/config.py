@@ -95,7 +95,9 @@ class PruneConfig(StrictModel):
     first_layer: EdgePolicy = "include"
     classifier: EdgePolicy = "include"
     overrides: dict[str, float] = Field(default_factory=dict,
-                                        description="Pattern -> fixed sparsity for those layers.")
+                                        description="Pattern -> the sparsity those layers "
+                                        "reach at the target (iterative methods approach it at "
+                                        "the pace of the overall schedule).")
     allocation: AllocationConfig | None = Field(
         None, description="Split the global target over the layers by a rule (uniform, "
         "global, erk, lamp, sensitivity), hitting it exactly; a name or {rule, scan}. "
@@ -103,6 +105,12 @@ class PruneConfig(StrictModel):
     min_layer_keep: float = Field(
         0.01, ge=0, lt=1, description="Every layer keeps at least this fraction of its weights "
         "(at least one): guards against layer collapse. 0 disables it.")
+    recalibrate_bn: int = Field(
+        100, ge=0, description="After every training phase, recompute BatchNorm running "
+        "statistics as the exact average over this many training batches (0: keep the moving "
+        "averages). At high sparsity channels cut off from the input feed BatchNorm constants "
+        "with near-zero variance, where the moving averages' residue of earlier weights "
+        "is amplified into chance-level evaluation.")
     rounds: int = Field(1, ge=1, le=100, description="Prune-retrain rounds (imp, lth, bimp).")
     retrain: Retrain | None = Field(None, description="LR schedule after each prune step; "
                                     "default allr (wr for lth). ft retrains at the dense "

@@ -11,6 +11,7 @@ add to every training phase (the prune stage's distillation) and the initial wei
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from .scopes import (
     floor_bound,
     layer_sparsity,
     overall_sparsity,
+    scheduled_overrides,
     select_targets,
 )
 
@@ -39,6 +41,55 @@ from .scopes import (
 PhaseHooks = Callable[[nn.Module], Sequence[TrainHook]]
 # the model state weight rewinding returns to under ``rewind_to: init`` (loaded when needed)
 InitialState = Callable[[], dict[str, torch.Tensor]]
+
+
+class RecalibrateBatchNorm(TrainHook):
+    """After a phase's last optimizer step (before its evaluation), BatchNorm running statistics
+    become the exact average over ``batches`` training batches at the final weights.
+
+    Why: at 99% sparsity most channels of a pruned network have no path from the input, so they
+    feed the next layer a constant and its BatchNorm sees a variance near zero. The moving
+    averages still hold a residue of the statistics of weights long gone (momentum 0.1 leaves
+    0.9^n of them); divided by that near-zero variance the residue becomes huge activations
+    in eval mode, while training (batch statistics) is consistent: the train loss falls and
+    the evaluated model is at chance with a loss above ln 10.
+    """
+
+    def __init__(self, ctx: RunContext, batches: int):
+        self.ctx, self.batches, self.total = ctx, batches, 0
+
+    def on_train_start(self, trainer) -> None:
+        self.total = trainer.total_steps
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        if step == self.total:
+            recalibrate_batchnorm(model, self.ctx, self.batches)
+
+
+def recalibrate_batchnorm(model: nn.Module, ctx: RunContext, batches: int) -> None:
+    """Reset every BatchNorm's running statistics and average them over ``batches`` seeded
+    training batches (the same on every process), the rest of the model in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms:
+        return
+    was_training = model.training
+    model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: cumulative average, every batch weighs the same
+        m.train()
+    device = next(model.parameters()).device
+    loader = ctx.data.train_loader(torch.Generator().manual_seed(ctx.seed), shard=False)
+    with torch.no_grad():
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            model(x.to(device))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 class Pruner:
@@ -95,8 +146,10 @@ class Pruner:
         """Recompute masks at ``sparsity``, zero the pruned weights; return phase statistics."""
         before = sum(int(m.sum()) for m in self.masks.values()) if self.masks else sum(
             dict(self.model.named_parameters())[n].numel() for n in self.targets.names)
+        targets = replace(self.targets, overrides=scheduled_overrides(
+            self.targets.overrides, sparsity, self.cfg.target_sparsity()))
         new = compute_masks(scores if scores is not None else self.scores(self.phase),
-                            self.targets, sparsity, self.cfg.scope, self.cfg.granularity,
+                            targets, sparsity, self.cfg.scope, self.cfg.granularity,
                             previous=self.masks)
         d = norm_removed(self.model, {**self.all_masks(), **new})
         self.masks = {n: m.cpu() for n, m in new.items()}
@@ -164,6 +217,8 @@ class Pruner:
         key = key or f"phase{self.phase}"
         given = self.phase_hooks(self.model) if phase_hooks and self.phase_hooks else []
         hooks = [*given, *(extra_hooks or [])]
+        if self.cfg.recalibrate_bn:
+            hooks.append(RecalibrateBatchNorm(self.ctx, self.cfg.recalibrate_bn))
         trainer = self.ctx.trainer(model or self.model, cfg, hooks=hooks,
                                    lr_fn=lr_fn, masks=self.all_masks() if masks is None else masks,
                                    key=key, step_offset=self.logged_epochs)

@@ -73,6 +73,19 @@ def select_targets(model: nn.Module, include: list[str], exclude: list[str], fir
     return Targets(names=names, half_rate=half, overrides=fixed, min_keep=min_keep)
 
 
+def scheduled_overrides(overrides: dict[str, float], sparsity: float,
+                        target: float) -> dict[str, float]:
+    """Each layer's fixed sparsity at a step of a schedule that is at ``sparsity`` of its
+    ``target``: the layer has come as far along its own log-density path, 1 − (1 − o)^k with
+    k = ln(1 − sparsity) / ln(1 − target). IMP's rounds then prune every overridden layer by
+    the same fraction of its survivors per round, as Han et al. do per layer, instead of
+    jumping to the final rate in the first round."""
+    if sparsity >= target or target <= 0:
+        return dict(overrides)
+    k = math.log1p(-sparsity) / math.log1p(-target)
+    return {name: 1.0 - (1.0 - o) ** k for name, o in overrides.items()}
+
+
 def compute_masks(scores: dict[str, torch.Tensor], targets: Targets, sparsity: float, scope: str,
                   granularity: str = "unstructured", previous: Masks | None = None) -> Masks:
     """Masks reaching ``sparsity`` over the targets; weights already pruned stay pruned.
