@@ -112,7 +112,7 @@ def searched(work: Path, epochs: int, max_drop: float, trials: int) -> dict:
     started = time.perf_counter()
     result = run_search(load_pipeline(cfg, check_model=False))
     return {"wall_s": time.perf_counter() - started, "trials": trials,
-            "best": result["best"], "table": result["table"],
+            "best": result["best"], "table": result["table"], "rows": result["rows"],
             "stage_runs_executed": result["stage_runs_executed"],
             "best_yaml": result["best_yaml"]}
 
@@ -143,7 +143,8 @@ def markdown(res: dict) -> str:
              "test top-1 | wall s | runs/trials |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in hand["rows"]:
-        mark = " (best)" if r is hand["best"] or r == hand["best"] else ""
+        mark = ("" if r != hand["best"] else " (best)" if hand["met_budget"]
+                else " (most accurate; none within budget)")
         lines.append(f"| hand-written{mark} | {r['sparsity']} | {r['bits']} | {r['bytes']:,} | "
                      f"{r['val_top1']:.2f} | {r['drop']:.2f} | {r['test_top1']:.2f} | | |")
     lines.append(f"| hand-written, all | | | | | | | {hand['wall_s']:.0f} | {hand['runs']} runs |")
@@ -153,8 +154,25 @@ def markdown(res: dict) -> str:
         lines.append(f"| searched (best) | {sp:.3f} | {bt} | {b['bytes']:,} | {b['val_top1']:.2f} "
                      f"| {b['val_top1_drop']:.2f} | {b['test_top1']:.2f} | {srch['wall_s']:.0f} | "
                      f"{srch['trials']} trials |")
-    lines += ["", f"Searched vs best hand-written: {res['ratio']:.2f}x smaller .cpz "
-              f"(target >= 1.5x at <= 0.5 pt): {'met' if res['target_met'] else 'MISSED'}.",
+    else:
+        lines.append(f"| searched | no trial within the budget | | | | | | {srch['wall_s']:.0f} | "
+                     f"{srch['trials']} trials |")
+    lines += ["", "One digits test image is 0.28 pt (360 images): a 0.5 pt budget allows one "
+              "image more wrong than dense, within run-to-run noise.",
+              "", f"Searched vs best hand-written: {res['ratio']:.2f}x smaller .cpz "
+              f"(target >= 1.5x at <= {res['max_drop']} pt): "
+              f"{'met' if res['target_met'] else 'MISSED'}.", "",
+              "The same trials and hand-written runs at looser budgets (smallest .cpz within "
+              "each; the search was steered by the 0.5 pt budget):", "",
+              "| budget (pt) | hand-written bytes | searched bytes | ratio |", "|---:|---:|---:|---:|"]
+    for budget in (0.5, 1.0, 1.5, 2.0):
+        h = [r["bytes"] for r in hand["rows"] if r["drop"] <= budget + 1e-9]
+        s_ = [r["bytes"] for r in srch.get("rows", []) if r["val_top1_drop"] <= budget + 1e-9]
+        ratio = f"{min(h) / min(s_):.2f}x" if h and s_ else "-"
+        lines.append(f"| {budget} | {min(h) if h else 'none':,} | {min(s_) if s_ else 'none':,} "
+                     f"| {ratio} |" if h and s_ else
+                     f"| {budget} | {min(h) if h else 'none'} | {min(s_) if s_ else 'none'} | - |")
+    lines += ["",
               f"Bits-only search, {bits['trials']} trials after one fixed prune: "
               f"{bits['stage_runs_executed']} of {bits['stage_runs_total']} stage runs executed "
               f"({bits['distinct_points']} distinct points; the rest restored from the cache), "
@@ -169,7 +187,14 @@ def main() -> int:
     p.add_argument("--max-drop", type=float, default=0.5)
     p.add_argument("--quick", action="store_true", help="a smoke run: few epochs and trials")
     p.add_argument("--keep", help="work directory to keep (default: a temporary one)")
+    p.add_argument("--tables-only", action="store_true",
+                   help="re-render search.md from results/search.json (no measuring)")
     args = p.parse_args()
+    if args.tables_only:
+        res = json.loads((RESULTS / "search.json").read_text())
+        (RESULTS / "search.md").write_text(markdown(res) + "\n")
+        print(markdown(res))
+        return 0
     if args.quick:
         args.trials, args.epochs = 3, 2
     torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster and steadier

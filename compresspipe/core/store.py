@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -199,11 +200,14 @@ class TensorStore:
     def all_objects(self) -> dict[str, Path]:
         return {p.name: p for p in (self.root / OBJECTS).glob("??/*") if p.is_file()}
 
-    def collect_garbage(self, keep: set[str]) -> int:
-        """Delete every object not in ``keep``; return the bytes freed."""
+    def collect_garbage(self, keep: set[str], min_age_s: float = 600.0) -> int:
+        """Delete every object not in ``keep`` and untouched for ``min_age_s`` (another process
+        may have just written one whose directory it has not yet recorded); return the bytes
+        freed."""
         freed = 0
+        now = time.time()
         for digest, path in self.all_objects().items():
-            if digest not in keep:
+            if digest not in keep and now - path.stat().st_mtime >= min_age_s:
                 freed += path.stat().st_size
                 path.unlink(missing_ok=True)
         return freed

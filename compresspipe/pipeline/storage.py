@@ -13,6 +13,8 @@ from ..core.artifact import MODEL_FILE, TENSORS_FILE, Artifact
 from ..core.measure import file_bytes
 from .cache import Entry
 
+SMALL_FILE = 1 << 20  # metadata (artifact.json, tensors.json, export.json): always logged
+
 
 class StageStorage:
     """Mixed into runner.Runner; uses its out, cfg, tracker, stage_cache, summary, observer."""
@@ -87,8 +89,11 @@ class StageStorage:
             self.tracker.log_artifact(run_id, full, "artifact")
             shutil.rmtree(full.parent, ignore_errors=True)
             return
+        deployable = set(record.get("model_files", []))
         for f in sorted(directory.iterdir()):
-            if f.is_file():
+            # the deployable files and the small metadata; other large outputs (export's ONNX,
+            # which export logs as the run's MLflow model) stay where pointer.json says
+            if f.is_file() and (f.name in deployable or f.stat().st_size <= SMALL_FILE):
                 self.tracker.log_artifact(run_id, f, "artifact")
         self.tracker.log_text(run_id, json.dumps({
             "directory": str(directory), "store": str(self.stage_cache.store.root),
