@@ -31,8 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from safetensors.torch import save_model  # noqa: E402
 
 import compresspipe  # noqa: E402
+from compresspipe.core.artifact import Artifact  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -91,7 +93,10 @@ def finetune(epochs: int, train: dict) -> dict:
 def dense_model(family: str, model: tuple, epochs: int, out: Path) -> tuple[Path, float]:
     train = {"epochs": epochs, **model[3]}
     metrics, _ = run(pipeline(f"{family}-dense", out, model, [{"name": "dense", "train": train}]))
-    return out / f"{family}-dense" / "dense" / "model.safetensors", metrics["test_top1"]
+    # the runner keeps tensors in its store: write the dense weights as a checkpoint file
+    checkpoint = out / f"{family}-dense" / "dense.safetensors"
+    save_model(Artifact.load(out / f"{family}-dense" / "dense").model, str(checkpoint))
+    return checkpoint, metrics["test_top1"]
 
 
 def speedups(family: str, model: tuple, cfg: dict, out: Path, threads: int) -> list[dict]:
