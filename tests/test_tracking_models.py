@@ -27,6 +27,7 @@ from compresspipe.core.data import build_data
 from compresspipe.core.errors import ConfigError
 from compresspipe.core.models import build_model
 from compresspipe.formats.cpz_model import read_model_cpz
+from compresspipe.pipeline.checkpoints import local_model_config
 from compresspipe.stages.teacher import load_teacher
 from compresspipe.tracking.datasets import describe_data
 from compresspipe.tracking.pyfunc import INFO_FILE, save_mlflow_model
@@ -166,6 +167,24 @@ def test_registered_model_as_teacher(finished, test_images):
     with torch.no_grad():
         top1 = 100.0 * float((teacher(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
     assert top1 == pytest.approx(summary["stages"][2]["metrics"]["top1"], abs=1e-6)
+
+
+def test_registered_model_as_starting_checkpoint(finished, test_images):
+    """model.checkpoint: models:/NAME@ALIAS starts a pipeline from the registered weights: the
+    checks load them and the input stage is the registered model (same predictions)."""
+    summary, _, store, pipeline = finished
+    cfg = tiny_pipeline(pipeline.config.resolved_output_dir().parent / "from_registry", epochs=1)
+    cfg["model"]["checkpoint"] = f"models:/{NAME}@{ALIAS}"
+    cfg["tracking"] = {"uri": store}
+    loaded = compresspipe.load_pipeline(cfg)  # the model checks read the fetched weights
+    model, _ = build_model(local_model_config(loaded.config), loaded.config.data)
+    x, y = test_images
+    with torch.no_grad():
+        top1 = 100.0 * float((model.eval()(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+    assert top1 == pytest.approx(summary["stages"][-1]["metrics"]["test_top1"], abs=1e-6)
+    cfg["model"]["checkpoint"] = f"models:/{NAME}@no-such-alias"
+    with pytest.raises(ConfigError, match=r"model\.checkpoint"):
+        compresspipe.load_pipeline(cfg)
 
 
 def test_served_model_answers_like_the_reported_model(finished, served, test_images):

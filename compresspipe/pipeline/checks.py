@@ -15,6 +15,7 @@ from ..core.models import build_from_spec, model_spec, read_checkpoint, weight_m
 from ..stages.architecture import passed_on
 from ..stages.registry import get_stage
 from ..stages.spec import INPUT_STAGE, StageSpec, stage_references
+from .checkpoints import local_model_config
 from .schema import PipelineConfig, view_of
 
 
@@ -55,7 +56,11 @@ def check_against_model(config: PipelineConfig, stages: list[StageSpec],
     # the model has timm's default head, so nothing that depends on the class count is said
     classes_known = "num_classes" in spec["kwargs"]
     if classes_known:
-        problems += _checkpoint_problems(model, config.model)
+        try:
+            problems += _checkpoint_problems(model, local_model_config(config))
+        except CompressPipeError as exc:  # an MLflow checkpoint that cannot be fetched
+            problems.append(Problem("model.checkpoint", str(exc).removeprefix(
+                "model.checkpoint: ")))
 
     built: dict[str, nn.Module | None] = {_key(spec): model}
     current: dict[str, Any] | None = spec

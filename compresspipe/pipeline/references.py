@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..core.errors import Problem, suggest
 from ..core.idx import missing_message
 from ..stages.spec import INPUT_STAGE, StageSpec, stage_references
@@ -50,12 +52,21 @@ def check_register(config: PipelineConfig, stages: list[StageSpec]) -> list[Prob
                     f"pipeline{hint}")]
 
 
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def is_mlflow_uri(path: Path | str | None) -> bool:
+    """Whether a ``model.checkpoint`` names an MLflow model (fetched when the model is built)
+    rather than a file."""
+    return path is not None and str(path).startswith(MLFLOW_SCHEMES)
+
+
 def check_paths(config: PipelineConfig, broken: set[str] | None = None) -> list[Problem]:
     """Input files and directories must exist before any work starts (the sections in
     ``broken`` failed to parse and are not looked at)."""
     problems: list[Problem] = []
     ckpt = config.model.checkpoint if config.model is not None else None
-    if ckpt is not None and not ckpt.is_file():
+    if ckpt is not None and not is_mlflow_uri(ckpt) and not ckpt.is_file():
         problems.append(Problem("model.checkpoint", f"file not found: {ckpt}"))
     data = config.data
     if data is None or "data" in (broken or ()):

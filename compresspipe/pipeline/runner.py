@@ -49,6 +49,7 @@ from ..tracking import plots
 from ..tracking.report import summary_table
 from ..tracking.tracker import Tracker
 from .cache import StageCache, cache_dir, cache_enabled, library_versions
+from .checkpoints import local_model_config
 from .mlflow_models import ModelTracking, StageLog
 from .schema import NAME_PATTERN, PipelineFile
 from .storage import StageStorage, print_record
@@ -244,7 +245,7 @@ class Runner(StageStorage):
     # -- stages -------------------------------------------------------------------------------
 
     def _input_artifact(self, data, device, fingerprint: str) -> Artifact:
-        model, spec = build_model(self.cfg.model, self.cfg.data)
+        model, spec = build_model(local_model_config(self.cfg), self.cfg.data)
         artifact = Artifact(model=model, spec=spec)
         if not distributed.is_main():
             return artifact

@@ -16,33 +16,34 @@ from .tracker import tracking_uri
 _DOWNLOADED: dict[tuple[str, str], Path] = {}
 
 
-def download_teacher(uri: str, tracking: TrackingConfig, output_dir: Path) -> Path:
+def download_teacher(uri: str, tracking: TrackingConfig, output_dir: Path,
+                     what: str = "teacher") -> Path:
     """An MLflow artifact URI fetched to a local directory, using the pipeline's tracking URI
-    (``tracking`` and its ``output_dir``)."""
+    (``tracking`` and its ``output_dir``); ``what`` names it in messages."""
     store = tracking_uri(tracking, output_dir)
     key = (uri, store)
     local_db = Path(store.removeprefix("sqlite:///")) if store.startswith("sqlite:///") else None
     if local_db is not None and not local_db.is_file():
         # asking mlflow would create an empty database there
-        raise TeacherError(f"cannot download teacher {uri!r}: no MLflow store at {local_db} (set "
+        raise TeacherError(f"cannot download {what} {uri!r}: no MLflow store at {local_db} (set "
                            "tracking.uri or MLFLOW_TRACKING_URI to the store that holds the run)")
     if key not in _DOWNLOADED:
         import mlflow.artifacts  # lazy: importing mlflow takes seconds
 
         try:
-            source = _registered_source(uri, store) if uri.startswith("models:/") else uri
+            source = _registered_source(uri, store, what) if uri.startswith("models:/") else uri
             _DOWNLOADED[key] = Path(mlflow.artifacts.download_artifacts(artifact_uri=source,
                                                                         tracking_uri=store))
         except TeacherError:
             raise
         except Exception as exc:  # mlflow raises many types for a bad URI, run or server
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise TeacherError(f"cannot download teacher {uri!r} from tracking store {store}: "
+            raise TeacherError(f"cannot download {what} {uri!r} from tracking store {store}: "
                                f"{first}") from None
     return _DOWNLOADED[key]
 
 
-def _registered_source(uri: str, store: str) -> str:
+def _registered_source(uri: str, store: str, what: str = "teacher") -> str:
     """Where the registered model version ``models:/NAME/VERSION`` (or ``@ALIAS``) of the
     tracking store ``store`` keeps its files. mlflow resolves a models:/ URI in the process's
     registry, not in the store passed to download_artifacts: hence this lookup."""
@@ -59,7 +60,7 @@ def _registered_source(uri: str, store: str) -> str:
     elif not version and ref.startswith("m-"):  # a logged model's id: models:/<model_id>
         return client.get_logged_model(ref).artifact_location
     else:
-        raise TeacherError(f"teacher {uri!r}: expected models:/NAME/VERSION, "
+        raise TeacherError(f"{what} {uri!r}: expected models:/NAME/VERSION, "
                            "models:/NAME@ALIAS (a registered model version) or models:/<model id>")
     model_id = getattr(found, "model_id", None) or _model_id(found.source)
     if model_id:  # a version of a logged model: the MLflow model directory it holds
