@@ -126,8 +126,8 @@ def checks(seen: dict, summary: dict, served_top1: float) -> dict[str, bool]:
         "one logged model per stage, linked to its run": all(
             stage_runs[n]["model_outputs"] == [r["model_id"]] for n, r in records.items()),
         "logged models list size and accuracy": all(
-            abs(models[records[n]["model_id"]]["metrics"].get("top1", -1)
-                - records[n]["metrics"]["top1"]) < 1e-6
+            abs(models[records[n]["model_id"]]["metrics"].get("test_top1", -1)
+                - records[n]["metrics"]["test_top1"]) < 1e-6
             and models[records[n]["model_id"]]["metrics"].get("model_bytes")
             == records[n]["metrics"]["model_bytes"] for n in ("dense", "huffman")),
         "export's ONNX model lists its own bytes and onnxruntime top-1":
@@ -138,7 +138,7 @@ def checks(seen: dict, summary: dict, served_top1: float) -> dict[str, bool]:
             and models[export["model_id"]]["lineage"] == records["huffman"]["model_id"],
         "registered version carries the alias and tags": ALIAS in seen["registered"]["aliases"]
             and seen["registered"]["source"] == f"models:/{export['model_id']}"
-            and {"ratio", "top1", "sparsity", "bits_per_weight", "pipeline", "fingerprint"}
+            and {"ratio", "test_top1", "sparsity", "bits_per_weight", "pipeline", "fingerprint"}
             <= set(seen["registered"]["tags"]),
         "version tags describe the registered ONNX file": float(
             seen["registered"]["tags"]["model_bytes"]) == tag_value(
@@ -170,12 +170,12 @@ def pyfunc_top1(uri: str) -> float:
 def markdown(result: dict) -> str:
     lines = ["| check | result |", "|---|---|"]
     lines += [f"| {k} | {'ok' if v else 'FAILED'} |" for k, v in result["checks"].items()]
-    lines += ["", "| logged model | model_bytes | top1 | compression_ratio | source model |",
+    lines += ["", "| logged model | model_bytes | test top1 | compression_ratio | source model |",
               "|---|---|---|---|---|"]
     for m in result["seen"]["logged_models"]:
         x = m["metrics"]
         lines.append(f"| {m['name']} | {x.get('model_bytes', x.get('export_onnx_bytes', ''))} "
-                     f"| {x.get('top1', x.get('export_onnx_top1', ''))} "
+                     f"| {x.get('test_top1', x.get('export_onnx_top1', ''))} "
                      f"| {x.get('compression_ratio', x.get('export_onnx_compression_ratio', ''))}"
                      f" | {m['lineage'] or '-'} |")
     reg = result["seen"]["registered"]

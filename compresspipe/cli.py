@@ -199,6 +199,9 @@ def _sensitivity(args) -> int:
     print(f"{len(record['layers'])} layers scanned on the {record['split']} split; "
           f"{out / 'sensitivity.md'}")
     print((out / "sensitivity.md").read_text())
+    return 0
+
+
 def _search(pipeline, resume: bool) -> int:
     # lazy: only the command that runs loads what it needs (Optuna, torch)
     from .pipeline.search import run_search

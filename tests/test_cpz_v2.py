@@ -199,3 +199,12 @@ def test_vector_choice_keeps_only_what_leaves_predictions_unchanged():
         decoded = torch.nn.functional.linear(x, model.weight, expected.get("bias", model.bias))
     flips = (decoded.argmax(1) != y).float().mean().item()
     assert flips <= 0.002
+
+
+def test_coding_a_coded_vector_again_changes_nothing():
+    # the huffman stage writes the chosen (coded) vectors into the model, then encodes the
+    # model: with 100 values and 16 centroids, quantile starts used to merge some of them
+    x = np.random.default_rng(0).normal(size=100).astype(np.float32)
+    once, _ = encode_vector(x, "cb4")
+    twice, _ = encode_vector(once, "cb4")
+    assert np.array_equal(once, twice) and np.unique(once).size <= 16

@@ -399,8 +399,8 @@ def test_measuring_the_student_at_the_start_leaves_no_trace(digits):
     hook = DistillHook(_mlp(48, seed=1), DistillConfig(teacher="x"), student, (1, 8, 8))
     _, logged = _logged_fit(student, digits, hook, epochs=1)
     assert "student_start_top1" in logged[0][0]  # measured, then the buffers put back:
-    # the starting report on the test set and the loop's own passes (train, validation)
-    assert recorder.images == len(digits.train) + len(digits.test) + len(digits.val)
+    # only the loop's own passes (train, validation): the starting report's were put back
+    assert recorder.images == len(digits.train) + len(digits.val)
     assert recorder.first_batch.tolist() == [64.0]  # a training batch, not a test batch
 
 

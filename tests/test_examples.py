@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from harness import shipped_model_bytes
 
 from compresspipe.cli import quickstart_path
 from compresspipe.core.idx import missing_message
@@ -95,8 +96,8 @@ def test_example_runs_end_to_end(path, tmp_path):
     for record in summary["stages"]:
         m = record["metrics"]
         assert 0 <= m["test_top1"] <= 100 and m["model_bytes"] > 0
-        assert m["model_bytes"] == sum((tmp_path / "run" / record["name"] / f).stat().st_size
-                                       for f in record["model_files"])
+        assert m["model_bytes"] == shipped_model_bytes(
+            tmp_path / "run" / record["name"], record["model_files"], tmp_path / record["name"])
 
 
 def test_tiny_overrides_keep_architecture_and_shrink_work(tmp_path):

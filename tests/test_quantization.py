@@ -72,7 +72,7 @@ def int8_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("int8") / "out"
     cfg = tiny_pipeline(out, epochs=2)
     cfg["stages"] = [
-        {"name": "dense", "train": {"epochs": 2, "lr": 0.05, "warmup_epochs": 0.5}},
+        {"name": "dense", "train": {"epochs": 3, "lr": 0.05, "warmup_epochs": 0.5}},
         {"name": "prune-conv", "test_quantization:MagnitudePrune": {"tensor": PRUNED[0]}},
         {"name": "prune-fc", "test_quantization:MagnitudePrune": {"tensor": PRUNED[1]}},
         {"name": "prune-late", "test_quantization:MagnitudePrune": {"tensor": PRUNED[2]}},

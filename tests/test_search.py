@@ -11,7 +11,7 @@ import yaml
 from conftest import write_yaml
 
 from compresspipe.cli import main
-from compresspipe.core.errors import ConfigError
+from compresspipe.core.errors import CompressPipeError, ConfigError
 from compresspipe.pipeline.loader import load_pipeline
 from compresspipe.pipeline.search_report import choose, val_top1
 
@@ -101,8 +101,9 @@ def test_choice_reads_validation_not_test_accuracy():
     best = choose(rows, max_drop=1.0)
     assert best["trial"] == 2
     assert [r["pareto"] for r in rows] == [True, True, True]
-    assert val_top1({"val_top1": 70.0, "test_top1": 99.0, "top1": 99.0}) == 70.0
-    assert val_top1({"top1": 60.0}) == 60.0  # metrics from before the validation split
+    assert val_top1({"deployed_val_top1": 70.0, "val_top1": 80.0, "test_top1": 99.0}) == 70.0
+    with pytest.raises(CompressPipeError, match="val_split"):  # never falls back to test
+        val_top1({"test_top1": 60.0})
 
 
 def test_bad_search_section_names_path_and_line(tmp_path):

@@ -106,10 +106,10 @@ def test_one_logged_model_per_stage_with_metrics_and_lineage(finished):
         assert model.name == record["name"] and model.source_run_id == record["run_id"]
         assert str(model.status) in ("READY", "LoggedModelStatus.READY")
         linked = {m.key: m for m in model.metrics}
-        for key in ("top1", "loss", "model_bytes", "compression_ratio", "sparsity",
-                    "bits_per_weight"):
+        for key in ("test_top1", "test_loss", "deployed_val_top1", "model_bytes",
+                    "compression_ratio", "sparsity", "bits_per_weight"):
             assert linked[key].value == pytest.approx(record["metrics"][key])
-        assert linked["top1"].dataset_name == "digits"
+        assert linked["test_top1"].dataset_name == "digits"
         assert "wall_time_s" not in linked  # run metrics only
         run_outputs = client.get_run(record["run_id"]).outputs.model_outputs
         assert [o.model_id for o in run_outputs] == [record["model_id"]]
@@ -140,7 +140,8 @@ def test_registered_version_tags_and_alias(finished):
     assert version.source == f"models:/{huffman['model_id']}"  # the UI links it so
     assert float(version.tags["ratio"]) == pytest.approx(
         huffman["metrics"]["compression_ratio"], rel=1e-5)
-    assert float(version.tags["top1"]) == pytest.approx(huffman["metrics"]["top1"], rel=1e-5)
+    assert float(version.tags["test_top1"]) == pytest.approx(huffman["metrics"]["test_top1"],
+                                                       rel=1e-5)
     assert version.tags["pipeline"] == "tiny"
     assert version.tags["fingerprint"] == huffman["fingerprint"]
     assert {"sparsity", "bits_per_weight"} <= set(version.tags)
@@ -153,7 +154,7 @@ def test_pyfunc_predictions_are_the_reported_accuracy(finished, test_images):
     logits = model.predict(x)
     assert logits.shape == (len(y), 10) and logits.dtype == np.float32
     top1 = 100.0 * float((logits.argmax(1) == y).mean())
-    assert top1 == pytest.approx(summary["stages"][2]["metrics"]["top1"], abs=1e-6)
+    assert top1 == pytest.approx(summary["stages"][2]["metrics"]["test_top1"], abs=1e-6)
     # the same network the .cpz decodes to
     decoded = read_model_cpz(summary["output_dir"] + "/huffman/model.cpz").model.eval()
     with torch.no_grad():
@@ -166,7 +167,7 @@ def test_registered_model_as_teacher(finished, test_images):
     x, y = test_images
     with torch.no_grad():
         top1 = 100.0 * float((teacher(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
-    assert top1 == pytest.approx(summary["stages"][2]["metrics"]["top1"], abs=1e-6)
+    assert top1 == pytest.approx(summary["stages"][2]["metrics"]["test_top1"], abs=1e-6)
 
 
 def test_registered_model_as_starting_checkpoint(finished, test_images):

@@ -194,11 +194,11 @@ def test_imagefolder_channels(tmp_path):
                 tmp_path / split / cls / "0.png")
     for augment in (False, True):
         data = build_data(DataConfig(name="imagefolder", root=tmp_path, image_size=16,
-                                     channels=1, augment=augment))
+                                     channels=1, augment=augment, val_split=0))
         assert data.train[0][0].shape == (1, 16, 16) and data.test[0][0].shape == (1, 16, 16)
         assert data.in_chans == 1
     text = (HEAD.replace("{name: digits, image_size: 16}",
-                         "{name: imagefolder, root: '{tmp}', image_size: 16, channels: 1}")
+                         "{name: imagefolder, root: '{tmp}', image_size: 16, channels: 1, val_split: 0}")
             + "stages:\n  - train: {epochs: 1}\n")
     pipeline = load_pipeline(write(tmp_path, text))
     assert pipeline.config.data.channels == 1

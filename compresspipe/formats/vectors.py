@@ -28,7 +28,12 @@ def is_vector(array: np.ndarray) -> bool:
 
 def kmeans_1d(values: np.ndarray, k: int, iterations: int = 30) -> tuple[np.ndarray, np.ndarray]:
     """(codebook float32, indices uint8/uint16): Lloyd's algorithm from quantile centroids,
-    deterministic; empty clusters keep their centroid."""
+    deterministic; empty clusters keep their centroid. Values with at most ``k`` distinct
+    entries are their own codebook, so coding a coded vector again changes nothing (the huffman
+    stage writes the chosen values into the model, then encodes that model)."""
+    distinct, inverse = np.unique(values.astype(np.float32).reshape(-1), return_inverse=True)
+    if distinct.size <= k:
+        return distinct, inverse.astype(np.uint8 if k <= 256 else np.uint16)
     x = values.astype(np.float64).reshape(-1)
     book = np.unique(np.quantile(x, (np.arange(k) + 0.5) / k))
     for _ in range(iterations):

@@ -24,7 +24,7 @@ from .pyfunc import save_mlflow_model
 from .tracker import Tracker
 
 # what a logged model lists: size, accuracy, sparsity, bits per weight, latency
-LINKED = re.compile(r"^(top1|top5|loss|(val|test)_\w+|model_bytes|compression_ratio|sparsity|"
+LINKED = re.compile(r"^(top1|top5|loss|(deployed_val|val|test)_\w+|model_bytes|compression_ratio|sparsity|"
                     r"masked_sparsity|bits_per_weight|params|nonzero_params)$|latency")
 TEST_KEYS = ("top1", "top5", "loss")
 LINEAGE_TAG = "compresspipe.source_model_id"

@@ -11,13 +11,13 @@ from .config import RegisterConfig
 from .tracker import Tracker, process_tracking_uri
 
 # metric -> version tag: what a deployment choosing between versions looks at
-VERSION_TAGS = {"compression_ratio": "ratio", "top1": "top1", "sparsity": "sparsity",
+VERSION_TAGS = {"compression_ratio": "ratio", "sparsity": "sparsity",
                 "bits_per_weight": "bits_per_weight", "model_bytes": "model_bytes",
-                "val_top1": "val_top1", "test_top1": "test_top1"}
+                "deployed_val_top1": "val_top1", "test_top1": "test_top1"}
 
 
 # where the stage's model is the exported ONNX file, its own numbers (runs name them so)
-ONNX_NUMBERS = {"model_bytes": "export_onnx_bytes", "top1": "export_onnx_top1",
+ONNX_NUMBERS = {"model_bytes": "export_onnx_bytes", "test_top1": "export_onnx_top1",
                 "compression_ratio": "export_onnx_compression_ratio",
                 "bits_per_weight": "export_onnx_bits_per_weight"}
 

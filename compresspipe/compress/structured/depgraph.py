@@ -47,7 +47,9 @@ def _time_limit(seconds: float, what: str) -> Iterator[None]:
                                  f"{seconds:.1f} s")
 
     previous = signal.signal(signal.SIGALRM, _expired)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    # repeating: Torch-Pruning catches broad exceptions in places, so one interruption can be
+    # swallowed; the next one, 50 ms later, lands elsewhere
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3), 0.05)
     try:
         yield
     finally:
