@@ -45,26 +45,32 @@ class MlflowServer:
 
     def start(self) -> None:
         """Starts the server and waits until ``/health`` answers."""
+        self._launch(["server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                      "--artifacts-destination", str(self.root / "artifacts"),
+                      "--host", "127.0.0.1", "--port", str(self.port),
+                      "--workers", str(self.workers)], "server.log", "/health")
+
+    def _launch(self, args: list[str], log_name: str, probe: str,
+                env: dict[str, str] | None = None) -> None:
+        """Run ``mlflow ARGS`` in its own process group and wait until ``probe`` answers 200."""
         exe = Path(sys.executable).with_name("mlflow")
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
-        cmd += ["server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                "--artifacts-destination", str(self.root / "artifacts"),
-                "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]
-        self.log = open(self.root / "server.log", "ab")  # noqa: SIM115 - closed in stop()
+        cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]) + args
+        log = self.root / log_name
+        self.log = open(log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=self.log, stderr=self.log,
-                                     start_new_session=True)
+                                     env=env, start_new_session=True)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = (self.root / "server.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"mlflow server exited; {self.root / 'server.log'}:\n{tail}")
+                tail = log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"mlflow {args[0]} exited; {log}:\n{tail}")
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{self.url}{probe}", timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError(f"mlflow server not healthy after {self.start_timeout} s")
+        raise RuntimeError(f"mlflow {args[0]} not up after {self.start_timeout} s")
 
     def stop(self) -> None:
         """Stops the server and waits until its port refuses connections."""
@@ -103,10 +109,6 @@ class ModelServer(MlflowServer):
         self.model_uri, self.store = model_uri, store
 
     def start(self) -> None:
-        exe = Path(sys.executable).with_name("mlflow")
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
-        cmd += ["models", "serve", "-m", self.model_uri, "--env-manager", "local",
-                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
         root = str(Path(__file__).resolve().parents[1])
         # the server runs `uvicorn` from PATH: the venv's bin first, as in an activated venv
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -114,21 +116,9 @@ class ModelServer(MlflowServer):
                "MLFLOW_REGISTRY_URI": self.store,
                "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH"))
                                              if p)}
-        self.log = open(self.root / "serve.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=self.log, stderr=self.log,
-                                     env=env, start_new_session=True)
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = (self.root / "serve.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"mlflow models serve exited:\n{tail}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError(f"mlflow models serve not up after {self.start_timeout} s")
+        self._launch(["models", "serve", "-m", self.model_uri, "--env-manager", "local",
+                      "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                     "serve.log", "/ping", env)
 
     def invocations(self, body: dict) -> dict:
         request = urllib.request.Request(f"{self.url}/invocations", json.dumps(body).encode(),

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ...core.errors import CompressPipeError
 from .cost import CostModel
 from .graph import ChannelGroup, StructuredGraph
+from .probe import forward_shape
 
 TARGETS = ("channels", "params", "macs")
 TOLERANCE = 0.02  # a budget counts as met within 2% of its target value
@@ -177,7 +177,7 @@ def remove_units(graph: StructuredGraph, removals: Sequence[torch.Tensor],
     for name, mask in masks.items():
         params[name].grad = mask.to(params[name].device, params[name].dtype).clone()
     x = graph.example_input()
-    expected = _forward_shape(model, x)
+    expected = forward_shape(model, x)
     pruned = []
     for g, units in zip(graph.groups, removals, strict=True):
         if units.numel() == 0:
@@ -189,7 +189,7 @@ def remove_units(graph: StructuredGraph, removals: Sequence[torch.Tensor],
         pruned.append(g.name)
     names = ", ".join(pruned[:8]) + (f" and {len(pruned) - 8} more" if len(pruned) > 8 else "")
     try:
-        shape = _forward_shape(model, x)
+        shape = forward_shape(model, x)
     except Exception as exc:
         raise CompressPipeError(f"removing channels of groups {names} breaks the forward pass "
                                 f"of {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
@@ -200,13 +200,3 @@ def remove_units(graph: StructuredGraph, removals: Sequence[torch.Tensor],
     sliced = {name: params[name].grad.detach().bool().cpu() for name in masks}
     model.zero_grad(set_to_none=True)
     return sliced
-
-
-@torch.no_grad()
-def _forward_shape(model: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
-    was_training = model.training
-    model.eval()
-    try:
-        return tuple(model(x).shape)
-    finally:
-        model.train(was_training)

@@ -68,7 +68,7 @@ def _error(graph: StructuredGraph, groups: list, expected: tuple[int, ...]) -> s
     try:
         for g in groups:
             _remove(graph, g)
-        shape = _shape(graph.model, graph.example_input())
+        shape = forward_shape(graph.model, graph.example_input())
     except Exception as exc:  # noqa: BLE001 - model code raises anything on a bad width
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
     return None if shape == expected else f"output shape {shape}, expected {expected}"
@@ -77,7 +77,7 @@ def _error(graph: StructuredGraph, groups: list, expected: tuple[int, ...]) -> s
 def breaking_groups(graph: StructuredGraph) -> dict[int, str]:
     """{index in graph.groups: the error} for groups whose narrowing breaks the forward pass
     or changes the output shape; the network is left as it was."""
-    expected = _shape(graph.model, graph.example_input())
+    expected = forward_shape(graph.model, graph.example_input())
     snapshot = _Snapshot(graph.model, graph.dg)
     bad: dict[int, str] = {}
     try:
@@ -95,7 +95,8 @@ def breaking_groups(graph: StructuredGraph) -> dict[int, str]:
 
 
 @torch.no_grad()
-def _shape(model: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
+def forward_shape(model: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
+    """The output shape of one eval-mode forward pass (the training flag put back)."""
     was_training = model.training
     model.eval()
     try:
