@@ -208,3 +208,27 @@ def test_coding_a_coded_vector_again_changes_nothing():
     once, _ = encode_vector(x, "cb4")
     twice, _ = encode_vector(once, "cb4")
     assert np.array_equal(once, twice) and np.unique(once).size <= 16
+
+
+def test_a_pruned_vector_is_not_given_a_codebook():
+    """A codebook need not hold an exact zero: a vector with a pruning mask stays as it is."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from compresspipe.core.artifact import Artifact
+    from compresspipe.stages.vector_choice import choose_vectors
+
+    model = torch.nn.Linear(8, 400)
+    mask = torch.rand(400, generator=torch.Generator().manual_seed(0)) > 0.5
+    with torch.no_grad():
+        model.bias.mul_(mask)
+    x = torch.randn(64, 8)
+    ctx = SimpleNamespace(
+        data=SimpleNamespace(val_loader=lambda purpose: DataLoader(
+            TensorDataset(x, model(x).argmax(1)), 64)),
+        device=torch.device("cpu"), seed=0, log_metrics=lambda m, step: None)
+    chosen, expected = choose_vectors(Artifact(model=model, spec={}, masks={"bias": mask}),
+                                      ctx, "auto", set())
+    assert "bias" not in chosen and "bias" not in expected

@@ -39,10 +39,11 @@ def choose_vectors(artifact: Artifact, ctx: StageContext, mode: str, omitted: se
                    ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """(per tensor: ``fp16``/``cbN``/``fp32``, per tensor: the values the file will decode to)
     for the 1-D float32 tensors of the model that are neither clustered nor ``omitted`` (the
-    statistics of folded BatchNorms, which the file does not store)."""
+    statistics of folded BatchNorms, which the file does not store) and not pruned: a codebook
+    need not hold an exact zero, and a pruned entry must decode to zero."""
     if mode == "float32":
         return {}, {}
-    clustered = set(artifact_keys.cluster_layers(artifact)) | omitted
+    clustered = set(artifact_keys.cluster_layers(artifact)) | omitted | set(artifact.masks)
     state = artifact.model.state_dict()
     names = [n for n, v in state.items()
              if n not in clustered and is_vector(v.detach().cpu().numpy())]
