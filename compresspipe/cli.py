@@ -221,6 +221,8 @@ def _cache(args) -> int:
 
     if args.dir:
         root, max_gb = Path(args.dir).resolve(), args.max_gb
+        if not root.is_dir():
+            raise CompressPipeError(f"--dir {args.dir}: no such directory (no stage cache there)")
     else:
         pipeline = load_pipeline(args.file or quickstart_path(), check_model=False)
         root = cache_dir(pipeline.config.cache, pipeline.output_dir)

@@ -61,3 +61,9 @@ def test_missing_file_and_no_command():
     assert result.returncode == 2
     assert result.stderr.strip() == "error: does/not/exist.yaml: file not found"
     assert run_cli().returncode == 2
+
+
+def test_cache_ls_of_a_missing_directory_is_one_clear_error(tmp_path, capsys):
+    assert main(["cache", "ls", "--dir", str(tmp_path / "none")]) != 0
+    assert "no such directory" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
