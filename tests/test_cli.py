@@ -8,6 +8,8 @@ import sys
 
 from conftest import run_cli, tiny_pipeline, write_yaml
 
+from compresspipe.cli import main
+
 LAZY = """
 import sys
 from compresspipe.cli import main
