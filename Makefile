@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: install demo test lint clean bench bench-quick bench-report soak
+.PHONY: install demo test lint clean bench bench-quick bench-report soak nnc-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,19 @@ bench-report: $(STAMP)
 # cases per reader -> benchmarks/results/soak.{json,md}
 soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py
+
+# benchmark-only baseline venv for benchmarks/coding_vs_nnc.py: nncodec needs numpy<2, our venv pins
+# numpy 2, so NNCodec lives in its own venv (same torch release) and talks to us through files only
+NNC_VENV := .venv-nnc
+$(NNC_VENV)/.installed:
+	$(PYTHON) -m venv $(NNC_VENV)
+	$(NNC_VENV)/bin/pip install --quiet --disable-pip-version-check "numpy<2" pybind11 setuptools wheel
+	$(NNC_VENV)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation \
+		"nncodec==2.1.3" "numpy<2" "torch==2.14.1" "torchvision==0.29.1" "safetensors==0.8.0"
+	$(NNC_VENV)/bin/pip freeze > $(NNC_VENV)/freeze.txt
+	touch $@
+
+nnc-venv: $(NNC_VENV)/.installed
 
 lint: $(STAMP)
 	$(BIN)/ruff check compresspipe tests benchmarks
