@@ -53,6 +53,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORKER = ROOT / "benchmarks" / "baselines" / "nnc_worker.py"
 NNC_PYTHON = ROOT / ".venv-nnc" / "bin" / "python"
 TARGET = 0.8  # .cpz <= 0.8x NNCodec's smallest file at equal or better accuracy
+# reported beside the target, never instead of it: "equal" up to a few validation images
+NEAR = {"top1_tolerance": 0.1, "loss_tolerance": 0.01}
 # name: (pipeline, overrides, pruned stage, clustered stage). LeNet with fewer epochs than the
 # pipeline file (15 / 3 / 3) so that the benchmark fits a shared 2-core machine.
 MODELS = {
@@ -62,7 +64,8 @@ MODELS = {
         ["stages.0.train.epochs=8", "stages.1.prune.train.epochs=2",
          "stages.2.cluster.finetune.epochs=2"], "prune", "cluster"),
 }
-QPS = (-16, -20, -24, -28, -32)
+CODEBOOK_QP = -40
+QPS = (-12, -16, -20, -24, -28)  # NNC step 2**(qp/4): 1/8 down to 1/128
 
 
 def folded_state(artifact: Artifact) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -117,11 +120,19 @@ def cpz_arm(run_dir: Path, bundle, masks: dict[str, torch.Tensor]) -> dict:
             "load_seconds": best_seconds(lambda: read_model_cpz(path))}
 
 
-def nnc_jobs() -> list[dict]:
+def nnc_jobs(qps: tuple[int, ...] = QPS) -> list[dict]:
+    """Uniform quantization of the pruned fp32 weights (qp x DQ) and of our clustered weights
+    (NNCodec re-coding what we quantized: its best chance at our accuracy), and its codebook
+    mode on our clustered weights."""
     jobs = [{"id": f"uniform_qp{-qp}_{'dq' if dq else 'nodq'}", "input": "pruned.safetensors",
-             "qp": qp, "use_dq": dq, "codebook": False} for qp in QPS for dq in (True, False)]
-    jobs.append({"id": "codebook_on_clustered", "input": "clustered.safetensors", "qp": QPS[0],
-                 "use_dq": False, "codebook": True})
+             "qp": qp, "use_dq": dq, "codebook": False} for qp in qps for dq in (True, False)]
+    jobs += [{"id": f"uniform_on_clustered_qp{-qp}_{'dq' if dq else 'nodq'}",
+              "input": "clustered.safetensors", "qp": qp, "use_dq": dq, "codebook": False}
+             for qp in qps[-3:] for dq in (True, False)]
+    # NNCodec's codebook mode first rounds values to the qp grid, then indexes the distinct
+    # ones: a fine step (2**-10) keeps our centroids, and 16 of them cost the same at any qp
+    jobs.append({"id": "codebook_on_clustered", "input": "clustered.safetensors",
+                 "qp": CODEBOOK_QP, "use_dq": False, "codebook": True})
     return jobs
 
 
@@ -137,17 +148,18 @@ def run_worker(jobdir: Path, python: Path) -> dict:
 
 
 def nnc_arms(pruned: Artifact, clustered: Artifact, bundle, masks, jobdir: Path,
-             python: Path, mask_bytes: int) -> tuple[list[dict], dict]:
+             python: Path, mask_bytes: int, qps: tuple[int, ...]) -> tuple[list[dict], dict]:
     """Every NNCodec job decoded, loaded into the network and evaluated; DQ arms also +mask."""
     bases = {}
     for key, artifact in (("pruned", pruned), ("clustered", clustered)):
         model, state = folded_state(artifact)
         save_file(state, str(jobdir / f"{key}.safetensors"))
         bases[f"{key}.safetensors"] = model
-    (jobdir / "jobs.json").write_text(json.dumps(nnc_jobs()))
+    jobs = nnc_jobs(qps)
+    (jobdir / "jobs.json").write_text(json.dumps(jobs))
     worker = run_worker(jobdir, python)
     arms = []
-    for job, res in zip(nnc_jobs(), worker["jobs"], strict=True):
+    for job, res in zip(jobs, worker["jobs"], strict=True):
         decoded = load_file(str(jobdir / f"{job['id']}.decoded.safetensors"))
         model = copy.deepcopy(bases[job["input"]])
         own = model.state_dict()
@@ -166,26 +178,38 @@ def nnc_arms(pruned: Artifact, clustered: Artifact, bundle, masks, jobdir: Path,
     return arms, worker["versions"]
 
 
+def smallest(ours: dict, arms: list[dict], top1_tolerance: float = 0.0,
+             loss_tolerance: float = 0.0) -> dict | None:
+    """The smallest arm keeping every pruned zero whose validation top-1 is at least ours less
+    ``top1_tolerance`` points and whose loss is at most ours times (1 + ``loss_tolerance``)."""
+    eligible = [a for a in arms if a["all_kept"]
+                and a["val_top1"] >= ours["val_top1"] - top1_tolerance
+                and a["val_loss"] <= ours["val_loss"] * (1 + loss_tolerance)]
+    return min(eligible, key=lambda a: a["bytes"]) if eligible else None
+
+
 def compare(ours: dict, arms: list[dict]) -> dict:
-    """Smallest NNCodec arm at equal or better validation top-1 and loss, every zero kept."""
-    eligible = [a for a in arms if a["all_kept"] and a["val_top1"] >= ours["val_top1"]
-                and a["val_loss"] <= ours["val_loss"]]
+    """The target's verdict: the smallest NNCodec arm at equal or better validation top-1 and
+    loss, every zero kept; beside it (not the target) the same within NEAR's tolerances."""
     smallest_any = min(arms, key=lambda a: a["bytes"])
     out = {"smallest_nnc_any_accuracy": {"arm": smallest_any["arm"],
                                           "bytes": smallest_any["bytes"]}}
-    if not eligible:
+    near = smallest(ours, arms, **NEAR)
+    out["near"] = None if near is None else {
+        **NEAR, "arm": near["arm"], "bytes": near["bytes"], "ratio": ours["bytes"] / near["bytes"]}
+    best = smallest(ours, arms)
+    if best is None:
         out.update(best=None, ratio=None, target_met=False,
                    why="no NNCodec arm reached the .cpz's validation top-1 and loss with every "
                        "pruned zero kept")
         return out
-    best = min(eligible, key=lambda a: a["bytes"])
     ratio = ours["bytes"] / best["bytes"]
     out.update(best=best["arm"], best_bytes=best["bytes"], ratio=ratio,
                target_met=ratio <= TARGET)
     return out
 
 
-def measure_model(name: str, run_dir: Path, python: Path) -> dict:
+def measure_model(name: str, run_dir: Path, python: Path, qps: tuple[int, ...] = QPS) -> dict:
     pipeline_path, overrides, pruned_stage, clustered_stage = MODELS[name]
     pipeline = load_pipeline(pipeline_path, overrides, check_model=False)
     allow_named_factories(pipeline.raw)  # the run's artifacts name the pipeline's own factory
@@ -197,7 +221,7 @@ def measure_model(name: str, run_dir: Path, python: Path) -> dict:
     ours = cpz_arm(run_dir, bundle, masks)
     with tempfile.TemporaryDirectory() as tmp:
         arms, versions = nnc_arms(pruned, clustered, bundle, masks, Path(tmp), python,
-                                  ours["positions_bytes"])
+                                  ours["positions_bytes"], qps)
     return {"run_dir": str(run_dir), "pipeline": str(pipeline_path.relative_to(ROOT)),
             "overrides": overrides, "cpz": ours, "nnc": arms, "versions": versions,
             "comparison": compare(ours, arms)}
@@ -211,8 +235,14 @@ def markdown(result: dict) -> str:
         verdict = (f"ratio .cpz / NNCodec-best = **{c['ratio']:.3f}** ({c['best']}); target "
                    f"<= {TARGET}: **{'met' if c['target_met'] else 'missed'}**"
                    if c["ratio"] is not None else f"**missed**: {c['why']}")
+        near = c.get("near")
+        near_text = ("" if near is None else
+                     f" Within {near['top1_tolerance']} pt top-1 and {near['loss_tolerance']:.0%} "
+                     f"loss (not the target): {near['arm']}, {near['bytes']:,} B, ratio "
+                     f"{near['ratio']:.3f}.")
         lines += [f"## {name}", "", f"`{m['pipeline']}` {' '.join(m['overrides'])}; NNCodec "
-                  f"{m['versions']['nncodec']} (numpy {m['versions']['numpy']}). {verdict}", "",
+                  f"{m['versions']['nncodec']} (numpy {m['versions']['numpy']}). {verdict}."
+                  f"{near_text}", "",
                   "| arm | bytes | val top-1 / loss | test top-1 / loss | pruned zeros kept | "
                   "encode s | decode s |", "|---|---:|---:|---:|---:|---:|---:|"]
         for a in [m["cpz"], *m["nnc"]]:
@@ -233,17 +263,20 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(MODELS), action="append")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cpz_vs_nnc")
     parser.add_argument("--nnc-python", type=Path, default=NNC_PYTHON)
+    parser.add_argument("--qps", type=int, nargs="+", default=list(QPS), help="NNCodec qp sweep")
     args = parser.parse_args()
     torch.set_num_threads(1)
     reuse = dict(r.split("=", 1) for r in args.reuse)
-    out_json = RESULTS / "coding_vs_nnc.json"
-    result = json.loads(out_json.read_text()) if out_json.exists() else {"models": {}}
+    measured = {}
     for name in args.only or MODELS:
         run_dir = Path(reuse[name]) if name in reuse else args.workdir / name
         if name not in reuse:
             pipeline_path, overrides = MODELS[name][:2]
             compresspipe.run(pipeline_path, [f"output_dir={run_dir}", *overrides], resume=True)
-        result["models"][name] = measure_model(name, run_dir, args.nnc_python)
+        measured[name] = measure_model(name, run_dir, args.nnc_python, tuple(args.qps))
+    out_json = RESULTS / "coding_vs_nnc.json"  # read last: other models' results are kept
+    result = json.loads(out_json.read_text()) if out_json.exists() else {"models": {}}
+    result["models"].update(measured)
     result.update(date=time.strftime("%Y-%m-%d"), machine=f"{platform.machine()}, "
                   f"{os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread")
     RESULTS.mkdir(exist_ok=True)

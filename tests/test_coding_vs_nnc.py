@@ -60,6 +60,14 @@ def test_target_missed_when_ours_is_not_small_enough_or_nothing_qualifies(bench)
     assert verdict["ratio"] is None and not verdict["target_met"] and "no NNCodec arm" in verdict["why"]
 
 
+def test_near_equal_view_is_reported_beside_the_strict_verdict(bench):
+    arms = [_arm("a hair worse", 700, 89.95, 0.302), _arm("far worse", 400, 89.0, 0.30)]
+    verdict = bench.compare(OURS, arms)
+    assert verdict["best"] is None and not verdict["target_met"]  # the target stays strict
+    assert verdict["near"]["arm"] == "a hair worse"
+    assert verdict["near"]["ratio"] == pytest.approx(800 / 700)
+
+
 def test_zeros_kept_counts_only_pruned_positions(bench):
     mask = torch.tensor([[1, 0, 0], [0, 1, 1]], dtype=torch.bool)
     state = {"w": torch.tensor([[0.0, 0.0, 0.25], [0.0, 0.0, 1.0]])}  # one pruned entry is not 0
