@@ -64,7 +64,7 @@ MODELS = {
         ["stages.0.train.epochs=8", "stages.1.prune.train.epochs=2",
          "stages.2.cluster.finetune.epochs=2"], "prune", "cluster"),
 }
-CODEBOOK_QP = -40
+CODEBOOK_QPS = (-40, -52)
 QPS = (-12, -16, -20, -24, -28)  # NNC step 2**(qp/4): 1/8 down to 1/128
 
 
@@ -130,9 +130,9 @@ def nnc_jobs(qps: tuple[int, ...] = QPS) -> list[dict]:
               "input": "clustered.safetensors", "qp": qp, "use_dq": dq, "codebook": False}
              for qp in qps[-3:] for dq in (True, False)]
     # NNCodec's codebook mode first rounds values to the qp grid, then indexes the distinct
-    # ones: a fine step (2**-10) keeps our centroids, and 16 of them cost the same at any qp
-    jobs.append({"id": "codebook_on_clustered", "input": "clustered.safetensors",
-                 "qp": CODEBOOK_QP, "use_dq": False, "codebook": True})
+    # ones: fine steps (2**-10, 2**-13) keep our centroids, whose count sets the bytes
+    jobs += [{"id": f"codebook_on_clustered_qp{-qp}", "input": "clustered.safetensors",
+              "qp": qp, "use_dq": False, "codebook": True} for qp in CODEBOOK_QPS]
     return jobs
 
 
