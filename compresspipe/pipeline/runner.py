@@ -339,7 +339,8 @@ class Runner(StageStorage):
         print_record(record)
         if self.use_cache:
             self.stage_cache.record(fingerprint, directory, record,
-                                    run_id or self.summary.get("parent_run_id"), self.cfg.name)
+                                    run_id or self.summary.get("parent_run_id"), self.cfg.name,
+                                    self.tracker.uri)
         if self.observer is not None:
             self.observer(record)
         return record

@@ -41,6 +41,8 @@ class StageStorage:
         self.stage_cache.restore(entry, directory)
         record = {**entry.record, "name": name, "fingerprint": entry.key,
                   "cached_from_run": entry.origin_run}
+        if entry.origin_run and entry.info.get("tracking_uri") == self.tracker.uri:
+            record["reused_in_store"] = True  # MLflow has its deployable already
         print(f"== {name} ({type_name}): reused from the stage cache (key {entry.key}, "
               f"first run {entry.origin_run or 'untracked'}, pipeline "
               f"{entry.info.get('pipeline')!r})", flush=True)
@@ -90,16 +92,24 @@ class StageStorage:
             shutil.rmtree(full.parent, ignore_errors=True)
             return
         deployable = set(record.get("model_files", []))
+        # the deployable goes to MLflow once: in the stage's logged model when that holds files
+        # (tracking.model_files), in the original run's when the stage was reused from the
+        # cache and that run is in this store, else here
+        elsewhere = record.get("model_holds_files") or record.get("reused_in_store")
         for f in sorted(directory.iterdir()):
-            # the deployable files and the small metadata; other large outputs (export's ONNX,
-            # which export logs as the run's MLflow model) stay where pointer.json says
-            if f.is_file() and (f.name in deployable or f.stat().st_size <= SMALL_FILE):
+            # other large outputs (export's ONNX, which export logs as the run's MLflow model)
+            # stay where pointer.json says
+            if f.is_file() and (not elsewhere if f.name in deployable
+                                else f.stat().st_size <= SMALL_FILE):
                 self.tracker.log_artifact(run_id, f, "artifact")
-        self.tracker.log_text(run_id, json.dumps({
-            "directory": str(directory), "store": str(self.stage_cache.store.root),
-            "cache_key": record.get("fingerprint"),
-            "load": f"compresspipe.load({str(directory)!r})"}, indent=2),
-            "artifact/pointer.json")
+        pointer = {"directory": str(directory), "store": str(self.stage_cache.store.root),
+                   "cache_key": record.get("fingerprint"),
+                   "load": f"compresspipe.load({str(directory)!r})"}
+        if record.get("model_holds_files") and record.get("model_id"):
+            pointer["deployable"] = f"models:/{record['model_id']}"
+        elif record.get("reused_in_store"):
+            pointer["reused_from_run"] = record["cached_from_run"]
+        self.tracker.log_text(run_id, json.dumps(pointer, indent=2), "artifact/pointer.json")
 
 
 def print_record(record: dict[str, Any]) -> None:
