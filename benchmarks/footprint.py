@@ -64,27 +64,34 @@ def mlflow_parts(out: Path) -> dict[str, dict[str, int]]:
     """MLflow's artifact store split into logged models and run artifacts, by stage name where
     the logged model says it."""
     parts: dict[str, dict[str, int]] = {}
-    root = out / "mlartifacts"
-    for exp in sorted(root.glob("*")) if root.is_dir() else []:
-        for model in sorted((exp / "models").glob("*")):
-            name = _model_stage(out, model.name)
-            parts[f"mlflow logged model: {name}"] = usage(model)
-        for run in sorted(p for p in exp.iterdir() if p.is_dir() and p.name != "models"):
-            key = "mlflow run artifacts"
-            u = usage(run)
-            prev = parts.get(key, {"du": 0, "bytes": 0, "files": 0})
-            parts[key] = {k: prev[k] + u[k] for k in u}
+    root = out / "mlartifacts"  # <run id>/artifacts/... and models/<model id>/artifacts/...
+    if not root.is_dir():
+        return parts
+    for model in sorted((root / "models").glob("*")):
+        key = f"mlflow logged model: {_model_stage(out, model.name)}"
+        parts[key] = _add(parts.get(key), usage(model))
+    for run in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "models"):
+        parts["mlflow run artifacts"] = _add(parts.get("mlflow run artifacts"), usage(run))
     return parts
 
 
+def _add(a: dict[str, int] | None, b: dict[str, int]) -> dict[str, int]:
+    return b if a is None else {k: a[k] + b[k] for k in b}
+
+
 def _model_stage(out: Path, model_id: str) -> str:
-    """The stage a logged model belongs to, from the summary (the id when unknown)."""
-    summary = out / "summary.json"
-    if summary.is_file():
+    """The stage a logged model belongs to, from the run's or the trials' summaries (the
+    export stage's ONNX model is not in them: its MLmodel says onnx)."""
+    for summary in [out / "summary.json", *sorted(out.glob("trials/*/summary.json"))]:
+        if not summary.is_file():
+            continue
         for record in json.loads(summary.read_text()).get("stages", []):
             if record.get("model_id") == model_id:
                 return record["name"]
-    return model_id
+    mlmodel = out / "mlartifacts" / "models" / model_id / "artifacts" / "MLmodel"
+    if mlmodel.is_file() and "onnx:" in mlmodel.read_text():
+        return "export (onnx)"
+    return "other"
 
 
 def breakdown(out: Path, cache: Path) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,8 @@ class Search:
         try:
             summary = run_pipeline(pipeline, observer=observer)
         finally:
+            # the trial's scratch (plots already in MLflow, checkpoints of finished stages)
+            shutil.rmtree(out / ".work", ignore_errors=True)
             self.executed += observer.executed
             run_id = observer.parent_run(out)
             self.tracker.set_tag(run_id, "mlflow.parentRunId", parent)

@@ -93,14 +93,15 @@ class StageStorage:
             return
         deployable = set(record.get("model_files", []))
         # the deployable goes to MLflow once: in the stage's logged model when that holds files
-        # (tracking.model_files), in the original run's when the stage was reused from the
-        # cache and that run is in this store, else here
-        elsewhere = record.get("model_holds_files") or record.get("reused_in_store")
-        for f in sorted(directory.iterdir()):
+        # (tracking.model_files), else here; a stage reused from the cache whose original run is
+        # in this store gets only the pointer (that run has the files: a search's trials would
+        # otherwise log the same ones again and again)
+        files = [] if record.get("reused_in_store") else sorted(directory.iterdir())
+        for f in (f for f in files if f.is_file()):
             # other large outputs (export's ONNX, which export logs as the run's MLflow model)
             # stay where pointer.json says
-            if f.is_file() and (not elsewhere if f.name in deployable
-                                else f.stat().st_size <= SMALL_FILE):
+            if (not record.get("model_holds_files") if f.name in deployable
+                    else f.stat().st_size <= SMALL_FILE):
                 self.tracker.log_artifact(run_id, f, "artifact")
         pointer = {"directory": str(directory), "store": str(self.stage_cache.store.root),
                    "cache_key": record.get("fingerprint"),
