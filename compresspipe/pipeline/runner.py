@@ -64,10 +64,11 @@ SUMMARY_METRICS = ("deployed_val_top1", "deployed_val_loss", "test_top1", "test_
 
 
 def run_pipeline(pipeline: PipelineFile, resume: bool = False,
-                 observer: StageObserver | None = None) -> dict[str, Any]:
+                 observer: StageObserver | None = None, trial: bool = False) -> dict[str, Any]:
     """Run every stage; return the summary (also written to output_dir/summary.json).
-    ``observer(record)`` is called after each stage (run or reused) with its summary record."""
-    return Runner(pipeline, observer).run(resume=resume)
+    ``observer(record)`` is called after each stage (run or reused) with its summary record.
+    ``trial``: one point of a search, whose Pareto plot shows it (no size-vs-accuracy plot)."""
+    return Runner(pipeline, observer, pipeline_plot=not trial).run(resume=resume)
 
 
 StageObserver = Callable[[dict[str, Any]], None]
@@ -89,7 +90,8 @@ def _digest(*parts: Any) -> str:
 
 
 class Runner(StageStorage):
-    def __init__(self, pipeline: PipelineFile, observer: StageObserver | None = None):
+    def __init__(self, pipeline: PipelineFile, observer: StageObserver | None = None,
+                 pipeline_plot: bool = True):
         self.pipeline = pipeline
         self.cfg = pipeline.config
         self.out = pipeline.output_dir
@@ -101,6 +103,7 @@ class Runner(StageStorage):
                                     self.out)
         self.summary: dict[str, Any] = {}
         self.observer = observer
+        self.pipeline_plot = pipeline_plot
         self.stage_cache = StageCache(cache_dir(self.cfg.cache, self.out), self.cfg.cache.max_gb)
         # under torchrun every rank would have to agree on each hit: the cache is for one process
         self.use_cache = cache_enabled(self.cfg.cache) and distributed.world_size() == 1
@@ -464,10 +467,11 @@ class Runner(StageStorage):
             return
         table = summary_table(self.summary)
         (self.out / "summary.md").write_text(table + "\n")
-        plot = plots.size_accuracy_plot(self.summary, self.out / "size_vs_accuracy.png")
         self.tracker.log_artifact(parent, self.out / SUMMARY_FILE)
         self.tracker.log_artifact(parent, self.out / "summary.md")
-        self.tracker.log_artifact(parent, plot)
+        if self.pipeline_plot:
+            plot = plots.size_accuracy_plot(self.summary, self.out / "size_vs_accuracy.png")
+            self.tracker.log_artifact(parent, plot)
         final = self.summary["stages"][-1]["metrics"]
         self.tracker.log_metrics(parent, {f"final.{k}": final[k] for k in SUMMARY_METRICS
                                           if k in final})

@@ -165,7 +165,7 @@ class Search:
         trial.set_user_attr("output_dir", str(out))
         observer = _Observer(self, trial)
         try:
-            summary = run_pipeline(pipeline, observer=observer)
+            summary = run_pipeline(pipeline, observer=observer, trial=True)
         finally:
             # the trial's scratch (plots already in MLflow, checkpoints of finished stages)
             shutil.rmtree(out / ".work", ignore_errors=True)

@@ -58,6 +58,8 @@ class StageStorage:
         for rid in (run_id,) if run_id else (parent,):
             self.tracker.set_tag(rid, f"compresspipe.cache.{name}.key" if rid == parent
                                  else "compresspipe.cache.key", entry.key)
+            if rid == run_id:
+                self.tracker.set_tag(rid, "compresspipe.stage_dir", str(directory.resolve()))
             if entry.origin_run:
                 self.tracker.set_tag(rid, f"compresspipe.cache.{name}.reused_from_run"
                                      if rid == parent else "compresspipe.cache.reused_from_run",
@@ -79,7 +81,10 @@ class StageStorage:
     def _log_stage_files(self, run_id: str | None, name: str, record: dict[str, Any]) -> None:
         """MLflow gets the deployable files, the metadata and a pointer to the stored artifact
         (tracking.log_artifacts: pointer), or a full copy with every tensor (full)."""
-        if not (self.tracker.enabled and run_id):
+        if not (self.tracker.enabled and run_id) or record.get("reused_in_store"):
+            # reused, with its original run in this store: that run has the files, and this
+            # run's tags name it, the cache key and the directory (no artifacts: a search's
+            # trials would otherwise write a handful of small files each per reused stage)
             return
         directory = self.out / name
         if self.cfg.tracking.log_artifacts == "full":
@@ -93,11 +98,8 @@ class StageStorage:
             return
         deployable = set(record.get("model_files", []))
         # the deployable goes to MLflow once: in the stage's logged model when that holds files
-        # (tracking.model_files), else here; a stage reused from the cache whose original run is
-        # in this store gets only the pointer (that run has the files: a search's trials would
-        # otherwise log the same ones again and again)
-        files = [] if record.get("reused_in_store") else sorted(directory.iterdir())
-        for f in (f for f in files if f.is_file()):
+        # (tracking.model_files), else here
+        for f in (f for f in sorted(directory.iterdir()) if f.is_file()):
             # other large outputs (export's ONNX, which export logs as the run's MLflow model)
             # stay where pointer.json says
             if (not record.get("model_holds_files") if f.name in deployable
@@ -108,8 +110,6 @@ class StageStorage:
                    "load": f"compresspipe.load({str(directory)!r})"}
         if record.get("model_holds_files") and record.get("model_id"):
             pointer["deployable"] = f"models:/{record['model_id']}"
-        elif record.get("reused_in_store"):
-            pointer["reused_from_run"] = record["cached_from_run"]
         self.tracker.log_text(run_id, json.dumps(pointer, indent=2), "artifact/pointer.json")
 
 
