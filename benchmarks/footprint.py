@@ -169,8 +169,22 @@ def search_ratio(work: Path) -> dict:
             "one_wall_s": one_wall, "search_wall_s": search_wall}
 
 
+def before_summary(res: dict) -> dict:
+    """The totals of an earlier measurement and its rows (MB on disk)."""
+    q, s = res.get("quickstart") or {}, res.get("search") or {}
+    return {"command": res.get("command"), "quickstart_du": q.get("total_du"),
+            "quickstart_rows": {k: v["du"] for k, v in q.get("rows", {}).items()},
+            "search_du": (s.get("search") or {}).get("total_du"),
+            "one_run_du": (s.get("one_run") or {}).get("total_du"), "ratio": s.get("ratio")}
+
+
 def markdown(res: dict) -> str:
     lines = []
+    b = res.get("before")
+    if b:
+        lines += [f"Before (`{b['command']}`): quickstart {b['quickstart_du'] / MB:.1f} MB; "
+                  f"search {b['search_du'] / MB:.2f} MB vs one run {b['one_run_du'] / MB:.2f} MB "
+                  f"= {b['ratio']:.2f}x.", ""]
     q = res.get("quickstart")
     if q:
         lines += [f"Quickstart (resnet18 on digits, MLflow on, 1 torch thread, shared machine; "
@@ -179,16 +193,21 @@ def markdown(res: dict) -> str:
                   f"{q['total_bytes'] / MB:.1f} MB apparent; a file hard-linked into both "
                   f"counted once). Target <= 200 MB: "
                   f"{'met' if q['met'] else 'MISSED'}.", "",
-                  "| where | MB on disk | MB apparent | files |", "|---|---:|---:|---:|"]
-        for key, u in q["rows"].items():
-            lines.append(f"| {key} | {u['du'] / MB:.2f} | {u['bytes'] / MB:.2f} | {u['files']} |")
+                  "| where | MB on disk | MB apparent | files | before: MB on disk |",
+                  "|---|---:|---:|---:|---:|"]
+        before_rows = (b or {}).get("quickstart_rows", {})
+        for key in dict.fromkeys([*q["rows"], *before_rows]):
+            u = q["rows"].get(key, {"du": 0, "bytes": 0, "files": 0})
+            was = before_rows.get(key)
+            lines.append(f"| {key} | {u['du'] / MB:.2f} | {u['bytes'] / MB:.2f} | {u['files']} | "
+                         f"{'' if was is None else f'{was / MB:.2f}'} |")
         lines += [f"| **output directory** | {q['output_dir']['du'] / MB:.2f} | "
-                  f"{q['output_dir']['bytes'] / MB:.2f} | {q['output_dir']['files']} |",
+                  f"{q['output_dir']['bytes'] / MB:.2f} | {q['output_dir']['files']} | |",
                   f"| of which MLflow artifacts | {q['mlflow_artifacts']['du'] / MB:.2f} | "
                   f"{q['mlflow_artifacts']['bytes'] / MB:.2f} | "
-                  f"{q['mlflow_artifacts']['files']} |",
+                  f"{q['mlflow_artifacts']['files']} | |",
                   f"| **cache** | {q['cache']['du'] / MB:.2f} | {q['cache']['bytes'] / MB:.2f} | "
-                  f"{q['cache']['files']} |", ""]
+                  f"{q['cache']['files']} | |", ""]
     s = res.get("search")
     if s:
         one, srch = s["one_run"], s["search"]
@@ -196,7 +215,9 @@ def markdown(res: dict) -> str:
                   f"the cluster stage's linear bits (2..8) after one fixed prune, MLflow on: "
                   f"{srch['total_du'] / MB:.2f} MB against one run's {one['total_du'] / MB:.2f} "
                   f"MB = **{s['ratio']:.2f}x** (target <= {SEARCH_TARGET}x: "
-                  f"{'met' if s['met'] else 'MISSED'}); {s['stage_runs_executed']} stage runs "
+                  f"{'met' if s['met'] else 'MISSED'}; apparent bytes "
+                  f"{srch['total_bytes'] / one['total_bytes']:.2f}x: the rest is 4 KB blocks of "
+                  f"small files and directories); {s['stage_runs_executed']} stage runs "
                   f"executed of {5 * s['trials']}; wall {s['search_wall_s']:.0f} s vs "
                   f"{s['one_wall_s']:.0f} s.", "",
                   "| where | one run MB | search MB |", "|---|---:|---:|"]
@@ -218,6 +239,8 @@ def main() -> int:
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--keep", help="work directory to keep (default: a temporary one)")
     p.add_argument("--tables-only", action="store_true")
+    p.add_argument("--before", help="results JSON of the same measurement on an earlier tree, "
+                   "quoted beside this one")
     args = p.parse_args()
     if args.tables_only:
         res = json.loads((RESULTS / "footprint.json").read_text())
@@ -236,6 +259,8 @@ def main() -> int:
         res["quickstart"] = quickstart(work / "quickstart")
     if not args.skip_search:
         res["search"] = search_ratio(work / "search")
+    if args.before:
+        res["before"] = before_summary(json.loads(Path(args.before).read_text()))
     RESULTS.mkdir(exist_ok=True)
     name = "footprint" if not (args.skip_quickstart or args.skip_search) else "footprint_partial"
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")

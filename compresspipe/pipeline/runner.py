@@ -67,8 +67,9 @@ def run_pipeline(pipeline: PipelineFile, resume: bool = False,
                  observer: StageObserver | None = None, trial: bool = False) -> dict[str, Any]:
     """Run every stage; return the summary (also written to output_dir/summary.json).
     ``observer(record)`` is called after each stage (run or reused) with its summary record.
-    ``trial``: one point of a search, whose Pareto plot shows it (no size-vs-accuracy plot)."""
-    return Runner(pipeline, observer, pipeline_plot=not trial).run(resume=resume)
+    ``trial``: one point of a search, whose Pareto report shows it (no summary.md, no
+    size-vs-accuracy plot: summary.json has the numbers)."""
+    return Runner(pipeline, observer, pipeline_report=not trial).run(resume=resume)
 
 
 StageObserver = Callable[[dict[str, Any]], None]
@@ -91,7 +92,7 @@ def _digest(*parts: Any) -> str:
 
 class Runner(StageStorage):
     def __init__(self, pipeline: PipelineFile, observer: StageObserver | None = None,
-                 pipeline_plot: bool = True):
+                 pipeline_report: bool = True):
         self.pipeline = pipeline
         self.cfg = pipeline.config
         self.out = pipeline.output_dir
@@ -103,7 +104,7 @@ class Runner(StageStorage):
                                     self.out)
         self.summary: dict[str, Any] = {}
         self.observer = observer
-        self.pipeline_plot = pipeline_plot
+        self.pipeline_report = pipeline_report
         self.stage_cache = StageCache(cache_dir(self.cfg.cache, self.out), self.cfg.cache.max_gb)
         # under torchrun every rank would have to agree on each hit: the cache is for one process
         self.use_cache = cache_enabled(self.cfg.cache) and distributed.world_size() == 1
@@ -465,11 +466,10 @@ class Runner(StageStorage):
     def _log_pipeline_outputs(self, parent: str | None) -> None:
         if not distributed.is_main():
             return
-        table = summary_table(self.summary)
-        (self.out / "summary.md").write_text(table + "\n")
         self.tracker.log_artifact(parent, self.out / SUMMARY_FILE)
-        self.tracker.log_artifact(parent, self.out / "summary.md")
-        if self.pipeline_plot:
+        if self.pipeline_report:
+            (self.out / "summary.md").write_text(summary_table(self.summary) + "\n")
+            self.tracker.log_artifact(parent, self.out / "summary.md")
             plot = plots.size_accuracy_plot(self.summary, self.out / "size_vs_accuracy.png")
             self.tracker.log_artifact(parent, plot)
         final = self.summary["stages"][-1]["metrics"]
