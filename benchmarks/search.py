@@ -116,8 +116,10 @@ def searched(work: Path, args: argparse.Namespace) -> dict:
     if best is not None:
         final = json.loads((Path(best["output_dir"]) / "summary.json").read_text())
         best["sparsity"] = final["stages"][-1]["metrics"]["sparsity"]
+    report = json.loads((work / "search" / "pareto.json").read_text())
     return {"wall_s": time.perf_counter() - started, "trials": len(result["rows"]),
-            "trials_asked": args.trials, "best": best, "rows": result["rows"],
+            "trials_asked": args.trials, "trials_started": report["trials"],
+            "trials_pruned": report["pruned"], "best": best, "rows": result["rows"],
             "table": result["table"], "stage_runs_executed": result["stage_runs_executed"],
             "dense_val_top1": dense_m["deployed_val_top1"],
             "dense_test_top1": dense_m.get("test_top1"),
@@ -133,6 +135,14 @@ def earlier_summary(res: dict) -> dict:
             "best_values": best.get("values"), "best_drop": best.get("val_top1_drop"),
             "ratio": res["ratio"], "target_met": res["target_met"],
             "wall_s": res["searched"]["wall_s"]}
+
+
+def trials_text(srch: dict) -> str:
+    pruned = srch.get("trials_pruned")
+    if not pruned:
+        return f"{srch['trials']} trials"
+    return (f"{srch['trials'] + pruned} trials ({pruned} stopped early: validation drop "
+            "past the budget + 2 pt)")
 
 
 def markdown(res: dict) -> str:
@@ -158,19 +168,26 @@ def markdown(res: dict) -> str:
                      f"{v.get(RETRAIN, 'allr')} | {v[BITS]} | "
                      f"{b['bytes']:,} | {srch['dense_val_top1']:.2f} | {b['val_top1']:.2f} | "
                      f"{b['val_top1_drop']:.2f} | {b['test_top1']:.2f} | {srch['wall_s']:.0f} | "
-                     f"{srch['trials']} trials |")
+                     f"{trials_text(srch)} |")
     else:
         lines.append(f"| searched | no trial within the budget | | | | | | | | | "
-                     f"{srch['wall_s']:.0f} | {srch['trials']} trials |")
+                     f"{srch['wall_s']:.0f} | {trials_text(srch)} |")
     verdict = "met" if res["target_met"] else "MISSED"
     why = "" if res["target_met"] else (
         " (the hand-written run itself is outside the budget)" if hand["drop"] > res["max_drop"]
         else "")
+    if b:
+        lines += ["", f"Test split (reported, never chosen on): dense {hand['dense_test_top1']:.2f}, "
+                  f"hand-written {hand['test_top1']:.2f}, searched {b['test_top1']:.2f} "
+                  f"({b['test_top1'] - hand['test_top1']:+.2f} pt against hand-written). The "
+                  f"search's wall time is {srch['wall_s'] / max(hand['wall_s'], 1):.0f}x the "
+                  "hand-written run's."]
     lines += ["", f"Searched vs hand-written: {res['ratio']:.2f}x smaller .cpz (target >= 1.5x "
               f"at <= {res['max_drop']} pt validation drop): {verdict}{why}.",
               f"The search executed {srch['stage_runs_executed']} stage runs for "
-              f"{srch['trials']} trials x 5 (the dense stage and the input restored from the "
-              "cache after the first trial).", "",
+              f"{trials_text(srch)} (the input and the dense stage restored from the cache "
+              "after the first trial; a trial stopped early runs no stage after its prune "
+              "stage).", "",
               *[f"Earlier attempt ({e['trials']} trials, space "
                 f"{', '.join(k.split('.')[-1] for k in e['space'])}; `{e['command']}`): "
                 f"best {e['best_bytes'] or 0:,} B vs hand-written {e['hand_bytes']:,} B = "
