@@ -388,7 +388,31 @@ def headline_mlflow_ui_check(d: dict) -> list[str]:
             + (f"; failed: {', '.join(failed)}" if failed else "")]
 
 
+def headline_search(d: dict) -> list[str]:
+    h, b = d["hand_written"], d["searched"]["best"]
+    if not b:
+        return [f"**MISSED**: no searched trial within {d['max_drop']} pt validation drop"]
+    return [f"**{'met' if d['target_met'] else 'MISSED'}**: searched .cpz {b['bytes']:,} B vs "
+            f"hand-written {h['bytes']:,} B = {d['ratio']:.2f}× smaller at "
+            f"{b['val_top1_drop']:.2f} pt validation drop (target ≥ 1.5× at ≤ {d['max_drop']} pt), "
+            f"LeNet-300-100 on Fashion-MNIST, {d['knobs']['trials']} trials"]
+
+
+def headline_footprint(d: dict) -> list[str]:
+    out = []
+    if d.get("quickstart"):
+        q = d["quickstart"]
+        out.append(f"quickstart {q['total_du'] / 1e6:.1f} MB on disk, MLflow and cache included "
+                   f"(target ≤ 200 MB: {'met' if q['met'] else 'MISSED'})")
+    if d.get("search"):
+        s = d["search"]
+        out.append(f"20-trial search {s['ratio']:.2f}× one run (target ≤ 3×: "
+                   f"{'met' if s['met'] else 'MISSED'})")
+    return out
+
+
 HEADLINES: dict[str, Callable[[Any], list[str]]] = {
+    "search": headline_search, "footprint": headline_footprint,
     "coding": headline_coding, "coding_codec": headline_coding_codec,
     "distill": headline_distill, "mask_overhead": headline_mask_overhead,
     "quantize": headline_quantize, "structured": headline_structured,

@@ -103,3 +103,16 @@ def test_store_round_trip_is_exact(tmp_path, make):
     assert new and not store.put(t)[1]
     back = store.get(digest)
     assert back.dtype == t.dtype and back.shape == t.shape and tensor_hash(back) == digest
+
+
+def test_pruned_weights_are_sparse_whatever_the_sign_of_their_zeros(tmp_path):
+    """w * mask leaves -0.0 where w was negative: still a zero of the sparse bitmap (3 % kept:
+    about 0.28 bytes per weight, against 0.6 when -0.0 counted as a value), signs kept exactly."""
+    torch.manual_seed(0)
+    w = torch.randn(200_000) * (torch.rand(200_000) > 0.97)
+    assert bool((torch.signbit(w) & (w == 0)).any())
+    store = TensorStore(tmp_path)
+    digest, _ = store.put(w)
+    assert store.object_bytes({digest}) < 0.08 * w.numel() * w.element_size()
+    back = store.get(digest)
+    assert torch.equal(torch.signbit(back), torch.signbit(w)) and tensor_hash(back) == digest

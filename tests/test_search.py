@@ -70,16 +70,19 @@ def test_search_resumes_writes_best_yaml_that_reproduces(tmp_path, cache_on, cap
         [client.get_run(state["parent_run_id"]).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'")
     assert len({r.data.tags.get("compresspipe.search.trial") for r in children}) == 3
-    # a later trial's prune stage was restored from the cache: its run names the first run,
-    # and MLflow holds a pointer and the small files, not the tensors
+    # a later trial's prune stage was restored from the cache: its run names the first run
+    # and its directory, and holds no files (the first run has them), never the tensors
     later = json.loads((out / "trials" / "2" / "summary.json").read_text())["stages"][2]
     first = json.loads((out / "trials" / "0" / "summary.json").read_text())["stages"][2]
     assert later["cached_from_run"] == first["run_id"]
     tags = client.get_run(later["run_id"]).data.tags
     assert tags["compresspipe.cache.reused_from_run"] == first["run_id"]
-    files = {a.path for a in client.list_artifacts(later["run_id"], "artifact")}
-    assert {"artifact/pointer.json", "artifact/tensors.json"} <= files
-    assert not any(f.endswith(".safetensors") for f in files)
+    assert tags["compresspipe.stage_dir"] == str((out / "trials" / "2" / "prune").resolve())
+    assert client.list_artifacts(later["run_id"]) == []
+    assert {a.path for a in client.list_artifacts(first["run_id"], "artifact")} >= {
+        "artifact/pointer.json", "artifact/tensors.json", "artifact/artifact.json"}
+    assert not any(a.path.endswith(".safetensors")
+                   for a in client.list_artifacts(first["run_id"], "artifact"))
 
     # the best pipeline is a plain file: run without the cache, it gives the same model
     best_file = yaml.safe_load((out / "best.yaml").read_text())

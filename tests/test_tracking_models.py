@@ -28,6 +28,7 @@ from compresspipe.core.errors import ConfigError
 from compresspipe.core.models import build_model
 from compresspipe.formats.cpz_model import read_model_cpz
 from compresspipe.pipeline.checkpoints import local_model_config
+from compresspipe.pipeline.mlflow_models import ModelTracking
 from compresspipe.stages.teacher import load_teacher
 from compresspipe.tracking.datasets import describe_data
 from compresspipe.tracking.pyfunc import INFO_FILE, save_mlflow_model
@@ -42,8 +43,9 @@ def finished(tmp_path_factory, one_thread):
     cfg = tiny_pipeline(out, epochs=1)
     cfg["data"]["limit_train"] = 256  # a second of training; the test split stays whole
     cfg["stages"] = [cfg["stages"][0], {"name": "huffman", "huffman": {}}]
-    # files only for the registered stage: dense's model points at its directory
-    cfg["tracking"] = {"register": {"name": NAME, "alias": ALIAS}, "model_files": False}
+    # the default tracking.model_files: files for the compressed (and the registered) stage,
+    # dense's fp32 model points at its directory
+    cfg["tracking"] = {"register": {"name": NAME, "alias": ALIAS}}
     summary = compresspipe.run(cfg)
     store = summary["tracking_uri"]
     pipeline = compresspipe.load_pipeline(cfg, check_model=False)
@@ -206,13 +208,47 @@ def test_register_stage_must_exist(tmp_path):
             "register": {"name": "m", "alias": "v3"}}), check_model=False)
 
 
-def test_without_model_files_a_model_points_at_its_stage(finished):
+def test_an_fp32_stage_model_points_at_its_stage_by_default(finished):
     summary, client, _, _ = finished
     dense = summary["stages"][1]
     model = client.get_logged_model(dense["model_id"])
     assert model.tags["mlflow.model.isExternal"] == "true"
     assert model.tags["compresspipe.stage_dir"] == str(Path(summary["output_dir"]) / "dense")
     assert client.list_logged_model_artifacts(dense["model_id"]) == []
+
+
+def test_the_deployable_is_logged_once(finished):
+    """The .cpz is in the huffman stage's logged model, not again in its run's artifacts;
+    the run's pointer names the model."""
+    summary, client, _, _ = finished
+    huffman = summary["stages"][2]
+    logged = [f.path for f in client.list_artifacts(huffman["run_id"], "artifact")]
+    assert "artifact/model.cpz" not in logged and "artifact/pointer.json" in logged
+    pointer = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=huffman["run_id"], artifact_path="artifact/pointer.json",
+        tracking_uri=finished[2])).read_text())
+    assert pointer["deployable"] == f"models:/{huffman['model_id']}"
+    assert Path(pointer["directory"]) == Path(summary["output_dir"]) / "huffman"
+
+
+@pytest.mark.parametrize(("mode", "register", "expected"), [
+    ("compressed", None, [False, False, True]), ("compressed", "dense", [True, False, True]),
+    ("all", None, [True, True, True]), ("none", None, [False, False, False]),
+    ("none", "finetune", [False, True, False]), (True, None, [True, True, True]),
+    (False, None, [False, False, False])])
+def test_which_logged_models_hold_files(tmp_path, mode, register, expected):
+    """tracking.model_files: by default files for a deployable smaller than the input model's
+    (a 4x smaller one here), pointers for fp32 intermediates; the registered stage always."""
+    tracking = {"model_files": mode}
+    if register:
+        tracking["register"] = {"name": "m", "stage": register}
+    cfg = tiny_pipeline(tmp_path, tracking=tracking)
+    cfg["stages"].append({"name": "last", "train": {"epochs": 1}})
+    pipeline = compresspipe.load_pipeline(cfg, check_model=False)
+    models = ModelTracking(None, pipeline.config, [s.name for s in pipeline.stages], tmp_path)
+    stages = [{"name": n, "metrics": {"model_bytes": b}} for n, b in
+              [("input", 4000), ("dense", 4000), ("finetune", 4000), ("last", 1000)]]
+    assert [models.holds_files(r, stages) for r in stages[1:]] == expected
 
 
 def test_plain_stage_as_an_mlflow_model(tmp_path):

@@ -14,7 +14,9 @@ payloads survive because values are compared as integers of the same width):
 
     raw       the bytes as they are
     bits      a bool tensor as packed bits (masks: 1 bit per weight, not 8)
-    sparse    a packed bitmap of the nonzero entries plus those entries (pruned weights)
+    sparse    a packed bitmap of the nonzero entries plus those entries (pruned weights;
+              +0.0 and -0.0 are both zeros, and where a -0.0 is among them a second bitmap
+              over the zeros alone keeps their signs)
     table     the distinct values plus one uint8 index each (clustered weights, indices)
     shuffle   values (not in a table) stored as byte planes, which zlib compresses better
 
@@ -74,9 +76,15 @@ def encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     parts: dict[str, torch.Tensor] = {}
     encoding = []
     values = ints
-    nonzero = ints != 0
+    # a pruned weight is +0.0 or -0.0 (w * 0 keeps w's sign): both are zeros of the bitmap,
+    # the signs of the zeros a second bitmap over the zeros only, present when one is -0.0
+    negzero = (ints == torch.iinfo(ints.dtype).min if t.is_floating_point()
+               else torch.zeros_like(ints, dtype=torch.bool))
+    nonzero = (ints != 0) & ~negzero
     if ints.numel() >= 64 and int(nonzero.sum()) <= ints.numel() // 2:
         parts["nonzero"] = torch.from_numpy(np.packbits(nonzero.numpy()))
+        if bool(negzero.any()):
+            parts["negzero"] = torch.from_numpy(np.packbits(negzero[~nonzero].numpy()))
         values = ints[nonzero]
         encoding.append("sparse")
     if values.numel() >= 64 and t.element_size() > 1:
@@ -112,6 +120,11 @@ def decode(parts: dict[str, torch.Tensor], meta: dict[str, str]) -> torch.Tensor
         mask = torch.from_numpy(np.unpackbits(parts["nonzero"].numpy(), count=n).astype(bool))
         full = torch.zeros(n, dtype=ints_dtype)
         full[mask] = values.to(ints_dtype)
+        if "negzero" in parts:
+            zeros = n - int(mask.sum())
+            negative = torch.from_numpy(np.unpackbits(parts["negzero"].numpy(),
+                                                      count=zeros).astype(bool))
+            full[~mask] = torch.where(negative, torch.iinfo(ints_dtype).min, 0).to(ints_dtype)
         values = full
     return values.to(ints_dtype).view(dtype).reshape(shape).clone()
 

@@ -107,11 +107,14 @@ class StageCache:
         self.store.add_ref(directory / TENSORS_FILE)
 
     def record(self, key: str, directory: Path, record: dict[str, Any], run_id: str | None,
-               pipeline: str) -> None:
-        """Keep ``directory`` (a just-saved stage output) under ``key``, then enforce the limit."""
+               pipeline: str, tracking_uri: str | None = None) -> None:
+        """Keep ``directory`` (a just-saved stage output) under ``key``, then enforce the limit.
+        ``run_id``: its MLflow run in the store at ``tracking_uri`` (a run that reuses the entry
+        in the same store need not log its deployable again)."""
         path = self.entry_path(key)
         _copy_tree(directory, path)
         write_json(path / ENTRY_FILE, {"key": key, "record": record, "run_id": run_id,
+                                       "tracking_uri": tracking_uri,
                                        "pipeline": pipeline, "stage": record.get("name"),
                                        "created": time.time(), "versions": library_versions()})
         self.store.add_ref(path / TENSORS_FILE)

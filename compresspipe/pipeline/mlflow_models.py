@@ -115,6 +115,7 @@ class ModelTracking:
         if "test" in self.datasets:
             self.tracker.log_datasets(log.run_id, [self.datasets["test"]])
         if log.model_id is None:
+            record["model_holds_files"] = self.holds_files(record, stages)
             log.model_id = self._create_model(record, stages, data, log.run_id)
         latency = {k: v for k, v in log.metrics.items() if "latency" in k}
         log_model_metrics(self.tracker, log.run_id, log.model_id, {**linked, **latency},
@@ -128,8 +129,6 @@ class ModelTracking:
         # as saved: the in-memory artifact's deploy entry is cleared once written
         saved = json.loads((directory / META_FILE).read_text())
         parent = stages[-2] if len(stages) > 1 else None  # the input has no logged model
-        register = self.cfg.tracking.registration
-        registered = register is not None and record["name"] == (register.stage or self.final)
         return log_stage_model(self.tracker, run_id, StageModel(
             stage=record["name"], stage_type=record["type"], pipeline=self.cfg.name,
             directory=directory, deploy=saved.get("deploy") or None,
@@ -137,7 +136,20 @@ class ModelTracking:
             parent_stage=parent["name"] if parent else None,
             source_model_id=parent.get("model_id") if parent else None,
             example=example_inputs(data.test).numpy(), num_classes=data.num_classes),
-            with_files=self.cfg.tracking.model_files or registered)
+            with_files=record["model_holds_files"])
+
+    def holds_files(self, record: dict[str, Any], stages: list[dict[str, Any]]) -> bool:
+        """Whether the stage's logged model holds its deployable files (``tracking.model_files``;
+        the registered stage always does): by default when they are smaller than the input
+        model's, so that a 45 MB fp32 intermediate is a pointer and a .cpz is a file."""
+        mode = self.cfg.tracking.model_files
+        register = self.cfg.tracking.registration
+        if mode == "all" or (register is not None
+                             and record["name"] == (register.stage or self.final)):
+            return True
+        if mode == "none" or not stages:
+            return False
+        return record["metrics"]["model_bytes"] < stages[0]["metrics"]["model_bytes"]
 
     # -- when the pipeline finished -----------------------------------------------------------
 

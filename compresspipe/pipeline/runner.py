@@ -64,10 +64,12 @@ SUMMARY_METRICS = ("deployed_val_top1", "deployed_val_loss", "test_top1", "test_
 
 
 def run_pipeline(pipeline: PipelineFile, resume: bool = False,
-                 observer: StageObserver | None = None) -> dict[str, Any]:
+                 observer: StageObserver | None = None, trial: bool = False) -> dict[str, Any]:
     """Run every stage; return the summary (also written to output_dir/summary.json).
-    ``observer(record)`` is called after each stage (run or reused) with its summary record."""
-    return Runner(pipeline, observer).run(resume=resume)
+    ``observer(record)`` is called after each stage (run or reused) with its summary record.
+    ``trial``: one point of a search, whose Pareto report shows it (no summary.md, no
+    size-vs-accuracy plot: summary.json has the numbers)."""
+    return Runner(pipeline, observer, pipeline_report=not trial).run(resume=resume)
 
 
 StageObserver = Callable[[dict[str, Any]], None]
@@ -89,7 +91,8 @@ def _digest(*parts: Any) -> str:
 
 
 class Runner(StageStorage):
-    def __init__(self, pipeline: PipelineFile, observer: StageObserver | None = None):
+    def __init__(self, pipeline: PipelineFile, observer: StageObserver | None = None,
+                 pipeline_report: bool = True):
         self.pipeline = pipeline
         self.cfg = pipeline.config
         self.out = pipeline.output_dir
@@ -101,6 +104,7 @@ class Runner(StageStorage):
                                     self.out)
         self.summary: dict[str, Any] = {}
         self.observer = observer
+        self.pipeline_report = pipeline_report
         self.stage_cache = StageCache(cache_dir(self.cfg.cache, self.out), self.cfg.cache.max_gb)
         # under torchrun every rank would have to agree on each hit: the cache is for one process
         self.use_cache = cache_enabled(self.cfg.cache) and distributed.world_size() == 1
@@ -339,7 +343,8 @@ class Runner(StageStorage):
         print_record(record)
         if self.use_cache:
             self.stage_cache.record(fingerprint, directory, record,
-                                    run_id or self.summary.get("parent_run_id"), self.cfg.name)
+                                    run_id or self.summary.get("parent_run_id"), self.cfg.name,
+                                    self.tracker.uri)
         if self.observer is not None:
             self.observer(record)
         return record
@@ -461,12 +466,12 @@ class Runner(StageStorage):
     def _log_pipeline_outputs(self, parent: str | None) -> None:
         if not distributed.is_main():
             return
-        table = summary_table(self.summary)
-        (self.out / "summary.md").write_text(table + "\n")
-        plot = plots.size_accuracy_plot(self.summary, self.out / "size_vs_accuracy.png")
         self.tracker.log_artifact(parent, self.out / SUMMARY_FILE)
-        self.tracker.log_artifact(parent, self.out / "summary.md")
-        self.tracker.log_artifact(parent, plot)
+        if self.pipeline_report:
+            (self.out / "summary.md").write_text(summary_table(self.summary) + "\n")
+            self.tracker.log_artifact(parent, self.out / "summary.md")
+            plot = plots.size_accuracy_plot(self.summary, self.out / "size_vs_accuracy.png")
+            self.tracker.log_artifact(parent, plot)
         final = self.summary["stages"][-1]["metrics"]
         self.tracker.log_metrics(parent, {f"final.{k}": final[k] for k in SUMMARY_METRICS
                                           if k in final})

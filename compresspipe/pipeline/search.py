@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -164,8 +165,10 @@ class Search:
         trial.set_user_attr("output_dir", str(out))
         observer = _Observer(self, trial)
         try:
-            summary = run_pipeline(pipeline, observer=observer)
+            summary = run_pipeline(pipeline, observer=observer, trial=True)
         finally:
+            # the trial's scratch (plots already in MLflow, checkpoints of finished stages)
+            shutil.rmtree(out / ".work", ignore_errors=True)
             self.executed += observer.executed
             run_id = observer.parent_run(out)
             self.tracker.set_tag(run_id, "mlflow.parentRunId", parent)

@@ -41,6 +41,8 @@ class StageStorage:
         self.stage_cache.restore(entry, directory)
         record = {**entry.record, "name": name, "fingerprint": entry.key,
                   "cached_from_run": entry.origin_run}
+        if entry.origin_run and entry.info.get("tracking_uri") == self.tracker.uri:
+            record["reused_in_store"] = True  # MLflow has its deployable already
         print(f"== {name} ({type_name}): reused from the stage cache (key {entry.key}, "
               f"first run {entry.origin_run or 'untracked'}, pipeline "
               f"{entry.info.get('pipeline')!r})", flush=True)
@@ -56,6 +58,8 @@ class StageStorage:
         for rid in (run_id,) if run_id else (parent,):
             self.tracker.set_tag(rid, f"compresspipe.cache.{name}.key" if rid == parent
                                  else "compresspipe.cache.key", entry.key)
+            if rid == run_id:
+                self.tracker.set_tag(rid, "compresspipe.stage_dir", str(directory.resolve()))
             if entry.origin_run:
                 self.tracker.set_tag(rid, f"compresspipe.cache.{name}.reused_from_run"
                                      if rid == parent else "compresspipe.cache.reused_from_run",
@@ -77,7 +81,10 @@ class StageStorage:
     def _log_stage_files(self, run_id: str | None, name: str, record: dict[str, Any]) -> None:
         """MLflow gets the deployable files, the metadata and a pointer to the stored artifact
         (tracking.log_artifacts: pointer), or a full copy with every tensor (full)."""
-        if not (self.tracker.enabled and run_id):
+        if not (self.tracker.enabled and run_id) or record.get("reused_in_store"):
+            # reused, with its original run in this store: that run has the files, and this
+            # run's tags name it, the cache key and the directory (no artifacts: a search's
+            # trials would otherwise write a handful of small files each per reused stage)
             return
         directory = self.out / name
         if self.cfg.tracking.log_artifacts == "full":
@@ -90,16 +97,20 @@ class StageStorage:
             shutil.rmtree(full.parent, ignore_errors=True)
             return
         deployable = set(record.get("model_files", []))
-        for f in sorted(directory.iterdir()):
-            # the deployable files and the small metadata; other large outputs (export's ONNX,
-            # which export logs as the run's MLflow model) stay where pointer.json says
-            if f.is_file() and (f.name in deployable or f.stat().st_size <= SMALL_FILE):
+        # the deployable goes to MLflow once: in the stage's logged model when that holds files
+        # (tracking.model_files), else here
+        for f in (f for f in sorted(directory.iterdir()) if f.is_file()):
+            # other large outputs (export's ONNX, which export logs as the run's MLflow model)
+            # stay where pointer.json says
+            if (not record.get("model_holds_files") if f.name in deployable
+                    else f.stat().st_size <= SMALL_FILE):
                 self.tracker.log_artifact(run_id, f, "artifact")
-        self.tracker.log_text(run_id, json.dumps({
-            "directory": str(directory), "store": str(self.stage_cache.store.root),
-            "cache_key": record.get("fingerprint"),
-            "load": f"compresspipe.load({str(directory)!r})"}, indent=2),
-            "artifact/pointer.json")
+        pointer = {"directory": str(directory), "store": str(self.stage_cache.store.root),
+                   "cache_key": record.get("fingerprint"),
+                   "load": f"compresspipe.load({str(directory)!r})"}
+        if record.get("model_holds_files") and record.get("model_id"):
+            pointer["deployable"] = f"models:/{record['model_id']}"
+        self.tracker.log_text(run_id, json.dumps(pointer, indent=2), "artifact/pointer.json")
 
 
 def print_record(record: dict[str, Any]) -> None:

@@ -61,9 +61,21 @@ class TrackingConfig(StrictModel):
     )
     retry_backoff_s: float = Field(0.5, gt=0, le=60,
                                    description="First backoff delay; doubles per retry (cap 10 s).")
-    model_files: bool = Field(
-        True, description="Each stage's MLflow logged model holds its deployable files "
-        "(loadable with mlflow.pyfunc); false: it only points at the stage directory.")
+    model_files: Literal["compressed", "all", "none"] = Field(
+        "compressed", description="What each stage's MLflow logged model holds. 'compressed': "
+        "its deployable files (loadable with mlflow.pyfunc) when they are smaller than the "
+        "input model's, i.e. compressed; an fp32 intermediate (dense, pruned but stored "
+        "dense) only points at its stage directory. 'all': every stage's files; 'none': "
+        "pointers only. The registered stage always gets its files. true/false: all/none.")
+
+    @field_validator("model_files", mode="before")
+    @classmethod
+    def _model_files_bool(cls, value: object) -> object:
+        # files written before the three-way choice said true (every stage) or false (none)
+        if isinstance(value, bool):
+            return "all" if value else "none"
+        return value
+
     # 'register' in the file; the attribute is named otherwise because pydantic's BaseModel
     # (an ABC) has a register() of its own
     registration: RegisterConfig | None = Field(
