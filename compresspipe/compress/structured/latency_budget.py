@@ -86,8 +86,9 @@ def search_latency(allocate_at: Callable[[float], Allocation],
     ``allocate_at(f)`` allocates removals for a fraction ``f`` of the MACs (raising
     CompressPipeError when the caps cannot reach it); ``measure`` times them. First the most
     that can be removed is timed (the budget must be reachable), then ``iterations`` bisection
-    steps between nothing and that. Timings are noisy, so the answer is the smallest fraction
-    that measured within the goal, not a claim of monotonicity.
+    steps between nothing and that. Timings are noisy: the answer is the smallest fraction that
+    measured within the goal twice (the bisection's and a second timing), not a claim of
+    monotonicity.
     """
     top, allocation = MAX_REMOVED, None
     while allocation is None:
@@ -103,7 +104,7 @@ def search_latency(allocate_at: Callable[[float], Allocation],
             f"latency budget {goal:.2f}x of the incoming model is out of reach: removing "
             f"{top:.0%} of its MACs measured {trials[0].latency_ratio:.2f}x; raise the budget "
             "or max_layer_ratio, or ignore fewer layers")
-    best = LatencySearch(allocation, top, trials[0].latency_ratio, trials)
+    met = {top: allocation}  # removals whose measurement met the goal
     lo, hi = 0.0, top
     for _ in range(iterations):
         mid = (lo + hi) / 2
@@ -111,8 +112,21 @@ def search_latency(allocate_at: Callable[[float], Allocation],
         ratio = measure(candidate)
         trials.append(LatencyTrial(mid, ratio))
         if ratio <= goal:
-            hi = mid
-            best = LatencySearch(candidate, mid, ratio, trials)
+            hi, met[mid] = mid, candidate
         else:
             lo = mid
-    return best
+    return _confirmed(met, measure, goal, trials)
+
+
+def _confirmed(met: dict[float, Allocation], measure: Callable[[Allocation], float],
+               goal: float, trials: list[LatencyTrial]) -> LatencySearch:
+    """The smallest removal that meets the goal when timed again: on a shared machine one
+    lucky measurement must not decide. The most removal is the last resort."""
+    fractions = sorted(met)
+    for fraction in fractions[:-1]:
+        ratio = measure(met[fraction])
+        trials.append(LatencyTrial(fraction, ratio))
+        if ratio <= goal:
+            return LatencySearch(met[fraction], fraction, ratio, trials)
+    top = fractions[-1]
+    return LatencySearch(met[top], top, trials[0].latency_ratio, trials)
