@@ -9,11 +9,16 @@ onnxruntime alike) and the median round is reported: the machine is shared with 
 Each runtime uses ``--threads`` intra-op threads (default 1).
 
 Target (issue 17), at 2x fewer MACs and 224 px: >= 1.5x at batch 32 and >= 1.3x at batch 1.
-Where a family misses, the torch profiler's per-operator times of the dense and the 2x network at
+Where a family misses, the torch and onnxruntime profilers' per-operator times of the dense and the 2x network at
 batch 1 say where the time goes.
 
 ``--latency-budget 0.77`` prunes with ``target: {latency: 0.77}`` (1/1.3: the batch-1 target)
-instead, where MACs mislead. ``--round-to N`` keeps widths at multiples of N.
+instead, where MACs mislead. ``--round-to N`` keeps widths at multiples of N (channel_prune's
+default, 8; results of other values are saved as ``structured_deploy_round<N>*``). With
+round_to 1, onnxruntime leaves its blocked (NCHWc) convolutions on odd widths: MobileNetV3 and
+EfficientNet then ran slower pruned than dense (structured_deploy_round1_quick.md; the
+onnxruntime profile of ConvNeXt in structured_deploy_round1_convnext_quick.json shows Conv time
+up and ReorderInput gone).
 
 Run: .venv/bin/python benchmarks/structured_deploy.py [--quick] [--families ResNet ViT]
 Results: benchmarks/results/structured_deploy[_quick].json and .md
@@ -64,7 +69,7 @@ RATIOS = {2: 0.5, 4: 0.75}
 TARGET = {1: 1.3, 32: 1.5}
 
 
-def pruned_copy(name: str, size: int, ratio: float | None, round_to: int = 1
+def pruned_copy(name: str, size: int, ratio: float | None, round_to: int = 8
                 ) -> torch.nn.Module:
     """The ImageNet-shaped network, with channels removed to (1 - ratio) of its MACs."""
     torch.manual_seed(0)
@@ -281,8 +286,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--families", nargs="*", default=list(FAMILIES))
     parser.add_argument("--tag", default="", help="suffix of the result file name (a part run)")
-    parser.add_argument("--round-to", type=int, default=1,
-                        help="channel_prune's round_to: kept widths at multiples of this")
+    parser.add_argument("--round-to", type=int, default=8,
+                        help="channel_prune's round_to (its default, 8): kept widths at "
+                        "multiples of this")
     parser.add_argument("--latency-budget", type=float, default=None,
                         help="instead of 2x/4x fewer MACs: channel_prune's target {latency: F}")
     args = parser.parse_args()
@@ -291,7 +297,7 @@ def main() -> None:
     cfg["round_to"], cfg["search_steps"] = args.round_to, 4
     started = time.perf_counter()
     rows = []
-    name = "structured_deploy" + (f"_round{args.round_to}" if args.round_to > 1 else "")
+    name = "structured_deploy" + (f"_round{args.round_to}" if args.round_to != 8 else "")
     name += f"_latency{args.latency_budget:g}" if args.latency_budget else ""
     name += (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
     for i, family in enumerate(args.families):
