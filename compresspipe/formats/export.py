@@ -137,6 +137,31 @@ def check_onnx_zeros(path: Path, masks: dict[str, torch.Tensor], stage: str) -> 
     return len(found)
 
 
+# ONNX operators that draw random numbers: a deployed model must give the same output twice
+RANDOM_OPS = ("RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike",
+              "Bernoulli", "Multinomial")
+
+
+def random_nodes(path: Path) -> list[str]:
+    """Nodes of an ONNX file that draw random numbers (as ``name (op)``): a training-mode
+    operation left in the graph makes every run of the file differ."""
+    import onnx  # lazy: onnx loads only where ONNX files are written or read
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return [f"{n.name or n.output[0]} ({n.op_type})" for n in proto.graph.node
+            if n.op_type in RANDOM_OPS]
+
+
+def refuse_random_nodes(path: Path, where: str) -> None:
+    """A clear error when ``path`` draws random numbers at inference, naming the nodes."""
+    found = random_nodes(path)
+    if found:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise CompressPipeError(f"{where}: {path.name} draws random numbers at inference "
+                                f"({shown}): a training-mode operation (dropout, stochastic "
+                                "depth) was captured into the graph, so no two runs agree")
+
+
 # -- the consumer check ------------------------------------------------------------------------
 
 

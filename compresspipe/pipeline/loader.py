@@ -218,8 +218,9 @@ def _without_unknown_keys(type_name: str, params: dict) -> BaseModel | None:
     for err in errors:
         *parents, key = err["loc"]
         holder: Any = params
-        for part in parents:
-            holder = holder[part]
+        for part in parents:  # a tagged union's tag is in the loc, not in the params
+            if not isinstance(holder, dict) or part in holder:
+                holder = holder[part]
         holder.pop(key, None)
     try:
         return config_cls.model_validate(params)

@@ -36,6 +36,7 @@ from ..formats.export import (
     check_onnx_zeros,
     example_inputs,
     onnx_opset,
+    refuse_random_nodes,
     run_consumer,
     timm_rebuildable,
     write_dense_safetensors,
@@ -259,6 +260,7 @@ def _write_onnx(job: _Job) -> Exported:
     if opset is not None and onnx_opset(path) != opset:
         raise CompressPipeError(f"{job.where}: opset {opset} requested, {path.name} has "
                                 f"opset {onnx_opset(path)}")
+    refuse_random_nodes(path, job.where)  # else the consumer check compares random draws
     checked = check_onnx_zeros(path, job.artifact.masks, job.stage)
     return Exported("onnx", path, True, incoming.deployed_top1, "onnx", checked)
 

@@ -10,6 +10,7 @@ from ..compress.quant.config import Int8Options
 from ..compress.quant.onnx_int8 import INT8_FILE, export_onnx
 from ..core.artifact import Artifact
 from ..core.config import TrainConfig
+from ..formats.export import refuse_random_nodes
 from .base import Stage
 from .context import StageContext
 from .patterns import unmatched_pattern_problems
@@ -73,6 +74,7 @@ class QATStage(Stage):
             example_batch,
             nudge_zero_bn_scales,
             prepare_qat,
+            stochastic_depth_modules,
         )
         from ..compress.quant.qdq import QDQScheme
 
@@ -94,7 +96,10 @@ class QATStage(Stage):
         copy_trained_weights(prepared, artifact.model)
         path = export_onnx(convert(prepared), example, ctx.work_dir / INT8_FILE,
                            trim_taps=cfg.trim_padding_taps)
+        refuse_random_nodes(path, f"stage {self.name!r}")
         info = {"method": "qat", "format": "onnx-qdq", **scheme.describe(),
+                # a captured graph cannot switch these off for inference: QAT trains without
+                "stochastic_depth_off": stochastic_depth_modules(artifact.model),
                 "bn_scales_nudged": nudged,
                 **mixed_precision_record(cfg.keep_float, drops, floating)}
         finish_int8(artifact, ctx, path, artifact.model, info, cfg.latency_repeats,
