@@ -12,7 +12,7 @@ each claim's difference of seed means against its standard error (Welch), as dis
 dense MACs removed), all from the seed's dense stage: PaS (search, then fine-tuning) against
 uniform and global L1 filter pruning fine-tuned for the same epochs as PaS's fine-tuning, and
 uniform L1 fine-tuned for PaS's search + fine-tuning epochs (the same total). Results:
-pas_vs_uniform_<dataset>.{json,md}, verdicts as above.
+pas_vs_uniform_<dataset>_<N>x.{json,md} (N: the MACs reduction), verdicts as above.
 
     .venv/bin/python benchmarks/pruning_methods.py --dataset fashion_mnist \
         --model compresspipe.zoo:lenet_5 --structured 0.5 --limit-train 12000
@@ -471,7 +471,7 @@ def structured_report(rows: dict, args, seconds: float) -> None:
               "Reproduced / contradicted: beyond 2 standard errors of the seed means."]
     text = "\n".join(lines)
     print(text)
-    name = f"pas_vs_uniform_{args.dataset}"
+    name = f"pas_vs_uniform_{args.dataset}_{round(1 / (1 - args.structured))}x"
     (RESULTS / f"{name}.md").write_text(text + "\n")
     (RESULTS / f"{name}.json").write_text(json.dumps(
         {"command": command_line(), "wall_s": total, "claims": out,

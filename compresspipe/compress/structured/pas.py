@@ -164,10 +164,6 @@ class PaSHook(TrainHook):
         grads = torch.autograd.grad(loss, opens)
         return torch.cat(grads).abs().detach()
 
-    def initial_pull(self) -> float:
-        """Mean initial pull over all gates."""
-        return float(self.initial_pulls().mean())
-
     def macs_ratio(self) -> torch.Tensor:
         """MACs of the gated network as a fraction of the dense MACs (differentiable)."""
         return self.cost.evaluate(self.keeps())["macs"] / self.dense_macs
@@ -205,7 +201,6 @@ class PaSHook(TrainHook):
                 off = off[off != torch.argmax(v)]
             removals.append(off)
         return Allocation(removals, self.cost.evaluate_removals(removals), target_value)
-
 
     def _proportional(self, values: list[torch.Tensor], target_value: float,
                       max_ratio: float) -> Allocation:
