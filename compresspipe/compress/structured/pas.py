@@ -35,6 +35,12 @@ bisection. Ranking raw gate values across groups (as before) compared numbers wh
 by each group's pull, not by what the search chose, and cut channels that were open through the
 whole search.
 
+Not implemented: the paper's structural re-parameterisation (residual branches folded
+RepVGG-style so that each block's width is free). Channels joined by a residual add are one
+group here and share one width, so on ResNets this is PaS without re-parameterisation; on plain
+chains (LeNet-5, VGG) nothing differs. The gates also share the weights' optimiser group (its
+momentum and weight decay; the decay shrinks v by lr * wd per step, as it does a weight).
+
 Gates are forward hooks, not new layers: the model's own modules and names stay, and the gates
 are the training hook's extra modules (optimised and checkpointed with the model). A group's
 gate multiplies the input of every convolution and linear layer that reads the group's channels
