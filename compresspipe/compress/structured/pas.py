@@ -39,7 +39,7 @@ Not implemented: the paper's structural re-parameterisation (residual branches f
 RepVGG-style so that each block's width is free). Channels joined by a residual add are one
 group here and share one width, so on ResNets this is PaS without re-parameterisation; on plain
 chains (LeNet-5, VGG) nothing differs. The gates also share the weights' optimiser group (its
-momentum and weight decay; the decay shrinks v by lr * wd per step, as it does a weight).
+momentum and weight decay; the decay shrinks v by the fraction lr * wd per step, as a weight).
 
 Gates are forward hooks, not new layers: the model's own modules and names stay, and the gates
 are the training hook's extra modules (optimised and checkpointed with the model). A group's
