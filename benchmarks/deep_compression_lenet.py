@@ -106,13 +106,17 @@ def run_one(model: str, seed: int, out: Path, quick: bool) -> dict:
 
 
 def _ms(values: list[float], digits: int = 2) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    if len(values) == 1:  # one seed: no spread to show
+        return f"{values[0]:.{digits}f}"
+    sd = statistics.stdev(values)
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def report(runs: dict[str, list[dict]], seeds: int, quick: bool) -> str:
     lines = [f"Fashion-MNIST (val split 10% of train; test 10,000), up to {seeds} seed(s) (per net in its row)"
-             f"{', QUICK settings' if quick else ''}; ratios against 4 bytes per parameter", "",
+             f"{', QUICK settings' if quick else ''}; ratios against 4 bytes per parameter; wall "
+             "times on a 2-core machine shared with other jobs (load average 15-20), one torch "
+             "thread", "",
              "| net | dense top-1 | .cpz top-1 | loss (pt) | pruned | + quant. | + Huffman "
              "(.cpz bytes) | coded tensors only | paper: ratio (fp32 → compressed), MNIST "
              "error | wall s/run |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
