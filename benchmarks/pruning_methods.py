@@ -8,6 +8,15 @@ Every number is measured by the pipeline on the model reloaded from its artifact
 On Fashion-MNIST the seed papers' claims are checked from the numbers (seed_claims.{json,md}):
 each claim's difference of seed means against its standard error (Welch), as distill does.
 
+``--structured R`` instead compares channel pruning methods at the same MACs budget (R of the
+dense MACs removed), all from the seed's dense stage: PaS (search, then fine-tuning) against
+uniform and global L1 filter pruning fine-tuned for the same epochs as PaS's fine-tuning, and
+uniform L1 fine-tuned for PaS's search + fine-tuning epochs (the same total). Results:
+pas_vs_uniform_<dataset>_<N>x.{json,md} (N: the MACs reduction), verdicts as above.
+
+    .venv/bin/python benchmarks/pruning_methods.py --dataset fashion_mnist \
+        --model compresspipe.zoo:lenet_5 --structured 0.5 --limit-train 12000
+
 All methods of one seed start from the same dense stage (trained once, copied into each method's
 directory and reused through --resume's fingerprints); every method keeps its own directory, so a
 second call with the same --workdir resumes instead of recomputing.
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -30,6 +40,8 @@ DATA = {"digits": {"name": "digits", "image_size": 32, "batch_size": 64},
         "fashion_mnist": {"name": "fashion_mnist", "root": "/usr/share/datasets/fashion-mnist",
                           "image_size": 28, "batch_size": 128}}
 AT_INIT = ("snip", "grasp", "synflow")
+LIMITS: dict[str, int] = {}  # data.limit_train from --limit-train (a subset of the train split)
+TRACKING_OFF: list[bool] = []  # --structured: no MLflow (non-empty: off)
 
 
 def methods(sparsity: float, dense: int = DENSE, at_init: tuple[str, ...] = AT_INIT,
@@ -64,6 +76,30 @@ def methods(sparsity: float, dense: int = DENSE, at_init: tuple[str, ...] = AT_I
     }
 
 
+def structured_methods(ratio: float, search: int, finetune: int,
+                       lr: float) -> dict[str, tuple[list[dict], int]]:
+    """name -> (stages after the dense stage, epochs after it) at ``ratio`` of the MACs removed.
+    Search and fine-tuning start at ``lr`` (below the dense peak: a search restarted at the peak
+    destroys the trained weights it is meant to rank), linear decay."""
+    train = lambda epochs: {"epochs": epochs, "lr": lr, "schedule": "linear"}  # noqa: E731
+    l1 = lambda scope, epochs: [{"name": "m", "channel_prune": {  # noqa: E731
+        "criterion": "l1", "target": "macs", "ratio": ratio, "scope": scope,
+        "train": train(epochs), "latency": None}}]
+    return {
+        "PaS": ([{"name": "m", "pas": {"p": ratio, "alpha": 0.1, "latency": None,
+                                       "search": train(search), "finetune": train(finetune)}}],
+                search + finetune),
+        # a tenth of the budget's pull: does a weaker pull let the cross-entropy spread the cut?
+        "PaS, alpha 0.01": ([{"name": "m", "pas": {"p": ratio, "alpha": 0.01, "latency": None,
+                                                   "search": train(search),
+                                                   "finetune": train(finetune)}}],
+                            search + finetune),
+        "uniform L1": (l1("uniform", finetune), finetune),
+        "global L1": (l1("global", finetune), finetune),
+        "uniform L1, same total epochs": (l1("uniform", search + finetune), search + finetune),
+    }
+
+
 def model_block(model: str) -> dict:
     """A timm name, or a factory 'pkg.mod:fn' (the zoo's LeNets take 28 px images)."""
     if ":" in model:
@@ -75,8 +111,11 @@ def pipeline(out: Path, model: str, seed: int, stages: list[dict], with_dense: b
              dataset: str = "digits", dense_epochs: int = DENSE) -> dict:
     dense = {"name": "dense", "train": {"epochs": dense_epochs, "lr": 0.05, "warmup_epochs": 1,
                                         "record_rewind": {"epoch": 0.5}}}
+    # --structured reads its numbers from the artifacts, not from MLflow (the LTH control does)
+    tracking = {"tracking": {"enabled": False}} if TRACKING_OFF else {}
     return {"name": "bench", "seed": seed, "output_dir": str(out), "model": model_block(model),
-            "data": dict(DATA[dataset]),
+            **tracking,
+            "data": {**DATA[dataset], **LIMITS},
             "stages": ([dense] if with_dense else []) + stages}
 
 
@@ -109,6 +148,11 @@ def collapsed_layers(out: Path) -> int:
 
 def plan(args) -> list[tuple[str, float, list[dict], int, bool]]:
     """(name, sparsity, stages, epochs, with_dense) of every run of one seed."""
+    if args.structured is not None:
+        return [(name, args.structured, stages, epochs, True) for name, (stages, epochs) in
+                structured_methods(args.structured, args.search_epochs, args.finetune_epochs,
+                                   args.finetune_lr).items()
+                if not args.methods or name in args.methods]
     sparsities = args.sparsities or ([0.9, 0.98] if args.quick else [0.9, 0.95, 0.98, 0.99])
     runs = []
     for s in sparsities:
@@ -125,6 +169,18 @@ def plan(args) -> list[tuple[str, float, list[dict], int, bool]]:
                     stages[0]["prune"]["train"]["epochs"] = epochs
                 runs.append((f"{name}, no floor", s, stages, epochs, False))
     return runs
+
+
+def structured_record(stage_dir: Path) -> dict:
+    """MACs, parameters and (PaS) the searched and final widths of a structured stage."""
+    record = json.loads((stage_dir / "artifact.json").read_text())["meta"]["structured"]["m"]
+    out = {"macs": record["macs"], "macs_dense": record["macs_before"],
+           "params": record["params_after"],
+           "widths": [r.get("kept", r.get("out")) for r in record["layer_widths"]]}
+    if "searched_widths" in record:
+        out["searched_widths"] = [w["kept"] for w in record["searched_widths"]]
+        out["searched_macs_ratio"] = record["searched_macs_ratio"]
+    return out
 
 
 def _stage_seconds(summary: dict) -> float:
@@ -144,15 +200,21 @@ def run_seed(tmp: Path, args, seed: int, rows: dict) -> None:
         summary = compresspipe.run(pipeline(out, args.model, seed, stages, with_dense,
                                             args.dataset, args.dense_epochs), resume=True)
         m = summary["stages"][-1]["metrics"]
-        rows.setdefault((name, s), []).append({
-            "top1": m["test_top1"], "loss": m["test_loss"], "val_top1": m.get("deployed_val_top1"),
-            "epochs": epochs, "wall_s": _stage_seconds(summary),
-            "collapsed_layers": collapsed_layers(out)})
+        row = {"top1": m["test_top1"], "loss": m["test_loss"],
+               "val_top1": m.get("deployed_val_top1"), "epochs": epochs,
+               "wall_s": _stage_seconds(summary)}
+        if args.structured is None:
+            row["collapsed_layers"] = collapsed_layers(out)
+        else:
+            row.update(structured_record(out / "m"))
+            row["dense_top1"] = next(st["metrics"]["test_top1"] for st in summary["stages"]
+                                     if st["name"] == "dense")
+        rows.setdefault((name, s), []).append(row)
         if name.startswith("LTH"):  # the control is evaluated on the validation split
             rows.setdefault(("LTH random re-init control", s), []).append({
                 "top1": None, "val_top1": control_metric(summary, "control_top1"),
                 "loss": None, "epochs": epochs})
-    if args.no_dsd:
+    if args.no_dsd or args.structured is not None:
         return
     # DSD against dense trained for the same total epochs
     dsd = [{"name": "dsd", "prune": {"method": "dsd", "sparsity": 0.3, "scope": "layer",
@@ -191,6 +253,16 @@ def main() -> None:
                     help="training epochs of those runs (default: the others' total; 0 scores "
                     "and prunes only, for the collapse count)")
     ap.add_argument("--no-dsd", action="store_true", help="skip DSD and its dense control")
+    ap.add_argument("--structured", type=float, default=None, metavar="R",
+                    help="channel pruning instead: PaS vs uniform / global L1 at R of the "
+                    "dense MACs removed")
+    ap.add_argument("--search-epochs", type=int, default=3, help="--structured: PaS search")
+    ap.add_argument("--finetune-epochs", type=int, default=5,
+                    help="--structured: fine-tuning after the removal, every method")
+    ap.add_argument("--finetune-lr", type=float, default=0.01,
+                    help="--structured: starting lr of search and fine-tuning")
+    ap.add_argument("--limit-train", type=int, default=None,
+                    help="train on a fixed subset of this many images (the split is unchanged)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--only-seed", type=int, default=None,
                     help="run just this seed (parallel workers sharing --workdir; a final call "
@@ -200,6 +272,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.dataset == "fashion_mnist" and not Path(DATA["fashion_mnist"]["root"]).is_dir():
         sys.exit("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist")
+    if args.limit_train:
+        LIMITS["limit_train"] = args.limit_train
+    if args.structured is not None:
+        TRACKING_OFF.append(True)
     seeds = list(range(1 if args.quick else args.seeds))
     if args.only_seed is not None:
         seeds = [args.only_seed]
@@ -209,6 +285,10 @@ def main() -> None:
         tmp = Path(args.workdir or scratch)
         for seed in seeds:
             run_seed(tmp, args, seed, rows)
+    if args.structured is not None:
+        if args.only_seed is None:
+            structured_report(rows, args, time.time() - started)
+        return
     report(rows, args, time.time() - started)
     if args.dataset != "digits" and args.only_seed is None:
         claims(rows, args)
@@ -349,6 +429,63 @@ def claims(rows: dict, args) -> None:
     (RESULTS / f"seed_claims{_tag(args)}.json").write_text(json.dumps(
         {"command": command_line(), "model": args.model, "dataset": args.dataset,
          "claims": out}, indent=1))
+
+
+def structured_report(rows: dict, args, seconds: float) -> None:
+    """PaS against L1 channel pruning at the same MACs: table, verdicts, JSON."""
+    n = max(len(v) for v in rows.values())
+    total = sum(v.get("wall_s") or 0 for vals in rows.values() for v in vals)
+    data = f"{args.dataset} 28 px" + (f", train subset {args.limit_train:,} images"
+                                      if args.limit_train else "")
+    lines = [f"{args.model} on {data}, {n} seeds, {args.structured:.0%} of the dense MACs "
+             f"removed; search {args.search_epochs} + fine-tune {args.finetune_epochs} epochs "
+             f"from lr {args.finetune_lr} (linear decay); runs' stages took {total / 60:.0f} min "
+             f"summed (this call {seconds / 60:.1f} min; a shared 2-core machine)", "",
+             "| method | MACs (mean) | params | test top-1 % (mean ± std) | val top-1 % | "
+             "epochs after dense | widths, seed 0 (searched) | wall s/run |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    first = next(iter(rows.values()))
+    dense = [v["dense_top1"] for v in first]
+    for (name, _), vals in rows.items():
+        v0 = vals[0]
+        widths = "/".join(map(str, v0["widths"])) + (
+            f" ({'/'.join(map(str, v0['searched_widths']))})" if "searched_widths" in v0 else "")
+        lines.append(f"| {name} | {statistics.mean(v['macs'] for v in vals) / 1e6:.3f}M of "
+                     f"{v0['macs_dense'] / 1e6:.3f}M | {statistics.mean(v['params'] for v in vals):,.0f} | "
+                     f"{_ms([v['top1'] for v in vals])} | {_ms([v['val_top1'] for v in vals])} | "
+                     f"{v0['epochs']} | {widths} | "
+                     f"{statistics.mean(v['wall_s'] for v in vals):.0f} |")
+    lines.append(f"| dense (start of every run) | {first[0]['macs_dense'] / 1e6:.3f}M | | "
+                 f"{_ms(dense)} | | | | |")
+    out = []
+    s = args.structured
+    for claim, a, b, at_least in (
+            ("PaS beats uniform L1 at the same MACs (same fine-tuning epochs)", "PaS",
+             "uniform L1", False),
+            ("PaS beats uniform L1 at the same MACs (same total epochs)", "PaS",
+             "uniform L1, same total epochs", False),
+            ("PaS ≥ global L1 at the same MACs (same fine-tuning epochs)", "PaS", "global L1",
+             True),
+            ("PaS with alpha 0.01 beats uniform L1 at the same MACs (same total epochs)",
+             "PaS, alpha 0.01", "uniform L1, same total epochs", False)):
+        c = _compare(rows, (a, s), (b, s), "top1", at_least)
+        if c:
+            out.append({**c, "claim": claim})
+    lines += ["", "| claim | PaS | other | PaS − other (pt, ± Welch SE) | verdict |",
+              "|---|---:|---:|---:|---|"]
+    lines += [f"| {c['claim']} | {c['a']} {c['mean_a']:.2f} | {c['b']} {c['mean_b']:.2f} | "
+              f"{c['diff']:+.2f} ± {c['se']:.2f} | {c['verdict']} |" for c in out]
+    lines += ["", "Widths: kept output channels/units of every layer, the classifier last. "
+              "Reproduced / contradicted: beyond 2 standard errors of the seed means."]
+    text = "\n".join(lines)
+    print(text)
+    name = f"pas_vs_uniform_{args.dataset}_{round(1 / (1 - args.structured))}x"
+    (RESULTS / f"{name}.md").write_text(text + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(
+        {"command": command_line(), "wall_s": total, "claims": out,
+         "machine": f"{os.cpu_count()} CPU cores shared with other jobs, torch 1 thread",
+         "rows": [{"method": k, "macs_removed": r, "runs": v} for (k, r), v in rows.items()]},
+        indent=1))
 
 
 if __name__ == "__main__":

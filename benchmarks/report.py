@@ -419,6 +419,8 @@ HEADLINES: dict[str, Callable[[Any], list[str]]] = {
     "pruning_methods": headline_pruning_methods, "soak": headline_soak,
     "mlflow_ui_check": headline_mlflow_ui_check,
     "seed_claims_fashion_mnist": headline_seed_claims,
+    "pas_vs_uniform_fashion_mnist_2x": headline_seed_claims,
+    "pas_vs_uniform_fashion_mnist_4x": headline_seed_claims,
     "deep_compression_lenet": headline_deep_compression_lenet,
 }
 BODIES: dict[str, Callable[[Any], str]] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import compresspipe
 from compresspipe.compress.structured.allocate import remove_units
 from compresspipe.compress.structured.cost import CostModel
 from compresspipe.compress.structured.graph import StructuredGraph
-from compresspipe.compress.structured.pas import BinaryGate, PaSHook
+from compresspipe.compress.structured.pas import BinaryGate, PaSHook, auto_gate_scale
 from compresspipe.core.errors import ConfigError
 from compresspipe.core.measure import count_macs
 
@@ -149,3 +150,68 @@ def test_pas_config_problems_name_the_place(tmp_path):
     cfg = _pas_pipeline(tmp_path, p=1.2)
     with pytest.raises(ConfigError, match=r"stages\[1\]\.pas\.p"):
         compresspipe.pipeline.loader.load_pipeline(cfg)
+
+
+def _lenet_search(p: float = 0.5) -> PaSHook:
+    from compresspipe.zoo import lenet_5
+
+    graph = StructuredGraph(lenet_5(image_size=16), (1, 1, 16, 16), need_gateable=True)
+    return PaSHook(graph, CostModel(graph), p=p, alpha=0.1, gate_scale=None)
+
+
+def test_budget_alone_shuts_no_channel_in_the_first_quarter_of_the_search():
+    # LeNet-5: a conv1 channel costs ~100x the MACs of an fc1 unit. Calibrated on the mean pull,
+    # the budget shut conv2 to one channel in the 4th of 40 steps, before the cross-entropy
+    # could rank a single channel; calibrated on the strongest pull, it takes ~40% of the search.
+    search = _lenet_search()
+    steps, lr = 40, 0.01
+    trainer = SimpleNamespace(total_steps=steps, lr_fn=lambda step, total: lr,
+                              cfg=SimpleNamespace(optimizer="sgd", momentum=0.9))
+    scale = auto_gate_scale(search, trainer)
+    for gate in search.gates:
+        gate.scale = scale
+        with torch.no_grad():
+            gate.raw.fill_(1.0 / scale)
+    opt = torch.optim.SGD(search.gates.parameters(), lr=lr, momentum=0.9)
+    for step in range(steps // 2):
+        opt.zero_grad()
+        search.extra_loss(None, None, torch.zeros(1), None)["macs"].backward()
+        opt.step()
+        shut = sum(int((gate.v <= 0.5).sum()) for gate in search.gates)
+        assert shut == 0 or step >= steps // 4, f"step {step + 1}: {shut} channels shut"
+    assert shut > 0  # and it does pull: within half the search
+
+
+def test_exact_budget_keeps_the_searched_proportions():
+    # gate values of different groups are not comparable (each group's pull differs); meeting
+    # the budget must scale what the search chose, not re-rank raw values across groups
+    search = _lenet_search(p=0.5)
+    with torch.no_grad():
+        for gate, values in zip(search.gates, _searched_values(search), strict=True):
+            gate.raw.copy_(values / gate.scale)
+    allocation = search.removals("exact", max_ratio=0.9)
+    target = 0.5 * search.dense_macs
+    assert target * 0.97 <= allocation.predicted["macs"] <= target
+    searched = [int((g.v > 0.5).sum()) for g in search.gates]
+    kept = [g.units - len(r) for g, r in zip(search.graph.groups, allocation.removals,
+                                              strict=True)]
+    ratios = [k / s for k, s in zip(kept, searched, strict=True)]
+    assert max(ratios) - min(ratios) < 0.15, (kept, searched)
+    for gate, removed in zip(search.gates, allocation.removals, strict=True):
+        keep = torch.ones(len(gate.v), dtype=torch.bool)
+        keep[removed] = False
+        if keep.any() and (~keep).any():  # a kept unit never has a weaker gate than a removed one
+            assert gate.v[keep].min() >= gate.v[~keep].max()
+
+
+def _searched_values(search: PaSHook) -> list[torch.Tensor]:
+    """The convolutions' channels all open, just above the threshold (where a strong pull leaves
+    them); fc1's units at 1.0, half of them shut."""
+    out = []
+    for g in search.graph.groups:
+        v = torch.full((g.units,), 0.6)
+        if g.name == "fc1":
+            v[: g.units // 2] = 1.0
+            v[g.units // 2:] = 0.0
+        out.append(v)
+    return out

@@ -30,13 +30,15 @@ class PaSConfig(StageConfig):
     gate_scale: float | None = Field(
         None, gt=0, le=1e4, description="Gates are stored divided by this: SGD moves them "
         "gate_scale^2 times faster than weights (Adam gate_scale times). Default: set from the "
-        "search's length, learning rate and optimiser.")
+        "search's length, learning rate and optimiser, so that the budget alone would take the "
+        "most pulled gate across the threshold within the first half of the search.")
     search: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5),
                                 description="Search: weights and gates trained together.")
     finetune: TrainConfig | None = Field(None, description="Fine-tuning after the removal.")
     budget: Literal["exact", "search"] = Field(
         "exact", description="'search': remove exactly the channels whose gate is off; "
-        "'exact': rank channels by gate value and meet the MACs budget within one channel.")
+        "'exact': scale the searched widths by one common factor until the MACs budget is met "
+        "(each layer keeps its strongest gates), then give single channels back while it holds.")
     ignore: list[str] = Field(default_factory=list, description="Module-name patterns (fnmatch) "
                               "whose output channels are not searched; the classifier never is.")
     max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="'exact': no layer loses more "
