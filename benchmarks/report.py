@@ -388,6 +388,14 @@ def headline_mlflow_ui_check(d: dict) -> list[str]:
             + (f"; failed: {', '.join(failed)}" if failed else "")]
 
 
+def headline_quickstart_target(d: dict) -> list[str]:
+    runs = d["runs"]
+    return [f"quickstart ≥ {d['target']['ratio']:.0f}× at ≤ {d['target']['loss_pt']} pt: "
+            f"**{'met' if d['met'] else 'MISSED'}** on {len(runs)} seed(s) ("
+            + "; ".join(f"seed {r['seed']}: {r['ratio']:.1f}× at {r['loss_pt']:+.2f} pt"
+                        for r in runs) + ")"]
+
+
 HEADLINES: dict[str, Callable[[Any], list[str]]] = {
     "coding": headline_coding, "coding_codec": headline_coding_codec,
     "distill": headline_distill, "mask_overhead": headline_mask_overhead,
@@ -396,6 +404,7 @@ HEADLINES: dict[str, Callable[[Any], list[str]]] = {
     "mlflow_ui_check": headline_mlflow_ui_check,
     "seed_claims_fashion_mnist": headline_seed_claims,
     "deep_compression_lenet": headline_deep_compression_lenet,
+    "quickstart_target": headline_quickstart_target,
 }
 BODIES: dict[str, Callable[[Any], str]] = {
     "coding_codec": body_coding_codec, "distill": body_distill,
