@@ -47,7 +47,8 @@ def finished(out: Path) -> dict | None:
 def run_seed(pipeline: Path, seed: int, out: Path, sets: list[str], threads: int) -> dict:
     """Run (or read) one seed; the row of numbers it gives."""
     summary, load = finished(out), [os.getloadavg()[0]]
-    if summary is None:
+    ran = summary is None
+    if ran:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
         cmd = [sys.executable, "-m", "compresspipe", "run", str(pipeline), "--no-cache",
                "--set", f"output_dir={out}", "--set", f"seed={seed}"]
@@ -61,7 +62,10 @@ def run_seed(pipeline: Path, seed: int, out: Path, sets: list[str], threads: int
     by = {s["name"]: s["metrics"] for s in summary["stages"]}
     fp32, cpz = by["dense"]["model_bytes"], (out / "huffman" / "model.cpz").stat().st_size
     row = {"seed": seed, "fp32_bytes": int(fp32), "cpz_bytes": cpz, "ratio": fp32 / cpz,
-           "wall_s": sum(m.get("wall_time_s", 0.0) for m in by.values()), "load": load}
+           "wall_s": sum(m.get("wall_time_s", 0.0) for m in by.values()), "load": load,
+           "ran_here": ran, "output_dir": str(out),
+           # stages a run took from the stage cache (their wall time is the first run's)
+           "reused_stages": [s["name"] for s in summary["stages"] if s.get("cached_from_run")]}
     for stage in ("dense", "ticket", "cluster", "huffman"):
         if stage in by:
             row[f"{stage}_test_top1"] = by[stage]["test_top1"]
