@@ -123,7 +123,8 @@ def main() -> None:
     (RESULTS / "quickstart_target.json").write_text(json.dumps({
         "command": "python benchmarks/quickstart_target.py --seeds "
                    + " ".join(map(str, args.seeds))
-                   + "".join(f" --set {s}" for s in args.sets),
+                   + "".join(f" --set {s}" for s in args.sets)
+                   + (f" --workdir {args.workdir}" if args.workdir else ""),
         "pipeline": str(args.pipeline.relative_to(ROOT)) if args.pipeline.is_relative_to(ROOT)
         else str(args.pipeline),
         "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
