@@ -411,6 +411,14 @@ def headline_footprint(d: dict) -> list[str]:
     return out
 
 
+def headline_quickstart_target(d: dict) -> list[str]:
+    runs = d["runs"]
+    return [f"quickstart ≥ {d['target']['ratio']:.0f}× at ≤ {d['target']['loss_pt']} pt: "
+            f"**{'met' if d['met'] else 'MISSED'}** on {len(runs)} seed(s) ("
+            + "; ".join(f"seed {r['seed']}: {r['ratio']:.1f}× at {r['loss_pt']:+.2f} pt"
+                        for r in runs) + ")"]
+
+
 HEADLINES: dict[str, Callable[[Any], list[str]]] = {
     "search": headline_search, "footprint": headline_footprint,
     "coding": headline_coding, "coding_codec": headline_coding_codec,
@@ -422,6 +430,7 @@ HEADLINES: dict[str, Callable[[Any], list[str]]] = {
     "pas_vs_uniform_fashion_mnist_2x": headline_seed_claims,
     "pas_vs_uniform_fashion_mnist_4x": headline_seed_claims,
     "deep_compression_lenet": headline_deep_compression_lenet,
+    "quickstart_target": headline_quickstart_target,
 }
 BODIES: dict[str, Callable[[Any], str]] = {
     "coding_codec": body_coding_codec, "distill": body_distill,
