@@ -1,6 +1,6 @@
 """The .cpz against NNCodec (MPEG NNC, ISO/IEC 15938-17, DeepCABAC) on the same trained models.
 
-For each model (the quickstart's lottery ticket on digits, LeNet-300-100 on Fashion-MNIST) the
+For each model (the quickstart's pruned resnet18 on digits, LeNet-300-100 on Fashion-MNIST) the
 run's own ``huffman/model.cpz`` is one arm; NNCodec gets the same network through files (a
 safetensors file in, a bitstream and a safetensors file of decoded tensors out; no pickle), run
 by benchmarks/baselines/nnc_worker.py in the baseline venv (`make nnc-venv`: nncodec needs
@@ -58,7 +58,7 @@ NEAR = {"top1_tolerance": 0.1, "loss_tolerance": 0.01}
 # name: (pipeline, overrides, pruned stage, clustered stage). LeNet with fewer epochs than the
 # pipeline file (15 / 3 / 3) so that the benchmark fits a shared 2-core machine.
 MODELS = {
-    "quickstart": (ROOT / "pipelines" / "quickstart.yaml", [], "ticket", "cluster"),
+    "quickstart": (ROOT / "pipelines" / "quickstart.yaml", [], "prune", "cluster"),
     "lenet_300_100_fashion_mnist": (
         ROOT / "pipelines" / "deep_compression_lenet.yaml",
         ["stages.0.train.epochs=8", "stages.1.prune.train.epochs=2",

@@ -85,7 +85,7 @@ class SearchConfig(StrictModel):
 
     parameters: dict[str, SearchParameter] = Field(
         min_length=1, description="By path 'stages.<stage name>.<type>.<field>', e.g. "
-        "stages.ticket.prune.sparsity: {low: 0.8, high: 0.97}.")
+        "stages.prune.prune.sparsity: {low: 0.8, high: 0.97}.")
     objective: SearchObjective = Field(default_factory=SearchObjective)
     budget: SearchBudget = Field(default_factory=SearchBudget)
     sampler: Literal["tpe", "random"] = "tpe"
