@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -37,13 +38,13 @@ RESULT_FILE = RESULTS / "support_matrix.json"
 
 # family label -> (timm model, kwargs, image size)
 FAMILIES: dict[str, tuple[str, dict, int]] = {
-    "resnet": ("test_resnet", {}, 16),
+    "resnet": ("test_resnet", {}, 32),
     "resnext": ("resnext26ts", {}, 32),
     "regnet": ("regnetx_002", {}, 32),
     "mobilenetv2": ("mobilenetv2_050", {}, 32),
     "mobilenetv3": ("mobilenetv3_small_050", {}, 32),
     "mobilenetv4": ("mobilenetv4_conv_small_035", {}, 32),
-    "efficientnet": ("test_efficientnet", {}, 16),
+    "efficientnet": ("test_efficientnet", {}, 32),
     "ghostnet": ("ghostnet_050", {}, 32),
     "lcnet": ("lcnet_035", {}, 32),
     "rexnet": ("rexnet_100", {}, 32),
@@ -51,39 +52,49 @@ FAMILIES: dict[str, tuple[str, dict, int]] = {
     "densenet": ("densenet121", {"growth_rate": 8, "block_config": [1, 1, 1, 1]}, 32),
     "dla": ("dla46_c", {}, 32),
     "convnext": ("test_convnext", {}, 32),
-    "edgenext": ("edgenext_xx_small", {}, 64),
+    "edgenext": ("edgenext_xx_small", {}, 32),
     "vit": ("test_vit", {}, 32),
     "deit": ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}, 32),
     "swin": ("swin_tiny_patch4_window7_224", {"img_size": 32, "window_size": 4, "embed_dim": 24,
                                               "depths": [1, 1, 1, 1],
                                               "num_heads": [1, 2, 2, 4]}, 32),
-    "levit": ("levit_128s", {"img_size": 64}, 64),
+    "levit": ("levit_128s", {"img_size": 32}, 32),
     "efficientvit": ("efficientvit_b0", {}, 32),
     "fastvit": ("fastvit_t8", {}, 32),
-    "mobilevit": ("mobilevit_xxs", {}, 64),
-    "mobilevitv2": ("mobilevitv2_050", {}, 64),
-    "coatnet": ("test_coatnet", {}, 32),
-    "maxvit": ("test_maxvit", {}, 32),
+    "mobilevit": ("mobilevit_xxs", {}, 32),
+    "mobilevitv2": ("mobilevitv2_050", {}, 32),
+    "coatnet": ("test_coatnet", {"img_size": 64}, 64),
+    "maxvit": ("test_maxvit", {"img_size": 64}, 64),
 }
 STAGE_TYPES = ("train", "prune", "channel_prune", "pas", "distill", "cluster", "qat", "ptq",
                "huffman", "export")
-ONE_STEP = {"epochs": 1, "lr": 0.01, "schedule": "constant"}
+ONE_EPOCH = {"epochs": 1, "lr": 0.01, "schedule": "constant"}
 CHAINS: dict[str, list[dict]] = {
-    "structured": [
-        {"name": "train", "train": ONE_STEP},
-        {"name": "channel_prune", "channel_prune": {"ratio": 0.5, "latency": None}},
-        {"name": "distill", "distill": {"teacher": "stage:train", "train": ONE_STEP}},
-        {"name": "cluster", "cluster": {"conv_bits": 4, "linear_bits": 4, "finetune": ONE_STEP}},
-        {"name": "huffman", "huffman": {}},
-        {"name": "export", "export": {"log_model": False}},
-    ],
-    "sparse-int8": [
-        {"name": "pas", "pas": {"p": 0.5, "search": ONE_STEP, "latency": None}},
+    # the issue's two chains, as a new user writes them
+    "int8": [
+        {"name": "train", "train": ONE_EPOCH},
         {"name": "prune", "prune": {"method": "oneshot", "sparsity": 0.8}},
         {"name": "qat", "qat": {"epochs": 1, "freeze_bn_after": None,
                                 "freeze_observers_after": None}},
+        {"name": "export", "export": {"formats": ["onnx"], "log_model": False}},
+    ],
+    "structured": [
+        {"name": "train", "train": ONE_EPOCH},
+        {"name": "channel_prune", "channel_prune": {"ratio": 0.5, "latency": None}},
+        {"name": "cluster", "cluster": {"conv_bits": 4, "linear_bits": 4,
+                                        "finetune": ONE_EPOCH}},
+        {"name": "huffman", "huffman": {}},
         {"name": "export", "export": {"log_model": False}},
     ],
+    # the remaining stage types: distill (teacher: the trained model), pas, ptq
+    "more": [
+        {"name": "train", "train": ONE_EPOCH},
+        {"name": "distill", "distill": {"teacher": "stage:train", "train": ONE_EPOCH}},
+        {"name": "pas", "pas": {"p": 0.5, "search": ONE_EPOCH, "latency": None}},
+        {"name": "ptq", "ptq": {"calibration_batches": 1}},
+        {"name": "export", "export": {"log_model": False}},
+    ],
+    # run only when "more" stopped before ptq (PaS failed): ptq must not hide behind PaS
     "ptq": [
         {"name": "ptq", "ptq": {"calibration_batches": 1}},
         {"name": "export", "export": {"log_model": False}},
@@ -97,15 +108,15 @@ CHAINS: dict[str, list[dict]] = {
 }
 # --structural: not a pipeline; ``structural()`` runs the channel_prune algorithm alone
 CHAINS["structural"] = [{"name": "channel_prune", "channel_prune": {"ratio": 0.5}}]
-FULL_CHAINS = ("structured", "sparse-int8", "ptq")
+FULL_CHAINS = ("int8", "structured", "more")
 
 
 def pipeline(family: str, chain: str, out: Path) -> dict:
     name, kwargs, size = FAMILIES[family]
     return {"name": f"{family}-{chain}", "seed": 0, "output_dir": str(out),
             "model": {"name": name, "kwargs": kwargs},
-            "data": {"name": "digits", "image_size": size, "batch_size": 32, "limit_train": 32,
-                     "limit_test": 64},
+            "data": {"name": "digits", "image_size": size, "batch_size": 32, "limit_train": 256,
+                     "limit_val": 64, "limit_test": 128},
             "tracking": {"enabled": False}, "stages": CHAINS[chain]}
 
 
@@ -210,6 +221,32 @@ def run_isolated(family: str, chain: str, timeout: float) -> tuple[dict[str, str
     return cells, time.perf_counter() - started
 
 
+def time_validate(family: str, chains: list[str], timeout: float) -> dict:
+    """``compresspipe validate`` of this family's pipeline files in one fresh process, as a
+    user runs it (imports, model builds, the structural dry runs of channel_prune and pas
+    included): wall seconds for all of them together, and the verdict."""
+    files = [c for c in chains if c in FULL_CHAINS]
+    if not files:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for chain in files:  # JSON is YAML: the file a user would write, key for key
+            path = Path(tmp) / f"{family}-{chain}.yaml"
+            path.write_text(json.dumps(pipeline(family, chain, Path(tmp) / chain)))
+            paths.append(str(path))
+        cmd = [sys.executable, "-m", "compresspipe", "validate", *paths]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            verdict = ("valid" if proc.returncode == 0
+                       else short(proc.stderr.strip().replace(tmp + "/", "")))
+        except subprocess.TimeoutExpired:
+            verdict = f"over the {timeout:.0f} s limit"
+    return {"seconds": round(time.perf_counter() - started, 1), "pipelines": files,
+            "verdict": verdict}
+
+
 def merge(cells: dict[str, dict[str, str]], new: dict[str, str]) -> None:
     """A stage type is ok when any chain completed it; otherwise the first reason stands."""
     for kind, value in new.items():
@@ -228,21 +265,67 @@ def cell_text(value: str | None) -> str:
 
 def table(result: dict) -> str:
     """The README's "Model support" table: family x stage type."""
-    lines = ["| family (tiny variant) | " + " | ".join(STAGE_TYPES) + " |",
-             "|---" * (len(STAGE_TYPES) + 1) + "|"]
+    lines = ["| family (tiny variant) | px | " + " | ".join(STAGE_TYPES) + " | validate s |",
+             "|---" * (len(STAGE_TYPES) + 3) + "|"]
     for family, entry in result["families"].items():
         cells = [cell_text(entry["stages"].get(k)) for k in STAGE_TYPES]
-        lines.append(f"| {family} (`{entry['model']}`) | " + " | ".join(cells) + " |")
+        check = entry.get("validate") or {}
+        timed = (f"{check['seconds']:.0f}" + ("" if check["verdict"] == "valid"
+                                               else f" ({cell_text(check['verdict'])})")
+                 if check else "·")
+        lines.append(f"| {family} (`{entry['model']}`) | {entry.get('image_size', '')} | "
+                     + " | ".join(cells) + f" | {timed} |")
     missing = [f for f in FAMILIES if f not in result["families"]]
     lines += ["", "✓ the stage completed in a pipeline and the files it wrote loaded; ✓ᵃ the "
               "channel_prune algorithm alone (`--structural`): 2x fewer MACs, rebuilt from its "
-              "spec without pickle, same outputs; · not measured yet (the last run's "
-              "pipelines: "
+              "spec without pickle, same outputs; · not measured yet. validate s: wall seconds of "
+              "one `compresspipe validate` of the family's three pipeline files together, in a "
+              "fresh process (imports included; 2-core machine shared with other jobs). "
+              "Pipelines run: "
               + ", ".join(sorted({c for e in result["families"].values()
-                                  for c in e.get("chains", [])})) + ")"]
+                                  for c in e.get("chains", [])})) + ".", ""]
+    measured = [f for f, e in result["families"].items()
+                if set(FULL_CHAINS) <= set(e.get("chains", []))]
+    for chain, done in chains_complete(result).items():
+        if measured:
+            lines.append(f"- {chain} chain ({' → '.join(s['name'] for s in CHAINS[chain])}) "
+                         f"complete on {len(done)} of {len(measured)} families.")
     if missing:
         lines.append("Not measured yet: " + ", ".join(missing) + ".")
     return "\n".join(lines)
+
+
+def chains_complete(result: dict) -> dict[str, list[str]]:
+    """Per pipeline of the issue (int8, structured): the families where every stage completed."""
+    out: dict[str, list[str]] = {}
+    for chain in ("int8", "structured"):
+        kinds = [next(k for k in s if k != "name") for s in CHAINS[chain]]
+        out[chain] = [f for f, e in result["families"].items() if chain in e.get("chains", [])
+                      and all(e["stages"].get(k) == "ok" for k in kinds)]
+    return out
+
+
+def save_entry(family: str, entry: dict, key: str | None = None) -> None:
+    """Merge one family (or one ``key`` of its entry) into the results file, read again just
+    before writing (several runs with disjoint --families may share it)."""
+    result = (json.loads(RESULT_FILE.read_text()) if RESULT_FILE.is_file()
+              else {"families": {}})
+    if key is None:
+        result["families"][family] = entry
+    else:
+        result["families"][family][key] = entry
+    result["families"] = {f: result["families"][f] for f in FAMILIES if f in result["families"]}
+    result["chains_complete"] = chains_complete(result)
+    result["machine"] = (f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, "
+                         f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    result["wall_s"] = round(sum(sum(e.get("seconds", {}).values())
+                                 for e in result["families"].values()), 1)
+    result["table"] = table(result)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = RESULT_FILE.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(RESULT_FILE)
+    RESULT_FILE.with_suffix(".md").write_text(result["table"] + "\n")
 
 
 def main() -> None:
@@ -254,6 +337,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per pipeline")
     parser.add_argument("--structural", action="store_true",
                         help="only the channel_prune algorithm per family (minutes, no runner)")
+    parser.add_argument("--no-validate", dest="validate", action="store_false",
+                        help="do not time `compresspipe validate` per family")
+    parser.add_argument("--validate-only", action="store_true",
+                        help="only time `compresspipe validate` again for --families")
     parser.add_argument("--one", nargs=2, metavar=("FAMILY", "CHAIN"), help=argparse.SUPPRESS)
     parser.add_argument("--structural-one", metavar="FAMILY", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -266,24 +353,32 @@ def main() -> None:
         return
     chains = (["structural"] if args.structural else ["channel_prune-onnx"] if args.quick
               else args.chains)
-    result = (json.loads(RESULT_FILE.read_text()) if RESULT_FILE.is_file()
-              else {"families": {}})
+    if args.validate_only:
+        for family in args.families:
+            check = time_validate(family, list(FULL_CHAINS), args.timeout)
+            print(f"{family:<13} validate     {check}", flush=True)
+            save_entry(family, check, key="validate")
+        return
     for family in args.families:
         entry = {"model": FAMILIES[family][0], "kwargs": FAMILIES[family][1],
                  "image_size": FAMILIES[family][2], "stages": {}, "seconds": {},
-                 "chains": chains}
+                 "chains": list(chains)}
+        if args.validate:
+            entry["validate"] = time_validate(family, chains, args.timeout)
+            print(f"{family:<13} validate     {entry['validate']}", flush=True)
         for chain in chains:
             cells, seconds = run_isolated(family, chain, args.timeout)
             merge(entry["stages"], cells)
             entry["seconds"][chain] = round(seconds, 1)
             print(f"{family:<13} {chain:<12} {seconds:6.0f} s  {cells}", flush=True)
-        result["families"][family] = entry
-        result["families"] = {f: result["families"][f] for f in FAMILIES
-                              if f in result["families"]}
-        result["table"] = table(result)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        RESULT_FILE.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-        RESULT_FILE.with_suffix(".md").write_text(result["table"] + "\n")
+        if "more" in chains and entry["stages"].get("ptq") == "not reached":
+            cells, seconds = run_isolated(family, "ptq", args.timeout)  # PaS stopped it
+            merge(entry["stages"], cells)
+            entry["seconds"]["ptq"] = round(seconds, 1)
+            entry["chains"].append("ptq")
+            print(f"{family:<13} {'ptq':<12} {seconds:6.0f} s  {cells}", flush=True)
+        save_entry(family, entry)
+    result = json.loads(RESULT_FILE.read_text())
     print("\n" + table(result))
 
 
