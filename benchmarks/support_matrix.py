@@ -117,7 +117,9 @@ def pipeline(family: str, chain: str, out: Path) -> dict:
             "model": {"name": name, "kwargs": kwargs},
             "data": {"name": "digits", "image_size": size, "batch_size": 32, "limit_train": 256,
                      "limit_val": 64, "limit_test": 128},
-            "tracking": {"enabled": False}, "stages": CHAINS[chain]}
+            "tracking": {"enabled": False}, "stages": CHAINS[chain],
+            # private: concurrent pipelines sharing one cache raced on its temporary files
+            "cache": {"dir": str(out / ".cache")}}
 
 
 def short(message: str, limit: int = 160) -> str:
@@ -135,9 +137,7 @@ def run_chain(family: str, chain: str, out: Path) -> dict[str, str]:
         compresspipe.run(pipeline(family, chain, out))
     except Exception as exc:  # noqa: BLE001 - the matrix records every failure as text
         error = f"{type(exc).__name__}: {exc}"
-    summary = out / "summary.json"
-    done = ({s["name"] for s in json.loads(summary.read_text())["stages"]}
-            if summary.is_file() else set())
+    done = stages_done(out)
     failed_at = None
     if error is not None:
         match = re.search(r"stages\.(\d+)", error)  # a validation problem names its stage
@@ -201,11 +201,31 @@ def structural(family: str) -> dict[str, str]:
         return {"channel_prune": short(f"{type(exc).__name__}: {exc}")}
 
 
+def stages_done(out: Path) -> set[str]:
+    """Names of the stages a pipeline's summary lists as completed (it is written after each)."""
+    summary = out / "summary.json"
+    return ({s["name"] for s in json.loads(summary.read_text())["stages"]}
+            if summary.is_file() else set())
+
+
+def timed_out(chain: str, done: set[str], timeout: float) -> dict[str, str]:
+    """Cells of a pipeline stopped at the time limit: its completed stages are ok, the one it
+    was running is over the limit, the rest not reached."""
+    cells: dict[str, str] = {}
+    for stage in CHAINS[chain]:
+        kind = next(k for k in stage if k != "name")
+        cells[kind] = ("ok" if stage["name"] in done else "not reached"
+                       if any(v.startswith("over") for v in cells.values())
+                       else f"over the {timeout:.0f} s limit of its {chain} pipeline")
+    return cells
+
+
 def run_isolated(family: str, chain: str, timeout: float) -> tuple[dict[str, str], float]:
     """run_chain in a fresh process (a crash or a hang costs one pipeline, not the matrix)."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, __file__, "--one", family, chain, "--out", tmp]
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, __file__, "--one", family, chain, "--out", str(out)]
         if chain == "structural":
             cmd = [sys.executable, __file__, "--structural-one", family]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -216,8 +236,7 @@ def run_isolated(family: str, chain: str, timeout: float) -> tuple[dict[str, str
                      else {next(k for k in CHAINS[chain][0] if k != "name"):
                            short(f"process failed: {proc.stderr.strip()[-300:]}")})
         except subprocess.TimeoutExpired:
-            cells = {next(k for k in s if k != "name"): f"{chain} pipeline over the "
-                     f"{timeout:.0f} s limit" for s in CHAINS[chain]}
+            cells = timed_out(chain, stages_done(out), timeout)
     return cells, time.perf_counter() - started
 
 
@@ -305,14 +324,15 @@ def chains_complete(result: dict) -> dict[str, list[str]]:
     return out
 
 
-def save_entry(family: str, entry: dict, key: str | None = None) -> None:
+def save_entry(family: str | None, entry: dict | None, key: str | None = None) -> None:
     """Merge one family (or one ``key`` of its entry) into the results file, read again just
-    before writing (several runs with disjoint --families may share it)."""
+    before writing (several runs with disjoint --families may share it); with ``key`` and no
+    ``family``, only the summary and the table are written again."""
     result = (json.loads(RESULT_FILE.read_text()) if RESULT_FILE.is_file()
               else {"families": {}})
     if key is None:
         result["families"][family] = entry
-    else:
+    elif family is not None:
         result["families"][family][key] = entry
     result["families"] = {f: result["families"][f] for f in FAMILIES if f in result["families"]}
     result["chains_complete"] = chains_complete(result)
@@ -339,6 +359,8 @@ def main() -> None:
                         help="only the channel_prune algorithm per family (minutes, no runner)")
     parser.add_argument("--no-validate", dest="validate", action="store_false",
                         help="do not time `compresspipe validate` per family")
+    parser.add_argument("--render", action="store_true",
+                        help="only write the summary and the table again from the results")
     parser.add_argument("--validate-only", action="store_true",
                         help="only time `compresspipe validate` again for --families")
     parser.add_argument("--one", nargs=2, metavar=("FAMILY", "CHAIN"), help=argparse.SUPPRESS)
@@ -353,6 +375,10 @@ def main() -> None:
         return
     chains = (["structural"] if args.structural else ["channel_prune-onnx"] if args.quick
               else args.chains)
+    if args.render:
+        save_entry(None, None, key="render")
+        print(json.loads(RESULT_FILE.read_text())["table"])
+        return
     if args.validate_only:
         for family in args.families:
             check = time_validate(family, list(FULL_CHAINS), args.timeout)
