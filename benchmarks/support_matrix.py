@@ -324,6 +324,12 @@ def chains_complete(result: dict) -> dict[str, list[str]]:
     return out
 
 
+def fresh_entry(family: str, chains: list[str]) -> dict:
+    name, kwargs, size = FAMILIES[family]
+    return {"model": name, "kwargs": kwargs, "image_size": size, "stages": {}, "seconds": {},
+            "chains": list(chains)}
+
+
 def save_entry(family: str | None, entry: dict | None, key: str | None = None) -> None:
     """Merge one family (or one ``key`` of its entry) into the results file, read again just
     before writing (several runs with disjoint --families may share it); with ``key`` and no
@@ -333,6 +339,10 @@ def save_entry(family: str | None, entry: dict | None, key: str | None = None) -
     if key is None:
         result["families"][family] = entry
     elif family is not None:
+        current = fresh_entry(family, [])
+        known = result["families"].get(family, {})
+        if any(known.get(k) != current[k] for k in ("model", "kwargs", "image_size")):
+            result["families"][family] = current  # measured with other settings: stale
         result["families"][family][key] = entry
     result["families"] = {f: result["families"][f] for f in FAMILIES if f in result["families"]}
     result["chains_complete"] = chains_complete(result)
@@ -386,9 +396,7 @@ def main() -> None:
             save_entry(family, check, key="validate")
         return
     for family in args.families:
-        entry = {"model": FAMILIES[family][0], "kwargs": FAMILIES[family][1],
-                 "image_size": FAMILIES[family][2], "stages": {}, "seconds": {},
-                 "chains": list(chains)}
+        entry = fresh_entry(family, chains)
         if args.validate:
             entry["validate"] = time_validate(family, chains, args.timeout)
             print(f"{family:<13} validate     {entry['validate']}", flush=True)
