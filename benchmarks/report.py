@@ -335,6 +335,16 @@ def headline_structured(d: dict) -> list[str]:
     return out
 
 
+def headline_support_matrix(d: dict) -> list[str]:
+    families = d["families"]
+    out = [f"{chain} chain complete on {len(done)} of {len(families)} families"
+           for chain, done in d["chains_complete"].items()]
+    timed = [e["validate"]["seconds"] for e in families.values() if e.get("validate")]
+    if timed:
+        out.append(f"`compresspipe validate` ≤ {max(timed):.0f} s per family (3 files)")
+    return out
+
+
 def headline_pruning_methods(d: list) -> list[str]:
     """The literature's claims at the highest sparsity where pruned-and-retrained nets still work."""
     mean = {(r["method"], r["sparsity"]): statistics.mean(
@@ -425,7 +435,7 @@ HEADLINES: dict[str, Callable[[Any], list[str]]] = {
     "distill": headline_distill, "mask_overhead": headline_mask_overhead,
     "quantize": headline_quantize, "structured": headline_structured,
     "pruning_methods": headline_pruning_methods, "soak": headline_soak,
-    "mlflow_ui_check": headline_mlflow_ui_check,
+    "mlflow_ui_check": headline_mlflow_ui_check, "support_matrix": headline_support_matrix,
     "seed_claims_fashion_mnist": headline_seed_claims,
     "pas_vs_uniform_fashion_mnist_2x": headline_seed_claims,
     "pas_vs_uniform_fashion_mnist_4x": headline_seed_claims,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -37,13 +38,13 @@ RESULT_FILE = RESULTS / "support_matrix.json"
 
 # family label -> (timm model, kwargs, image size)
 FAMILIES: dict[str, tuple[str, dict, int]] = {
-    "resnet": ("test_resnet", {}, 16),
+    "resnet": ("test_resnet", {}, 32),
     "resnext": ("resnext26ts", {}, 32),
     "regnet": ("regnetx_002", {}, 32),
     "mobilenetv2": ("mobilenetv2_050", {}, 32),
     "mobilenetv3": ("mobilenetv3_small_050", {}, 32),
     "mobilenetv4": ("mobilenetv4_conv_small_035", {}, 32),
-    "efficientnet": ("test_efficientnet", {}, 16),
+    "efficientnet": ("test_efficientnet", {}, 32),
     "ghostnet": ("ghostnet_050", {}, 32),
     "lcnet": ("lcnet_035", {}, 32),
     "rexnet": ("rexnet_100", {}, 32),
@@ -51,39 +52,49 @@ FAMILIES: dict[str, tuple[str, dict, int]] = {
     "densenet": ("densenet121", {"growth_rate": 8, "block_config": [1, 1, 1, 1]}, 32),
     "dla": ("dla46_c", {}, 32),
     "convnext": ("test_convnext", {}, 32),
-    "edgenext": ("edgenext_xx_small", {}, 64),
+    "edgenext": ("edgenext_xx_small", {}, 32),
     "vit": ("test_vit", {}, 32),
     "deit": ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}, 32),
     "swin": ("swin_tiny_patch4_window7_224", {"img_size": 32, "window_size": 4, "embed_dim": 24,
                                               "depths": [1, 1, 1, 1],
                                               "num_heads": [1, 2, 2, 4]}, 32),
-    "levit": ("levit_128s", {"img_size": 64}, 64),
+    "levit": ("levit_128s", {"img_size": 32}, 32),
     "efficientvit": ("efficientvit_b0", {}, 32),
     "fastvit": ("fastvit_t8", {}, 32),
-    "mobilevit": ("mobilevit_xxs", {}, 64),
-    "mobilevitv2": ("mobilevitv2_050", {}, 64),
-    "coatnet": ("test_coatnet", {}, 32),
-    "maxvit": ("test_maxvit", {}, 32),
+    "mobilevit": ("mobilevit_xxs", {}, 32),
+    "mobilevitv2": ("mobilevitv2_050", {}, 32),
+    "coatnet": ("test_coatnet", {"img_size": 64}, 64),
+    "maxvit": ("test_maxvit", {"img_size": 64}, 64),
 }
 STAGE_TYPES = ("train", "prune", "channel_prune", "pas", "distill", "cluster", "qat", "ptq",
                "huffman", "export")
-ONE_STEP = {"epochs": 1, "lr": 0.01, "schedule": "constant"}
+ONE_EPOCH = {"epochs": 1, "lr": 0.01, "schedule": "constant"}
 CHAINS: dict[str, list[dict]] = {
-    "structured": [
-        {"name": "train", "train": ONE_STEP},
-        {"name": "channel_prune", "channel_prune": {"ratio": 0.5, "latency": None}},
-        {"name": "distill", "distill": {"teacher": "stage:train", "train": ONE_STEP}},
-        {"name": "cluster", "cluster": {"conv_bits": 4, "linear_bits": 4, "finetune": ONE_STEP}},
-        {"name": "huffman", "huffman": {}},
-        {"name": "export", "export": {"log_model": False}},
-    ],
-    "sparse-int8": [
-        {"name": "pas", "pas": {"p": 0.5, "search": ONE_STEP, "latency": None}},
+    # the issue's two chains, as a new user writes them
+    "int8": [
+        {"name": "train", "train": ONE_EPOCH},
         {"name": "prune", "prune": {"method": "oneshot", "sparsity": 0.8}},
         {"name": "qat", "qat": {"epochs": 1, "freeze_bn_after": None,
                                 "freeze_observers_after": None}},
+        {"name": "export", "export": {"formats": ["onnx"], "log_model": False}},
+    ],
+    "structured": [
+        {"name": "train", "train": ONE_EPOCH},
+        {"name": "channel_prune", "channel_prune": {"ratio": 0.5, "latency": None}},
+        {"name": "cluster", "cluster": {"conv_bits": 4, "linear_bits": 4,
+                                        "finetune": ONE_EPOCH}},
+        {"name": "huffman", "huffman": {}},
         {"name": "export", "export": {"log_model": False}},
     ],
+    # the remaining stage types: distill (teacher: the trained model), pas, ptq
+    "more": [
+        {"name": "train", "train": ONE_EPOCH},
+        {"name": "distill", "distill": {"teacher": "stage:train", "train": ONE_EPOCH}},
+        {"name": "pas", "pas": {"p": 0.5, "search": ONE_EPOCH, "latency": None}},
+        {"name": "ptq", "ptq": {"calibration_batches": 1}},
+        {"name": "export", "export": {"log_model": False}},
+    ],
+    # run only when "more" stopped before ptq (PaS failed): ptq must not hide behind PaS
     "ptq": [
         {"name": "ptq", "ptq": {"calibration_batches": 1}},
         {"name": "export", "export": {"log_model": False}},
@@ -97,16 +108,18 @@ CHAINS: dict[str, list[dict]] = {
 }
 # --structural: not a pipeline; ``structural()`` runs the channel_prune algorithm alone
 CHAINS["structural"] = [{"name": "channel_prune", "channel_prune": {"ratio": 0.5}}]
-FULL_CHAINS = ("structured", "sparse-int8", "ptq")
+FULL_CHAINS = ("int8", "structured", "more")
 
 
 def pipeline(family: str, chain: str, out: Path) -> dict:
     name, kwargs, size = FAMILIES[family]
     return {"name": f"{family}-{chain}", "seed": 0, "output_dir": str(out),
             "model": {"name": name, "kwargs": kwargs},
-            "data": {"name": "digits", "image_size": size, "batch_size": 32, "limit_train": 32,
-                     "limit_test": 64},
-            "tracking": {"enabled": False}, "stages": CHAINS[chain]}
+            "data": {"name": "digits", "image_size": size, "batch_size": 32, "limit_train": 256,
+                     "limit_val": 64, "limit_test": 128},
+            "tracking": {"enabled": False}, "stages": CHAINS[chain],
+            # private: concurrent pipelines sharing one cache raced on its temporary files
+            "cache": {"dir": str(out / ".cache")}}
 
 
 def short(message: str, limit: int = 160) -> str:
@@ -124,9 +137,7 @@ def run_chain(family: str, chain: str, out: Path) -> dict[str, str]:
         compresspipe.run(pipeline(family, chain, out))
     except Exception as exc:  # noqa: BLE001 - the matrix records every failure as text
         error = f"{type(exc).__name__}: {exc}"
-    summary = out / "summary.json"
-    done = ({s["name"] for s in json.loads(summary.read_text())["stages"]}
-            if summary.is_file() else set())
+    done = stages_done(out)
     failed_at = None
     if error is not None:
         match = re.search(r"stages\.(\d+)", error)  # a validation problem names its stage
@@ -190,11 +201,31 @@ def structural(family: str) -> dict[str, str]:
         return {"channel_prune": short(f"{type(exc).__name__}: {exc}")}
 
 
+def stages_done(out: Path) -> set[str]:
+    """Names of the stages a pipeline's summary lists as completed (it is written after each)."""
+    summary = out / "summary.json"
+    return ({s["name"] for s in json.loads(summary.read_text())["stages"]}
+            if summary.is_file() else set())
+
+
+def timed_out(chain: str, done: set[str], timeout: float) -> dict[str, str]:
+    """Cells of a pipeline stopped at the time limit: its completed stages are ok, the one it
+    was running is over the limit, the rest not reached."""
+    cells: dict[str, str] = {}
+    for stage in CHAINS[chain]:
+        kind = next(k for k in stage if k != "name")
+        cells[kind] = ("ok" if stage["name"] in done else "not reached"
+                       if any(v.startswith("over") for v in cells.values())
+                       else f"over the {timeout:.0f} s limit of its {chain} pipeline")
+    return cells
+
+
 def run_isolated(family: str, chain: str, timeout: float) -> tuple[dict[str, str], float]:
     """run_chain in a fresh process (a crash or a hang costs one pipeline, not the matrix)."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, __file__, "--one", family, chain, "--out", tmp]
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, __file__, "--one", family, chain, "--out", str(out)]
         if chain == "structural":
             cmd = [sys.executable, __file__, "--structural-one", family]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -205,9 +236,34 @@ def run_isolated(family: str, chain: str, timeout: float) -> tuple[dict[str, str
                      else {next(k for k in CHAINS[chain][0] if k != "name"):
                            short(f"process failed: {proc.stderr.strip()[-300:]}")})
         except subprocess.TimeoutExpired:
-            cells = {next(k for k in s if k != "name"): f"{chain} pipeline over the "
-                     f"{timeout:.0f} s limit" for s in CHAINS[chain]}
+            cells = timed_out(chain, stages_done(out), timeout)
     return cells, time.perf_counter() - started
+
+
+def time_validate(family: str, chains: list[str], timeout: float) -> dict:
+    """``compresspipe validate`` of this family's pipeline files in one fresh process, as a
+    user runs it (imports, model builds, the structural dry runs of channel_prune and pas
+    included): wall seconds for all of them together, and the verdict."""
+    files = [c for c in chains if c in FULL_CHAINS]
+    if not files:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for chain in files:  # JSON is YAML: the file a user would write, key for key
+            path = Path(tmp) / f"{family}-{chain}.yaml"
+            path.write_text(json.dumps(pipeline(family, chain, Path(tmp) / chain)))
+            paths.append(str(path))
+        cmd = [sys.executable, "-m", "compresspipe", "validate", *paths]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            verdict = ("valid" if proc.returncode == 0
+                       else short(proc.stderr.strip().replace(tmp + "/", "")))
+        except subprocess.TimeoutExpired:
+            verdict = f"over the {timeout:.0f} s limit"
+    return {"seconds": round(time.perf_counter() - started, 1), "pipelines": files,
+            "verdict": verdict}
 
 
 def merge(cells: dict[str, dict[str, str]], new: dict[str, str]) -> None:
@@ -228,21 +284,78 @@ def cell_text(value: str | None) -> str:
 
 def table(result: dict) -> str:
     """The README's "Model support" table: family x stage type."""
-    lines = ["| family (tiny variant) | " + " | ".join(STAGE_TYPES) + " |",
-             "|---" * (len(STAGE_TYPES) + 1) + "|"]
+    lines = ["| family (tiny variant) | px | " + " | ".join(STAGE_TYPES) + " | validate s |",
+             "|---" * (len(STAGE_TYPES) + 3) + "|"]
     for family, entry in result["families"].items():
         cells = [cell_text(entry["stages"].get(k)) for k in STAGE_TYPES]
-        lines.append(f"| {family} (`{entry['model']}`) | " + " | ".join(cells) + " |")
+        check = entry.get("validate") or {}
+        timed = (f"{check['seconds']:.0f}" + ("" if check["verdict"] == "valid"
+                                               else f" ({cell_text(check['verdict'])})")
+                 if check else "·")
+        lines.append(f"| {family} (`{entry['model']}`) | {entry.get('image_size', '')} | "
+                     + " | ".join(cells) + f" | {timed} |")
     missing = [f for f in FAMILIES if f not in result["families"]]
     lines += ["", "✓ the stage completed in a pipeline and the files it wrote loaded; ✓ᵃ the "
               "channel_prune algorithm alone (`--structural`): 2x fewer MACs, rebuilt from its "
-              "spec without pickle, same outputs; · not measured yet (the last run's "
-              "pipelines: "
+              "spec without pickle, same outputs; · not measured yet. validate s: wall seconds of "
+              "one `compresspipe validate` of the family's three pipeline files together, in a "
+              "fresh process (imports included; 2-core machine shared with other jobs). "
+              "Pipelines run: "
               + ", ".join(sorted({c for e in result["families"].values()
-                                  for c in e.get("chains", [])})) + ")"]
+                                  for c in e.get("chains", [])})) + ".", ""]
+    measured = [f for f, e in result["families"].items()
+                if set(FULL_CHAINS) <= set(e.get("chains", []))]
+    for chain, done in chains_complete(result).items():
+        if measured:
+            lines.append(f"- {chain} chain ({' → '.join(s['name'] for s in CHAINS[chain])}) "
+                         f"complete on {len(done)} of {len(measured)} families.")
     if missing:
         lines.append("Not measured yet: " + ", ".join(missing) + ".")
     return "\n".join(lines)
+
+
+def chains_complete(result: dict) -> dict[str, list[str]]:
+    """Per pipeline of the issue (int8, structured): the families where every stage completed."""
+    out: dict[str, list[str]] = {}
+    for chain in ("int8", "structured"):
+        kinds = [next(k for k in s if k != "name") for s in CHAINS[chain]]
+        out[chain] = [f for f, e in result["families"].items() if chain in e.get("chains", [])
+                      and all(e["stages"].get(k) == "ok" for k in kinds)]
+    return out
+
+
+def fresh_entry(family: str, chains: list[str]) -> dict:
+    name, kwargs, size = FAMILIES[family]
+    return {"model": name, "kwargs": kwargs, "image_size": size, "stages": {}, "seconds": {},
+            "chains": list(chains)}
+
+
+def save_entry(family: str | None, entry: dict | None, key: str | None = None) -> None:
+    """Merge one family (or one ``key`` of its entry) into the results file, read again just
+    before writing (several runs with disjoint --families may share it); with ``key`` and no
+    ``family``, only the summary and the table are written again."""
+    result = (json.loads(RESULT_FILE.read_text()) if RESULT_FILE.is_file()
+              else {"families": {}})
+    if key is None:
+        result["families"][family] = entry
+    elif family is not None:
+        current = fresh_entry(family, [])
+        known = result["families"].get(family, {})
+        if any(known.get(k) != current[k] for k in ("model", "kwargs", "image_size")):
+            result["families"][family] = current  # measured with other settings: stale
+        result["families"][family][key] = entry
+    result["families"] = {f: result["families"][f] for f in FAMILIES if f in result["families"]}
+    result["chains_complete"] = chains_complete(result)
+    result["machine"] = (f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, "
+                         f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    result["wall_s"] = round(sum(sum(e.get("seconds", {}).values())
+                                 for e in result["families"].values()), 1)
+    result["table"] = table(result)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = RESULT_FILE.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(RESULT_FILE)
+    RESULT_FILE.with_suffix(".md").write_text(result["table"] + "\n")
 
 
 def main() -> None:
@@ -254,6 +367,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per pipeline")
     parser.add_argument("--structural", action="store_true",
                         help="only the channel_prune algorithm per family (minutes, no runner)")
+    parser.add_argument("--no-validate", dest="validate", action="store_false",
+                        help="do not time `compresspipe validate` per family")
+    parser.add_argument("--render", action="store_true",
+                        help="only write the summary and the table again from the results")
+    parser.add_argument("--validate-only", action="store_true",
+                        help="only time `compresspipe validate` again for --families")
     parser.add_argument("--one", nargs=2, metavar=("FAMILY", "CHAIN"), help=argparse.SUPPRESS)
     parser.add_argument("--structural-one", metavar="FAMILY", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -266,24 +385,34 @@ def main() -> None:
         return
     chains = (["structural"] if args.structural else ["channel_prune-onnx"] if args.quick
               else args.chains)
-    result = (json.loads(RESULT_FILE.read_text()) if RESULT_FILE.is_file()
-              else {"families": {}})
+    if args.render:
+        save_entry(None, None, key="render")
+        print(json.loads(RESULT_FILE.read_text())["table"])
+        return
+    if args.validate_only:
+        for family in args.families:
+            check = time_validate(family, list(FULL_CHAINS), args.timeout)
+            print(f"{family:<13} validate     {check}", flush=True)
+            save_entry(family, check, key="validate")
+        return
     for family in args.families:
-        entry = {"model": FAMILIES[family][0], "kwargs": FAMILIES[family][1],
-                 "image_size": FAMILIES[family][2], "stages": {}, "seconds": {},
-                 "chains": chains}
+        entry = fresh_entry(family, chains)
+        if args.validate:
+            entry["validate"] = time_validate(family, chains, args.timeout)
+            print(f"{family:<13} validate     {entry['validate']}", flush=True)
         for chain in chains:
             cells, seconds = run_isolated(family, chain, args.timeout)
             merge(entry["stages"], cells)
             entry["seconds"][chain] = round(seconds, 1)
             print(f"{family:<13} {chain:<12} {seconds:6.0f} s  {cells}", flush=True)
-        result["families"][family] = entry
-        result["families"] = {f: result["families"][f] for f in FAMILIES
-                              if f in result["families"]}
-        result["table"] = table(result)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        RESULT_FILE.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-        RESULT_FILE.with_suffix(".md").write_text(result["table"] + "\n")
+        if "more" in chains and entry["stages"].get("ptq") == "not reached":
+            cells, seconds = run_isolated(family, "ptq", args.timeout)  # PaS stopped it
+            merge(entry["stages"], cells)
+            entry["seconds"]["ptq"] = round(seconds, 1)
+            entry["chains"].append("ptq")
+            print(f"{family:<13} {'ptq':<12} {seconds:6.0f} s  {cells}", flush=True)
+        save_entry(family, entry)
+    result = json.loads(RESULT_FILE.read_text())
     print("\n" + table(result))
 
 

@@ -166,9 +166,11 @@ def support_table(root: Path) -> str:
                                 "benchmarks/support_matrix.py") from exc
     return (f"{table}\n\nFrom `{SUPPORT_RESULTS.as_posix()}`, written by "
             "`benchmarks/support_matrix.py` (`make bench`): each family's tiny variant runs "
-            "whole pipelines on digits (one training step per stage); a cell is ✓ when its "
-            "stage completed and every file it wrote loaded in its consumer, otherwise the "
-            "reason. `tests/test_support_matrix.py` keeps the structured part true in CI.")
+            "the issue's two chains and one more pipeline (distill, pas, ptq) on digits (256 "
+            "training images, one epoch per training stage); a cell is ✓ when its stage "
+            "completed and every file it wrote loaded in its consumer (the ONNX files in "
+            "onnxruntime, in a fresh process), otherwise the reason. "
+            "`tests/test_support_matrix.py` keeps the structured part true in CI.")
 
 
 def sections(readme: Path) -> dict[str, Callable[[], str]]:

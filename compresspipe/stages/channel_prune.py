@@ -104,8 +104,8 @@ class ChannelPruneConfig(StageConfig):
                                             "training on BatchNorm scales before pruning.")
     latency: LatencyConfig | None = Field(default_factory=LatencyConfig,
                                           description="Measure latency (null: skip).")
-    graph_budget_s: float = Field(DEFAULT_BUDGET_S, gt=0, le=3600, description="Seconds "
-                                  "building the channel groups may take before validation "
+    graph_budget_s: float = Field(DEFAULT_BUDGET_S, gt=0, le=3600, description="CPU "
+                                  "seconds building the channel groups may take before validation "
                                   "stops with a message; a single group that does not resolve "
                                   "keeps its width.")
 

@@ -10,7 +10,6 @@ layer facts the groups are judged by (``is_depthwise``, grouped convolutions, ex
 from __future__ import annotations
 
 import fnmatch
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,7 @@ from torch import nn
 from ...core.errors import CompressPipeError
 from ...core.structure import BATCHNORM, CONV, AttentionInfo, find_attention
 
-DEFAULT_BUDGET_S = 20.0  # building the groups of any listed timm family at 32 px takes < 5 s
+DEFAULT_BUDGET_S = 20.0  # CPU s; building the groups of any listed timm family at 32 px takes < 5 s
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -71,7 +70,7 @@ class StructuredGraph:
     def __init__(self, model: nn.Module, input_shape: Sequence[int],
                  ignore: Sequence[str] = (), need_gateable: bool = False,
                  budget_s: float = DEFAULT_BUDGET_S, verify: bool = True):
-        from .depgraph import BudgetedGraph  # lazy: imports Torch-Pruning (seconds)
+        from .depgraph import BudgetedGraph, cpu_clock  # lazy: imports Torch-Pruning (seconds)
 
         self.model = model
         self.input_shape = tuple(input_shape)
@@ -80,7 +79,7 @@ class StructuredGraph:
         self.names: dict[Any, str] = {m: n for n, m in model.named_modules()}
         self.names.update({p: n for n, p in model.named_parameters()})
         self.attention, self.unsupported_attention = find_attention(model)
-        deadline = time.monotonic() + budget_s
+        deadline = cpu_clock() + budget_s
         was_training = model.training
         try:
             self.dg = BudgetedGraph(deadline=deadline).build_dependency(
@@ -131,7 +130,7 @@ class StructuredGraph:
         the whole takes at most the graph's time budget."""
         import torch_pruning as tp  # lazy: seconds to import; only structured stages run it
 
-        from .depgraph import GroupSearchTooLong  # lazy: imports Torch-Pruning (seconds)
+        from .depgraph import GroupSearchTooLong, cpu_clock  # lazy: imports Torch-Pruning
 
         visited: set[int] = set()
         for m in list(self.dg.module2node):
@@ -145,7 +144,7 @@ class StructuredGraph:
                 group = self.dg.get_pruning_group(m, pruner.prune_out_channels,
                                                   list(range(pruner.get_out_channels(m))))
             except GroupSearchTooLong as exc:
-                if time.monotonic() > deadline:
+                if cpu_clock() > deadline:
                     raise self._too_long() from exc
                 visited.add(id(m))
                 self.skipped[self.names.get(m, "?")] = (
@@ -158,7 +157,7 @@ class StructuredGraph:
         done = len(self.groups) + len(self.skipped)
         return CompressPipeError(
             f"building the channel groups of {type(self.model).__name__} took more than "
-            f"{self.budget_s:g} s (graph_budget_s) after {done} groups; the graph is too "
+            f"{self.budget_s:g} CPU s (graph_budget_s) after {done} groups; the graph is too "
             f"costly to resolve at input {list(self.input_shape)}: add `ignore:` patterns for the "
             f"blocks that tangle it, or use unstructured pruning (stage 'prune')")
 
