@@ -116,3 +116,15 @@ def test_pruned_weights_are_sparse_whatever_the_sign_of_their_zeros(tmp_path):
     assert store.object_bytes({digest}) < 0.08 * w.numel() * w.element_size()
     back = store.get(digest)
     assert torch.equal(torch.signbit(back), torch.signbit(w)) and tensor_hash(back) == digest
+
+
+def test_garbage_collection_leaves_another_process_write_in_flight(tmp_path):
+    """A concurrent writer's ``.tmp.*`` file is neither an object nor garbage: listing and
+    deleting it raced with its rename and failed the other process's stage."""
+    store = TensorStore(tmp_path)
+    digest, _ = store.put(torch.arange(6, dtype=torch.float32))
+    in_flight = store.all_objects()[digest].parent / ".tmp.abc123"
+    in_flight.write_bytes(b"half written")
+    assert set(store.all_objects()) == {digest}
+    store.collect_garbage(keep=set(), min_age_s=0.0)
+    assert in_flight.exists() and store.all_objects() == {}

@@ -44,6 +44,7 @@ from .errors import ArtifactError
 
 OBJECTS = "objects"
 REFS = "refs"
+TMP_PREFIX = ".tmp."  # objects being written; renamed into place when complete
 ZLIB_MAGIC = b"CPZL"
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _MIN_SAVING = 0.95  # keep the compressed form only when it is at least 5 % smaller
@@ -211,7 +212,9 @@ class TensorStore:
         return live
 
     def all_objects(self) -> dict[str, Path]:
-        return {p.name: p for p in (self.root / OBJECTS).glob("??/*") if p.is_file()}
+        """Every stored object; another process's write in flight (``.tmp.*``) is not one."""
+        return {p.name: p for p in (self.root / OBJECTS).glob("??/*")
+                if not p.name.startswith(TMP_PREFIX) and p.is_file()}
 
     def collect_garbage(self, keep: set[str], min_age_s: float = 600.0) -> int:
         """Delete every object not in ``keep`` and untouched for ``min_age_s`` (another process
@@ -220,8 +223,12 @@ class TensorStore:
         freed = 0
         now = time.time()
         for digest, path in self.all_objects().items():
-            if digest not in keep and now - path.stat().st_mtime >= min_age_s:
-                freed += path.stat().st_size
+            try:  # a concurrent collector may have removed it since the listing
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            if digest not in keep and now - stat.st_mtime >= min_age_s:
+                freed += stat.st_size
                 path.unlink(missing_ok=True)
         return freed
 
@@ -244,7 +251,7 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
