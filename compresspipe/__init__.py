@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 __all__ = ["run", "load", "load_pipeline", "Pipeline", "Artifact", "Stage", "register_stage",
            "list_stages", "__version__"]
 
