@@ -15,7 +15,10 @@
 The machine is shared (2 cores, several agents): the wall times printed are indicative only.
 
 Run: PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python benchmarks/footprint.py [--skip-quickstart]
-Saves benchmarks/results/footprint.json and footprint.md.
+Saves benchmarks/results/footprint.json and footprint.md (a partial run: footprint_partial.*).
+``--skip-quickstart --update`` measures the search only and writes it into footprint.json/md,
+keeping the quickstart's numbers from the last full run (the file says so) and quoting the
+search numbers it replaces.
 """
 
 from __future__ import annotations
@@ -178,8 +181,27 @@ def before_summary(res: dict) -> dict:
             "one_run_du": (s.get("one_run") or {}).get("total_du"), "ratio": s.get("ratio")}
 
 
+def updated(res: dict, previous: dict) -> dict:
+    """``res`` (a search-only run) with the quickstart part of ``previous`` (the last full
+    run's results), which it says it kept, and the search numbers it replaces."""
+    res = {**res, "quickstart": previous.get("quickstart"), "before": previous.get("before")}
+    res["quickstart_from"] = previous.get("quickstart_from") or previous.get("command")
+    old = previous.get("search") or {}
+    res["search_before"] = {"command": previous.get("search_command") or previous.get("command"),
+                            "ratio": old.get("ratio"),
+                            "search_du": (old.get("search") or {}).get("total_du"),
+                            "one_run_du": (old.get("one_run") or {}).get("total_du"),
+                            "rows": {k: v["du"] for k, v in
+                                     (old.get("search") or {}).get("rows", {}).items()}}
+    res["search_command"] = res["command"]
+    return res
+
+
 def markdown(res: dict) -> str:
     lines = []
+    if res.get("quickstart_from"):
+        lines += [f"The quickstart part is from the last full run (`{res['quickstart_from']}`); "
+                  f"the search part from `{res['search_command']}`.", ""]
     b = res.get("before")
     if b:
         lines += [f"Before (`{b['command']}`): quickstart {b['quickstart_du'] / MB:.1f} MB; "
@@ -219,17 +241,26 @@ def markdown(res: dict) -> str:
                   f"{srch['total_bytes'] / one['total_bytes']:.2f}x: the rest is 4 KB blocks of "
                   f"small files and directories); {s['stage_runs_executed']} stage runs "
                   f"executed of {5 * s['trials']}; wall {s['search_wall_s']:.0f} s vs "
-                  f"{s['one_wall_s']:.0f} s.", "",
-                  "| where | one run MB | search MB |", "|---|---:|---:|"]
-        keys = list(dict.fromkeys([*one["rows"], *srch["rows"]]))
+                  f"{s['one_wall_s']:.0f} s."
+                  ]
+        sb = res.get("search_before")
+        if sb:
+            lines[-1] += (f" Before (`{sb['command']}`): {sb['search_du'] / MB:.2f} MB vs "
+                          f"{sb['one_run_du'] / MB:.2f} MB = {sb['ratio']:.2f}x.")
+        lines += ["", "| where | one run MB | search MB |" + (" before: search MB |" if sb else ""),
+                  "|---|---:|---:|" + ("---:|" if sb else "")]
+        before_rows = (sb or {}).get("rows", {})
+        keys = list(dict.fromkeys([*one["rows"], *srch["rows"], *before_rows]))
         for key in keys:
             a, b = one["rows"].get(key), srch["rows"].get(key)
-            if key.startswith("mlflow logged model") and b is None:
+            if key.startswith("mlflow logged model") and b is None and key not in before_rows:
                 continue
+            was = before_rows.get(key)
             lines.append(f"| {key} | {a['du'] / MB if a else 0:.2f} | "
-                         f"{b['du'] / MB if b else 0:.2f} |")
+                         f"{b['du'] / MB if b else 0:.2f} |" +
+                         (f" {'' if was is None else f'{was / MB:.2f}'} |" if sb else ""))
         models = [u["du"] for k, u in srch["rows"].items() if k.startswith("mlflow logged model")]
-        lines.append(f"| (search: {len(models)} logged models, summed above per stage) | | |")
+        lines.append(f"| (search: {len(models)} logged models with files, summed above per stage) | | |")
     return "\n".join(lines)
 
 
@@ -239,6 +270,8 @@ def main() -> int:
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--keep", help="work directory to keep (default: a temporary one)")
     p.add_argument("--tables-only", action="store_true")
+    p.add_argument("--update", action="store_true", help="with --skip-quickstart: write the "
+                   "search into footprint.json/md, keeping the last full run's quickstart part")
     p.add_argument("--before", help="results JSON of the same measurement on an earlier tree, "
                    "quoted beside this one")
     args = p.parse_args()
@@ -263,6 +296,9 @@ def main() -> int:
         res["before"] = before_summary(json.loads(Path(args.before).read_text()))
     RESULTS.mkdir(exist_ok=True)
     name = "footprint" if not (args.skip_quickstart or args.skip_search) else "footprint_partial"
+    if args.update and args.skip_quickstart and not args.skip_search:
+        res = updated(res, json.loads((RESULTS / "footprint.json").read_text()))
+        name = "footprint"
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown(res) + "\n")
     print(markdown(res))

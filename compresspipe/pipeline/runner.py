@@ -68,7 +68,8 @@ def run_pipeline(pipeline: PipelineFile, resume: bool = False,
     """Run every stage; return the summary (also written to output_dir/summary.json).
     ``observer(record)`` is called after each stage (run or reused) with its summary record.
     ``trial``: one point of a search, whose Pareto report shows it (no summary.md, no
-    size-vs-accuracy plot: summary.json has the numbers)."""
+    size-vs-accuracy plot: summary.json has the numbers; MLflow gets no copies of what the
+    trial's directory keeps: see StageStorage.is_trial)."""
     return Runner(pipeline, observer, pipeline_report=not trial).run(resume=resume)
 
 
@@ -297,7 +298,8 @@ class Runner(StageStorage):
         self.models.log_stage(record, self.summary["stages"], data, log)
         self._write_summary()  # with the stage's model id
         self._log_stage_files(run_id, spec.name, record)
-        self.tracker.log_text(run_id, json.dumps(record, indent=2), "stage_summary.json")
+        if not self.is_trial:  # a trial's record is in its summary.json, beside its stages
+            self.tracker.log_text(run_id, json.dumps(record, indent=2), "stage_summary.json")
         return artifact
 
     def _save_and_measure(self, name: str, type_name: str, artifact: Artifact, data, device,
@@ -466,8 +468,8 @@ class Runner(StageStorage):
     def _log_pipeline_outputs(self, parent: str | None) -> None:
         if not distributed.is_main():
             return
-        self.tracker.log_artifact(parent, self.out / SUMMARY_FILE)
         if self.pipeline_report:
+            self.tracker.log_artifact(parent, self.out / SUMMARY_FILE)
             (self.out / "summary.md").write_text(summary_table(self.summary) + "\n")
             self.tracker.log_artifact(parent, self.out / "summary.md")
             plot = plots.size_accuracy_plot(self.summary, self.out / "size_vs_accuracy.png")

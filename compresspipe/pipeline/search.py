@@ -146,7 +146,10 @@ class Search:
             raw["cache"] = {**(raw.get("cache") or {}), "dir": str(self.cache_root)}
         if run_name is not None:
             tracking = dict(raw.get("tracking") or {})
-            tracking.update(run_name=run_name,
+            # a trial's logged models point at its stage directories, which keep the files
+            # (twenty trials' copies of the same few .cpz sizes would outweigh one run);
+            # best.yaml, run again, logs the chosen point's models with their files
+            tracking.update(run_name=run_name, model_files="none",
                             experiment=tracking.get("experiment") or self.pipeline.config.name)
             if self.tracker.uri:
                 tracking["uri"] = self.tracker.uri

@@ -17,7 +17,16 @@ SMALL_FILE = 1 << 20  # metadata (artifact.json, tensors.json, export.json): alw
 
 
 class StageStorage:
-    """Mixed into runner.Runner; uses its out, cfg, tracker, stage_cache, summary, observer."""
+    """Mixed into runner.Runner; uses its out, cfg, tracker, stage_cache, summary, observer,
+    pipeline_report."""
+
+    @property
+    def is_trial(self) -> bool:
+        """One point of a search (run_pipeline(trial=True), which writes no pipeline report).
+        Its MLflow runs get no copies of what its directory keeps (the stages' metadata and
+        records, its summary.json; its logged models hold no files: search.py), only pointers:
+        twenty trials' handfuls of small files outweighed the runs they logged."""
+        return not self.pipeline_report
 
     def _model_bytes(self, directory, model_files: list[str], artifact: Artifact) -> int:
         """Bytes of the deployable files. A model deployed as plain safetensors is not kept in
@@ -87,6 +96,11 @@ class StageStorage:
             # trials would otherwise write a handful of small files each per reused stage)
             return
         directory = self.out / name
+        if self.is_trial:
+            # its directory keeps the files, the Pareto report its numbers, and best.yaml
+            # re-runs the chosen point with everything logged
+            self._log_pointer(run_id, name, record)
+            return
         if self.cfg.tracking.log_artifacts == "full":
             full = self.out / ".work" / "full" / name
             self._load_saved(name).save(full)
@@ -105,6 +119,11 @@ class StageStorage:
             if (not record.get("model_holds_files") if f.name in deployable
                     else f.stat().st_size <= SMALL_FILE):
                 self.tracker.log_artifact(run_id, f, "artifact")
+        self._log_pointer(run_id, name, record)
+
+    def _log_pointer(self, run_id: str | None, name: str, record: dict[str, Any]) -> None:
+        """artifact/pointer.json: where the stage's files are and how to load them."""
+        directory = self.out / name
         pointer = {"directory": str(directory), "store": str(self.stage_cache.store.root),
                    "cache_key": record.get("fingerprint"),
                    "load": f"compresspipe.load({str(directory)!r})"}

@@ -5,8 +5,9 @@ What the logged model holds: the deployable only (``tracking.pyfunc``: the files
 the stage's ``model_bytes``, e.g. the .cpz, never the fp32 training weights, masks or
 checkpoints beside it), so that a stage loads with ``mlflow.pyfunc.load_model`` and MLflow's
 footprint is what the summary reports. Which stages' models hold files is the runner's choice
-(``tracking.model_files``; by default the compressed ones and the registered one); the others
-hold none and point at their stage directory (an "external" model in MLflow's terms).
+(``tracking.model_files``; by default the compressed ones and the registered one; a search's
+trials none); the others hold none and point at their stage directory (an "external" model in
+MLflow's terms).
 """
 
 from __future__ import annotations
