@@ -1,4 +1,4 @@
-"""Does knowledge distillation help on digits? Students trained with and without KD, 5 seeds.
+"""Does knowledge distillation help? Students trained with and without KD, on digits or Fashion-MNIST.
 
 A timm resnet18 teacher is trained once (digits at 16x16, augmented). Then, for every seed,
 the same student recipe is trained twice at equal epochs and learning rate -- plain
@@ -19,8 +19,16 @@ step vs. with cached teacher logits, against a plain epoch, in the same process 
 interleaved, one thread, CPU and wall time: the fastest of several epochs, since other
 processes may share the machine).
 
-Run: .venv/bin/python benchmarks/distill.py [--quick]
-Saves benchmarks/results/distill.json.
+With ``--dataset fashion_mnist`` (Fashion-MNIST at 28x28, the Debian package's idx files; 54,000
+training images after the fixed 10% validation split, the 10,000-image test set) the teacher is
+``compresspipe.zoo:lenet_5`` (8 epochs) and the student ``compresspipe.zoo:lenet_300_100`` (an
+MLP, 0.27M params), 3 seeds, in the regimes full data (6 epochs), few epochs (1) and few labels
+(100 images, 30 epochs); no pruning regimes, to keep the run near 10 min on one shared CPU
+thread. The KD arms there use cached teacher logits (valid: students see no augmentation; the
+loss is the same as with the teacher run at every step).
+
+Run: .venv/bin/python benchmarks/distill.py [--quick] [--dataset digits|fashion_mnist]
+Saves benchmarks/results/distill.json (digits, the default) or distill_fashion_mnist.json/.md.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import body_distill  # the .md table and verdict exactly as REPORT.md shows them
 
 from compresspipe.compress.distill.config import DistillConfig
 from compresspipe.compress.distill.hook import DistillHook, agreement
@@ -49,10 +60,12 @@ from compresspipe.core.masks import MaskHook
 from compresspipe.core.measure import check_masks, evaluate
 from compresspipe.core.models import build_from_spec
 from compresspipe.core.training import Trainer
+from compresspipe.zoo import lenet_5, lenet_300_100
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distill.json"
 CPU = torch.device("cpu")
 IMAGE_SIZE = 16
+FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 KD = DistillConfig(teacher="resnet18", temperature=4.0, alpha=0.9, gamma=0.1)
 
 
@@ -68,9 +81,15 @@ def fit(model: nn.Module, data, cfg: TrainConfig, seed: int, hooks=()) -> list[d
         return Trainer(model, data, cfg, device=CPU, seed=seed, hooks=list(hooks)).fit()
 
 
-def kd_hook(teacher: nn.Module, student: nn.Module, cache: bool = False) -> DistillHook:
+def zoo_model(factory, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return factory(in_chans=1, num_classes=10, image_size=28)
+
+
+def kd_hook(teacher: nn.Module, student: nn.Module, cache: bool = False,
+            image_size: int = IMAGE_SIZE) -> DistillHook:
     cfg = KD.model_copy(update={"cache_teacher_logits": cache})
-    return DistillHook(teacher, cfg, student, (1, IMAGE_SIZE, IMAGE_SIZE))
+    return DistillHook(teacher, cfg, student, (1, image_size, image_size))
 
 
 def magnitude_masks(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
@@ -112,7 +131,8 @@ def prune_arm(teacher, data, seed: int, sparsity: float, epochs: int, kd: bool) 
     return measure(student, teacher, data)
 
 
-def epoch_times(teacher, data, epochs: int) -> dict[str, dict[str, float]]:
+def epoch_times(teacher, data, epochs: int, make_student=None,
+                image_size: int = IMAGE_SIZE) -> dict[str, dict[str, float]]:
     """Seconds per training epoch (with its test evaluation) for each arm: the fastest wall
     time and the fastest CPU time of epochs 2..E (after warm-up, once the cache is full).
 
@@ -123,9 +143,11 @@ def epoch_times(teacher, data, epochs: int) -> dict[str, dict[str, float]]:
     wall: dict[str, list[float]] = {"plain": [], "kd": [], "kd_cached": []}
     cpu: dict[str, list[float]] = {arm: [] for arm in wall}
     cfg = TrainConfig(epochs=1, lr=0.05)
-    students = {a: timm_model("test_resnet", 0) for a in wall}
-    hooks = {"plain": [], "kd": [kd_hook(teacher, students["kd"])],
-             "kd_cached": [kd_hook(teacher, students["kd_cached"], cache=True)]}
+    make_student = make_student or (lambda: timm_model("test_resnet", 0))
+    students = {a: make_student() for a in wall}
+    hooks = {"plain": [], "kd": [kd_hook(teacher, students["kd"], image_size=image_size)],
+             "kd_cached": [kd_hook(teacher, students["kd_cached"], cache=True,
+                                   image_size=image_size)]}
     try:
         for epoch in range(epochs):
             for arm in wall:
@@ -142,6 +164,68 @@ def epoch_times(teacher, data, epochs: int) -> dict[str, dict[str, float]]:
 def mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def seeded_rows(regimes: dict, seeds: list[int]) -> dict:
+    """Every regime's CE and KD arms over the seeds, with mean and std of each metric."""
+    rows = {}
+    for name, arm in regimes.items():
+        t0 = time.perf_counter()
+        runs = {kd: [arm(seed, kd) for seed in seeds] for kd in (False, True)}
+        rows[name] = {("kd" if kd else "ce"): {"runs": r, **{k: mean_std([x[k] for x in r])
+                                                            for k in ("top1", "loss", "agreement")}}
+                      for kd, r in runs.items()}
+        print(f"  {name}: CE {rows[name]['ce']['top1']['mean']:.2f}, KD "
+              f"{rows[name]['kd']['top1']['mean']:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    return rows
+
+
+def fashion_student_arm(teacher, data, seed: int, epochs: int, kd: bool) -> dict[str, float]:
+    student = zoo_model(lenet_300_100, seed)
+    hooks = [kd_hook(teacher, student, cache=True, image_size=28)] if kd else []
+    fit(student, data, TrainConfig(epochs=epochs, lr=0.05), seed, hooks)
+    return measure(student, teacher, data)
+
+
+def run_fashion(quick: bool) -> dict:
+    """KD vs CE for an MLP student of a LeNet-5 teacher on Fashion-MNIST (see the docstring)."""
+    seeds = list(range(2 if quick else 3))
+    e = {"teacher": 3 if quick else 8, "student": 3 if quick else 6, "few": 1,
+         "few_labels": 15 if quick else 30, "timing": 3}
+    base = {"name": "fashion_mnist", "root": str(FASHION_ROOT), "image_size": 28,
+            "batch_size": 128}
+    full = build_data(DataConfig(**base))
+    few = build_data(DataConfig(**base, limit_train=100))
+    started = time.perf_counter()
+    teacher = zoo_model(lenet_5, 1234)
+    fit(teacher, full, TrainConfig(epochs=e["teacher"], lr=0.05, warmup_epochs=1), 1234)
+    teacher.eval()
+    teacher_metrics = evaluate(teacher, full.test_loader(), CPU)
+    print(f"teacher lenet_5: top1 {teacher_metrics['top1']:.2f}% "
+          f"({time.perf_counter() - started:.0f}s)", flush=True)
+    regimes = {
+        f"student, {e['student']} epochs":
+            lambda s, kd: fashion_student_arm(teacher, full, s, e["student"], kd),
+        f"student, {e['few']} epoch": lambda s, kd: fashion_student_arm(teacher, full, s, e["few"], kd),
+        f"student, 100 images, {e['few_labels']} epochs":
+            lambda s, kd: fashion_student_arm(teacher, few, s, e["few_labels"], kd),
+    }
+    rows = seeded_rows(regimes, seeds)
+    timing = epoch_times(teacher, full, e["timing"], lambda: zoo_model(lenet_300_100, 0), 28)
+    return {
+        "benchmark": "distill", "dataset": "fashion_mnist", "quick": quick, "seeds": seeds,
+        "epochs": e, "image_size": 28, "train_images": len(full.train), "test_images": len(full.test),
+        "kd": KD.model_dump(mode="json") | {"teacher": "compresspipe.zoo:lenet_5",
+                                            "cache_teacher_logits": True},
+        "student": "compresspipe.zoo:lenet_300_100",
+        "teacher": {"model": "compresspipe.zoo:lenet_5", **teacher_metrics},
+        "regimes": rows, "epoch_time_s": timing,
+        "command": "python benchmarks/distill.py --dataset fashion_mnist" + (" --quick" if quick else ""),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                    "shared": "2 cores shared with other jobs while measured"},
+        "wall_time_s": time.perf_counter() - started,
+    }
 
 
 def run(quick: bool) -> dict:
@@ -202,8 +286,9 @@ def run(quick: bool) -> dict:
 def print_report(result: dict) -> None:
     n = len(result["seeds"])
     print(f"\nKD (T={result['kd']['temperature']:g}, alpha={result['kd']['alpha']:g}, "
-          f"gamma={result['kd']['gamma']:g}) vs plain CE; digits {result['image_size']}x"
-          f"{result['image_size']}, {n} seeds, mean +- std; teacher resnet18 top1 "
+          f"gamma={result['kd']['gamma']:g}) vs plain CE; {result.get('dataset', 'digits')} "
+          f"{result['image_size']}x{result['image_size']}, {n} seeds, mean +- std; teacher "
+          f"{result['teacher']['model']} top1 "
           f"{result['teacher']['top1']:.2f}%")
     print("| regime | CE top1 % | KD top1 % | diff | CE loss | KD loss | "
           "agreement CE / KD % |")
@@ -221,7 +306,8 @@ def print_report(result: dict) -> None:
             print(f"  {name.split(',')[0]} before retraining: top1 "
                   f"{row['before_retraining']['top1']:.2f}%")
     t = result["epoch_time_s"]
-    print("\n| epoch of the test_resnet student, 1 thread | CPU s | vs plain | wall s | vs plain |")
+    print(f"\n| epoch of the {result.get('student', 'test_resnet')} student, 1 thread | CPU s | "
+          "vs plain | wall s | vs plain |")
     print("|---|---|---|---|---|")
     for arm, label in (("plain", "plain CE"), ("kd", "KD, teacher every step"),
                        ("kd_cached", "KD, cached teacher logits")):
@@ -232,13 +318,25 @@ def print_report(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 seeds, fewer epochs, a weaker 4-epoch teacher")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, fewer epochs, a weaker teacher")
+    parser.add_argument("--dataset", choices=("digits", "fashion_mnist"), default="digits",
+                        help="digits (default: resnet18 -> test_resnet) or fashion_mnist "
+                        "(lenet_5 -> lenet_300_100)")
     args = parser.parse_args()
-    result = run(args.quick)
+    if args.dataset == "fashion_mnist" and not FASHION_ROOT.is_dir():
+        sys.exit(f"error: Fashion-MNIST is not in {FASHION_ROOT}: apt-get install dataset-fashion-mnist")
+    if args.dataset == "fashion_mnist":
+        torch.set_num_threads(1)  # the machine is shared: one thread, and honest CPU times
+        result = run_fashion(args.quick)
+    else:
+        result = run(args.quick)
     print_report(result)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    path = RESULTS.with_name("distill_quick.json") if args.quick else RESULTS
+    stem = "distill" + ("_fashion_mnist" if args.dataset == "fashion_mnist" else "")
+    path = RESULTS.with_name(f"{stem}{'_quick' if args.quick else ''}.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
+    if args.dataset == "fashion_mnist":
+        path.with_suffix(".md").write_text(body_distill(result) + "\n")
     print(f"saved {path}")
 
 

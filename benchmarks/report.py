@@ -177,13 +177,16 @@ def _mean_std(stats: dict) -> str:
 def headline_distill(d: dict) -> list[str]:
     diffs = "; ".join(f"{name}: {row['kd']['top1']['mean'] - row['ce']['top1']['mean']:+.2f}"
                       for name, row in d["regimes"].items())
-    return [f"KD − plain CE top-1 (pt, mean of {len(d['seeds'])} seeds): {diffs}"]
+    who = (f"{d['dataset']}, {d['teacher']['model']} ({d['teacher']['top1']:.2f}%) → "
+           f"{d['student']}; " if d.get("dataset") and d.get("student") else "")
+    return [f"{who}KD − plain CE top-1 (pt, mean of {len(d['seeds'])} seeds): {diffs}"]
 
 
 def body_distill(d: dict) -> str:
     kd = d["kd"]
     rows = [f"Teacher {d['teacher']['model']} top-1 {d['teacher']['top1']:.2f}%; KD T={kd['temperature']:g}, "
-            f"α={kd['alpha']:g}, γ={kd['gamma']:g}; digits {d['image_size']}px; "
+            f"α={kd['alpha']:g}, γ={kd['gamma']:g}; {d.get('dataset', 'digits')} {d['image_size']}px; "
+            + (f"student {d['student']}; " if d.get("student") else "") +
             f"{len(d['seeds'])} seeds, mean ± std.", "",
             "| regime | CE top-1 % | KD top-1 % | KD − CE | CE loss | KD loss | agreement CE / KD % |",
             "|---|---:|---:|---:|---:|---:|---:|"]
@@ -432,7 +435,8 @@ def headline_quickstart_target(d: dict) -> list[str]:
 HEADLINES: dict[str, Callable[[Any], list[str]]] = {
     "search": headline_search, "footprint": headline_footprint,
     "coding": headline_coding, "coding_codec": headline_coding_codec,
-    "distill": headline_distill, "mask_overhead": headline_mask_overhead,
+    "distill": headline_distill, "distill_fashion_mnist": headline_distill,
+    "mask_overhead": headline_mask_overhead,
     "quantize": headline_quantize, "structured": headline_structured,
     "pruning_methods": headline_pruning_methods, "soak": headline_soak,
     "mlflow_ui_check": headline_mlflow_ui_check, "support_matrix": headline_support_matrix,
@@ -443,7 +447,7 @@ HEADLINES: dict[str, Callable[[Any], list[str]]] = {
     "quickstart_target": headline_quickstart_target,
 }
 BODIES: dict[str, Callable[[Any], str]] = {
-    "coding_codec": body_coding_codec, "distill": body_distill,
+    "coding_codec": body_coding_codec, "distill": body_distill, "distill_fashion_mnist": body_distill,
     "mask_overhead": body_mask_overhead, "quantize": body_quantize,
 }
 

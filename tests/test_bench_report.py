@@ -115,3 +115,18 @@ def test_distill_section_states_a_verdict_from_the_numbers(report):
     assert "It hurts in short (-3.00 ± 0.71 pt)." in text
     assert "within noise in long (+0.40 ± 0.25 pt)." in text
     assert "2.20x the wall time of a plain one" in text and "1.10x with cached" in text
+
+
+def test_distill_fashion_mnist_result_gets_the_distill_headline_and_section(report, tmp_path):
+    d = {"dataset": "fashion_mnist", "student": "compresspipe.zoo:lenet_300_100", "seeds": [0, 1, 2],
+         "image_size": 28, "teacher": {"model": "compresspipe.zoo:lenet_5", "top1": 91.5},
+         "kd": {"temperature": 4.0, "alpha": 0.9, "gamma": 0.1},
+         "regimes": {"few labels": {"ce": _arm(60.0, 1.0), "kd": _arm(65.0, 1.0)}}}
+    (tmp_path / "distill_fashion_mnist.json").write_text(json.dumps(d))
+    found = report.read_results(tmp_path, prefer_quick=False)
+    text = report.assemble(found)
+    head, _, section = text.partition("\n## ")
+    assert ("fashion_mnist, compresspipe.zoo:lenet_5 (91.50%) → compresspipe.zoo:lenet_300_100; "
+            "KD − plain CE top-1 (pt, mean of 3 seeds): few labels: +5.00") in head
+    assert "fashion_mnist 28px; student compresspipe.zoo:lenet_300_100; 3 seeds" in section
+    assert "KD helps in few labels (+5.00 ± 0.63 pt)." in section
