@@ -22,8 +22,16 @@ For each model, in one process and on a fixed number of CPU threads:
 
 Results: a table on stdout and benchmarks/results/quantize.json.
 
+``--dataset fashion_mnist`` measures accuracy only, over 3 seeds (mean +- std): LeNet-5
+(``compresspipe.zoo:lenet_5``) trained on Fashion-MNIST 28x28 (a fixed 20,000-image subset of
+the 54,000 training images left after the 10% validation split, to fit one shared CPU thread),
+then ptq and qat; the int8 accuracies are those of the deployed ONNX files reloaded from disk,
+on the 10,000-image test set (the validation split is reported too). Saves
+benchmarks/results/quantize_fashion_mnist.{json,md}.
+
 Run: .venv/bin/python benchmarks/quantize.py [--quick] [--threads N] [--models resnet18 ...]
                                              [--large-size 224 (0: skip)]
+     .venv/bin/python benchmarks/quantize.py --dataset fashion_mnist [--quick]
 """
 
 from __future__ import annotations
@@ -75,6 +83,10 @@ RECIPES = {
 }
 SHARING = ((8, 5), (5, 4), (4, 3))
 SEED = 0
+FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_TRAIN_IMAGES = 20_000
+FASHION_RESULTS = RESULTS.with_name("quantize_fashion_mnist.json")
+STAGES = ("dense", "ptq", "qat")
 
 
 def settings(quick: bool) -> dict:
@@ -111,6 +123,71 @@ def pipeline(model: str, out: Path, s: dict) -> dict:
                                     "latency_repeats": 0}},
         ],
     }
+
+
+def fashion_pipeline(out: Path, seed: int, s: dict) -> dict:
+    """dense -> ptq -> qat of LeNet-5 on a fixed Fashion-MNIST subset (no BN: no freezing)."""
+    return {
+        "name": f"bench-fmnist-lenet5-s{seed}", "seed": seed, "output_dir": str(out),
+        "model": {"factory": "compresspipe.zoo:lenet_5"},
+        "data": {"name": "fashion_mnist", "root": str(FASHION_ROOT), "image_size": 28,
+                 "batch_size": 128, "limit_train": s["train_images"]},
+        "tracking": {"enabled": False},
+        "stages": [
+            {"name": "dense", "train": {"epochs": s["dense_epochs"], "warmup_epochs": 1,
+                                        "lr": 0.05}},
+            {"name": "ptq", "ptq": {"calibration_batches": 8, "latency_repeats": 0}},
+            {"name": "qat", "qat": {"epochs": s["qat_epochs"], "lr": 0.005, "latency_repeats": 0}},
+        ],
+    }
+
+
+def fashion_seeds(quick: bool, root: Path) -> dict:
+    """Test and validation top-1 and bytes of every stage's deployed file, per seed."""
+    s = {"dense_epochs": 2 if quick else 6, "qat_epochs": 1,
+         "train_images": 2_000 if quick else FASHION_TRAIN_IMAGES}
+    seeds = list(range(2 if quick else 3))
+    runs = []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        summary = compresspipe.run(fashion_pipeline(root / f"s{seed}", seed, s))
+        metrics = {r["name"]: r["metrics"] for r in summary["stages"]}
+        runs.append({k: {m: metrics[k][m] for m in ("test_top1", "deployed_val_top1", "model_bytes")}
+                     for k in STAGES})
+        print(f"  seed {seed}: " + ", ".join(f"{k} {runs[-1][k]['test_top1']:.2f}%" for k in STAGES)
+              + f" ({time.perf_counter() - t0:.0f}s)", flush=True)
+    stats = {k: {m: {"mean": statistics.fmean(r[k][m] for r in runs),
+                     "std": statistics.stdev(r[k][m] for r in runs) if len(runs) > 1 else 0.0}
+                 for m in ("test_top1", "deployed_val_top1", "model_bytes")} for k in STAGES}
+    return {"settings": s, "seeds": seeds, "runs": runs, "stats": stats}
+
+
+def fashion_table(result: dict) -> str:
+    """Markdown: each stage's deployed accuracy and bytes, and the int8 - fp32 verdicts."""
+    st, n = result["stats"], len(result["seeds"])
+    rows = [f"LeNet-5 on Fashion-MNIST 28px ({result['settings']['train_images']:,} training "
+            f"images, {result['settings']['dense_epochs']} dense epochs, "
+            f"{result['settings']['qat_epochs']} QAT epoch(s)); accuracy of each stage's deployed "
+            f"file reloaded from disk (int8: ONNX in onnxruntime); {n} seeds, mean ± std.", "",
+            "| stage | test top-1 % | val top-1 % | bytes |", "|---|---:|---:|---:|"]
+    for k in STAGES:
+        rows.append(f"| {k} | {st[k]['test_top1']['mean']:.2f} ± {st[k]['test_top1']['std']:.2f} | "
+                    f"{st[k]['deployed_val_top1']['mean']:.2f} ± "
+                    f"{st[k]['deployed_val_top1']['std']:.2f} | {st[k]['model_bytes']['mean']:,.0f} |")
+    rows += ["", "**Verdict** (paired over seeds: the mean int8 − fp32 test top-1 difference "
+             "against two standard errors of it):"]
+    for k in ("ptq", "qat"):
+        diffs = [r[k]["test_top1"] - r["dense"]["test_top1"] for r in result["runs"]]
+        mean = statistics.fmean(diffs)
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+        kind = ("gains accuracy" if mean > 2 * se else "loses accuracy" if mean < -2 * se
+                else "is within noise of fp32")
+        rows.append(f"- {k} int8 {kind}: {mean:+.2f} ± {se:.2f} pt, "
+                    f"{st['dense']['model_bytes']['mean'] / st[k]['model_bytes']['mean']:.2f}x "
+                    "smaller file.")
+    rows.append(f"(qat fine-tunes {result['settings']['qat_epochs']} more epoch(s) from the dense "
+                "weights, so its difference from dense includes that training, not only int8.)")
+    return "\n".join(rows)
 
 
 def latency(variants: dict, batch: torch.Tensor, repeats: int, rounds: int) -> dict[str, float]:
@@ -352,8 +429,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--large-size", type=int, default=224,
                         help="side of the timing-only large-input comparison (0: skip)")
+    parser.add_argument("--dataset", choices=("digits", "fashion_mnist"), default="digits",
+                        help="fashion_mnist: LeNet-5 fp32/ptq/qat accuracy over 3 seeds only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.dataset == "fashion_mnist":
+        fashion_main(args.quick, args.threads)
+        return
     s = settings(args.quick)
     started = time.perf_counter()
     results = {}
@@ -376,6 +458,28 @@ def main() -> None:
         print(f"  {name}: " + ", ".join(f"{k}={'yes' if v else 'NO'}"
                                           for k, v in r["targets"].items()))
     print(f"\nthreads: {args.threads}; saved {RESULTS}")
+
+
+def fashion_main(quick: bool, threads: int) -> None:
+    if not FASHION_ROOT.is_dir():
+        sys.exit(f"error: Fashion-MNIST is not in {FASHION_ROOT}: apt-get install dataset-fashion-mnist")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = fashion_seeds(quick, Path(tmp))
+    result |= {"benchmark": "quantize", "dataset": "fashion_mnist", "quick": quick,
+               "model": "compresspipe.zoo:lenet_5", "threads": threads,
+               "command": "python benchmarks/quantize.py --dataset fashion_mnist"
+               + (" --quick" if quick else ""),
+               "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                           "shared": "2 cores shared with other jobs while measured"},
+               "seconds": time.perf_counter() - started}
+    table = fashion_table(result)
+    print("\n" + table)
+    path = FASHION_RESULTS.with_name(f"quantize_fashion_mnist{'_quick' if quick else ''}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.with_suffix(".md").write_text(table + "\n")
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":

@@ -262,6 +262,14 @@ def headline_quantize(d: dict) -> list[str]:
     return out
 
 
+def headline_quantize_fashion(d: dict) -> list[str]:
+    st = d["stats"]
+    top1 = ", ".join(f"{k} {_mean_std(st[k]['test_top1'])}" for k in ("dense", "ptq", "qat"))
+    return [f"{d['model']} on {d['dataset']}, test top-1 % of the deployed files ({len(d['seeds'])} "
+            f"seeds): {top1}; int8 file **{st['dense']['model_bytes']['mean'] / st['qat']['model_bytes']['mean']:.2f}x** "
+            "smaller than fp32"]
+
+
 def body_quantize(d: dict) -> str:
     res = d["results"]
     rows = [f"{d.get('threads', '?')} thread(s); accuracy and bytes of the int8 ONNX files reloaded "
@@ -437,7 +445,8 @@ HEADLINES: dict[str, Callable[[Any], list[str]]] = {
     "coding": headline_coding, "coding_codec": headline_coding_codec,
     "distill": headline_distill, "distill_fashion_mnist": headline_distill,
     "mask_overhead": headline_mask_overhead,
-    "quantize": headline_quantize, "structured": headline_structured,
+    "quantize": headline_quantize, "quantize_fashion_mnist": headline_quantize_fashion,
+    "structured": headline_structured,
     "pruning_methods": headline_pruning_methods, "soak": headline_soak,
     "mlflow_ui_check": headline_mlflow_ui_check, "support_matrix": headline_support_matrix,
     "seed_claims_fashion_mnist": headline_seed_claims,

@@ -130,3 +130,14 @@ def test_distill_fashion_mnist_result_gets_the_distill_headline_and_section(repo
             "KD − plain CE top-1 (pt, mean of 3 seeds): few labels: +5.00") in head
     assert "fashion_mnist 28px; student compresspipe.zoo:lenet_300_100; 3 seeds" in section
     assert "KD helps in few labels (+5.00 ± 0.63 pt)." in section
+
+
+def test_quantize_fashion_mnist_headline_is_computed_from_its_stats(report):
+    def stage(top1: float, std: float, size: float) -> dict:
+        return {"test_top1": {"mean": top1, "std": std}, "model_bytes": {"mean": size, "std": 0.0}}
+    d = {"model": "compresspipe.zoo:lenet_5", "dataset": "fashion_mnist", "seeds": [0, 1, 2],
+         "stats": {"dense": stage(90.5, 0.2, 1_000_000), "ptq": stage(90.4, 0.25, 250_000),
+                   "qat": stage(90.6, 0.1, 250_000)}}
+    assert report.HEADLINES["quantize_fashion_mnist"](d) == [
+        "compresspipe.zoo:lenet_5 on fashion_mnist, test top-1 % of the deployed files (3 seeds): "
+        "dense 90.50 ± 0.20, ptq 90.40 ± 0.25, qat 90.60 ± 0.10; int8 file **4.00x** smaller than fp32"]
