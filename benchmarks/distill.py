@@ -23,7 +23,7 @@ With ``--dataset fashion_mnist`` (Fashion-MNIST at 28x28, the Debian package's i
 training images after the fixed 10% validation split, the 10,000-image test set) the teacher is
 ``compresspipe.zoo:lenet_5`` (8 epochs) and the student ``compresspipe.zoo:lenet_300_100`` (an
 MLP, 0.27M params), 3 seeds, in the regimes full data (6 epochs), few epochs (1) and few labels
-(100 images, 30 epochs); no pruning regimes, to keep the run near 10 min on one shared CPU
+(100 images, 30 epochs); no pruning regimes, to keep the run near 8 min on one shared CPU
 thread. The KD arms there use cached teacher logits (valid: students see no augmentation; the
 loss is the same as with the teacher run at every step).
 
@@ -255,14 +255,7 @@ def run(quick: bool) -> dict:
         f"prune 99%, {e['prune_hard']} epoch": lambda s, kd: prune_arm(teacher, full, s, 0.99,
                                                                         e["prune_hard"], kd),
     }
-    rows = {}
-    for name, arm in regimes.items():
-        t0 = time.perf_counter()
-        runs = {kd: [arm(seed, kd) for seed in seeds] for kd in (False, True)}
-        rows[name] = {("kd" if kd else "ce"): {"runs": r, **{k: mean_std([x[k] for x in r])
-                                                            for k in ("top1", "loss", "agreement")}}
-                      for kd, r in runs.items()}
-        print(f"  {name}: done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    rows = seeded_rows(regimes, seeds)
     for name in rows:
         if name.startswith("prune"):
             sparsity = int(name.split("%")[0].removeprefix("prune ")) / 100
