@@ -30,6 +30,7 @@ import compresspipe.stages.export as export_stage
 from compresspipe.compress.quant.onnx_int8 import INT8_FILE, check_int8_masks
 from compresspipe.core.errors import CompressPipeError, ConfigError, MaskViolation
 from compresspipe.core.measure import check_tensor_masks
+from compresspipe.formats.cpz_onnx import export_unfused
 from compresspipe.formats.export import (
     Exported,
     run_consumer,
@@ -300,3 +301,16 @@ def test_torch_export_of_an_int8_model_is_refused_before_running(tmp_path):
     assert "stages[2].export.formats: torch_export: the model of stage 'q' is deployed as an " \
            "int8 ONNX file" in text
     assert "stages[2].export.opset" in text
+
+
+def test_a_failed_onnx_export_is_one_plain_line(monkeypatch, tmp_path):
+    """torch's exporter colours its messages; the error a user and MLflow see has no escapes."""
+    def fails(*args, **kwargs):
+        raise RuntimeError("Failed to decompose the FX graph. \x1b[96mThis is step 2/3\x1b[0m of "
+                           "exporting the model.\nTraceback detail")
+
+    monkeypatch.setattr(torch.onnx, "export", fails)
+    with pytest.raises(CompressPipeError) as info:
+        export_unfused(nn.Linear(2, 2), torch.zeros(1, 2), tmp_path / "m.onnx")
+    assert str(info.value) == ("ONNX export of the model failed: RuntimeError: Failed to "
+                               "decompose the FX graph. This is step 2/3 of exporting the model.")

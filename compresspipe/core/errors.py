@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 
 
 class CompressPipeError(Exception):
     """Base of every error compresspipe raises on purpose; the CLI prints it as one line."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def onnx_export_failed(exc: Exception) -> CompressPipeError:
+    """One line for a failed ``torch.onnx.export``: the exporter raises many types and colours
+    its messages for terminals, which a log or an MLflow tag shows as escape codes."""
+    first = _ANSI.sub("", str(exc)).strip().splitlines()
+    return CompressPipeError(f"ONNX export of the model failed: {type(exc).__name__}: "
+                             f"{first[0] if first else ''}")
 
 
 @dataclass(frozen=True)

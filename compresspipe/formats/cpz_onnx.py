@@ -28,7 +28,7 @@ import torch
 from ..compress.quant.onnx_int8 import INPUT_NAME, OUTPUT_NAME
 from ..core import artifact_keys
 from ..core.artifact import Artifact
-from ..core.errors import CompressPipeError
+from ..core.errors import onnx_export_failed
 from . import TensorEncoding, encode_clustered, encode_raw, write_cpz
 from .cpz_onnx_reader import ONNX_KEY
 from .vectors import FP16, LABELS, encode_vector
@@ -125,8 +125,7 @@ def export_unfused(model: torch.nn.Module, example: torch.Tensor, path: Path) ->
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_shapes=({0: batch},), verbose=False)
     except Exception as exc:  # the exporter raises many types; its message is what helps
-        raise CompressPipeError(f"ONNX export of the model failed: {type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0]}") from exc
+        raise onnx_export_failed(exc) from exc
     onnx.save_model(program.model_proto, str(path))
     return path
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ...core.artifact import Artifact, register_deploy_format
-from ...core.errors import CompressPipeError, MaskViolation
+from ...core.errors import CompressPipeError, MaskViolation, onnx_export_failed
 from .conv_taps import apply_window, recorded_windows, trim_padding_taps
 
 DEPLOY_FORMAT = "onnx-int8"
@@ -62,8 +62,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_shapes=({0: batch},), verbose=False)
     except Exception as exc:  # the exporter raises many types; its message is what helps
-        raise CompressPipeError(f"ONNX export of the model failed: {type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0]}") from exc
+        raise onnx_export_failed(exc) from exc
     proto = program.model_proto
     name_weights_after_parameters(proto)
     strip_debug_info(proto)
