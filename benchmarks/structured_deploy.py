@@ -160,6 +160,14 @@ def top_ops(model: torch.nn.Module, size: int, threads: int, n: int = 4) -> dict
     return {e.key: round(e.self_cpu_time_total / 3000, 2) for e in events[:n]}
 
 
+def timed(models: dict, size: int, cfg: dict, threads: int, tmp: Path):
+    """(batch, runtime, seconds per model) at batch 1 and 32, the models interleaved."""
+    for batch in (1, 32):
+        times = measure(models, size, batch, cfg["rounds"], cfg["repeats"][batch], threads, tmp)
+        for runtime, t in times.items():
+            yield batch, runtime, t
+
+
 def family_rows(family: str, name: str, size: int, cfg: dict, threads: int) -> list[dict]:
     models = {"dense": pruned_copy(name, size, None)}
     for factor, ratio in RATIOS.items():
@@ -167,19 +175,16 @@ def family_rows(family: str, name: str, size: int, cfg: dict, threads: int) -> l
     macs = {k: count_macs(m, (1, 3, size, size))["macs"] for k, m in models.items()}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for batch in (1, 32):
-            times = measure(models, size, batch, cfg["rounds"], cfg["repeats"][batch], threads,
-                            Path(tmp))
-            for runtime, t in times.items():
-                for factor in RATIOS:
-                    key = f"{factor}x"
-                    rows.append({"family": family, "model": name, "image_size": size,
-                                 "round_to": cfg["round_to"],
-                                 "batch": batch, "runtime": runtime, "macs_target": factor,
-                                 "macs_reduction": macs["dense"] / macs[key],
-                                 "dense_ms": 1000 * t["dense"], "pruned_ms": 1000 * t[key],
-                                 "speedup": t["dense"] / t[key]})
-                    print(_line(rows[-1]), flush=True)
+        for batch, runtime, t in timed(models, size, cfg, threads, Path(tmp)):
+            for factor in RATIOS:
+                key = f"{factor}x"
+                rows.append({"family": family, "model": name, "image_size": size,
+                             "round_to": cfg["round_to"],
+                             "batch": batch, "runtime": runtime, "macs_target": factor,
+                             "macs_reduction": macs["dense"] / macs[key],
+                             "dense_ms": 1000 * t["dense"], "pruned_ms": 1000 * t[key],
+                             "speedup": t["dense"] / t[key]})
+                print(_line(rows[-1]), flush=True)
         two = [r for r in rows if r["macs_target"] == 2]
         if any(r["speedup"] < TARGET[r["batch"]] for r in two):  # where does the time go?
             feed = torch.randn(1, 3, size, size).numpy()
@@ -215,18 +220,15 @@ def budget_rows(family: str, name: str, size: int, budget: float, cfg: dict, thr
         model, (1, 3, size, size))["macs"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for batch in (1, 32):
-            times = measure(models, size, batch, cfg["rounds"], cfg["repeats"][batch], threads,
-                            Path(tmp))
-            for runtime, t in times.items():
-                rows.append({"family": family, "model": name, "image_size": size,
-                             "round_to": cfg["round_to"], "batch": batch, "runtime": runtime,
-                             "latency_budget": budget, "search": search.record(),
-                             "macs_reduction": reduction, "dense_ms": 1000 * t["dense"],
-                             "pruned_ms": 1000 * t["budget"],
-                             "speedup": t["dense"] / t["budget"]})
-                print(f"{family:<12} b{batch:<3} {runtime:<11} latency budget {budget:g} "
-                      f"(MACs /{reduction:.2f}) = {rows[-1]['speedup']:.2f}x", flush=True)
+        for batch, runtime, t in timed(models, size, cfg, threads, Path(tmp)):
+            rows.append({"family": family, "model": name, "image_size": size,
+                         "round_to": cfg["round_to"], "batch": batch, "runtime": runtime,
+                         "latency_budget": budget, "search": search.record(),
+                         "macs_reduction": reduction, "dense_ms": 1000 * t["dense"],
+                         "pruned_ms": 1000 * t["budget"],
+                         "speedup": t["dense"] / t["budget"]})
+            print(f"{family:<12} b{batch:<3} {runtime:<11} latency budget {budget:g} "
+                  f"(MACs /{reduction:.2f}) = {rows[-1]['speedup']:.2f}x", flush=True)
     return rows
 
 
