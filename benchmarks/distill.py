@@ -111,6 +111,17 @@ def measure(model: nn.Module, teacher: nn.Module, data) -> dict[str, float]:
             "agreement": agreement(model, teacher, data.test_loader(), CPU)}
 
 
+def train_teacher(teacher, train, test, epochs: int, label: str) -> dict[str, float]:
+    """Train the teacher once (seed 1234), freeze it for eval, report its test accuracy."""
+    started = time.perf_counter()
+    fit(teacher, train, TrainConfig(epochs=epochs, lr=0.05, warmup_epochs=1), 1234)
+    teacher.eval()
+    metrics = evaluate(teacher, test.test_loader(), CPU)
+    print(f"teacher {label}: top1 {metrics['top1']:.2f}%, loss {metrics['loss']:.4f} "
+          f"({time.perf_counter() - started:.0f}s)", flush=True)
+    return metrics
+
+
 def student_arm(teacher, data, seed: int, epochs: int, kd: bool) -> dict[str, float]:
     student = timm_model("test_resnet", seed)
     hooks = [kd_hook(teacher, student)] if kd else []
@@ -198,11 +209,7 @@ def run_fashion(quick: bool) -> dict:
     few = build_data(DataConfig(**base, limit_train=100))
     started = time.perf_counter()
     teacher = zoo_model(lenet_5, 1234)
-    fit(teacher, full, TrainConfig(epochs=e["teacher"], lr=0.05, warmup_epochs=1), 1234)
-    teacher.eval()
-    teacher_metrics = evaluate(teacher, full.test_loader(), CPU)
-    print(f"teacher lenet_5: top1 {teacher_metrics['top1']:.2f}% "
-          f"({time.perf_counter() - started:.0f}s)", flush=True)
+    teacher_metrics = train_teacher(teacher, full, full, e["teacher"], "lenet_5")
     regimes = {
         f"student, {e['student']} epochs":
             lambda s, kd: fashion_student_arm(teacher, full, s, e["student"], kd),
@@ -240,11 +247,7 @@ def run(quick: bool) -> dict:
                                 limit_train=100))
     started = time.perf_counter()
     teacher = timm_model("resnet18", 1234)
-    fit(teacher, augmented, TrainConfig(epochs=e["teacher"], lr=0.05, warmup_epochs=1), 1234)
-    teacher.eval()
-    teacher_metrics = evaluate(teacher, full.test_loader(), CPU)
-    print(f"teacher resnet18: top1 {teacher_metrics['top1']:.2f}%, loss "
-          f"{teacher_metrics['loss']:.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
+    teacher_metrics = train_teacher(teacher, augmented, full, e["teacher"], "resnet18")
 
     regimes = {
         f"student, {e['student']} epochs": lambda s, kd: student_arm(teacher, full, s, e["student"], kd),
