@@ -79,8 +79,11 @@ class DataConfig(StrictModel):
         None, description="Dataset directory. mnist/fashion_mnist: idx files (.gz or not) in "
         "the Debian layout (<root>/train-images-idx3-ubyte.gz) or torchvision's "
         "(<root>/FashionMNIST/raw/...); omitted, the Debian package's "
-        "/usr/share/datasets/fashion-mnist (or .../mnist).")
-    download: bool = Field(False, description="Let torchvision download the dataset into root.")
+        "/usr/share/datasets/fashion-mnist (or .../mnist). cifar10/cifar100: CIFAR's binary "
+        "version (<root>/cifar-10-batches-bin/, <root>/cifar-100-binary/); its Python-pickle "
+        "version is not read.")
+    download: bool = Field(False, description="Download the dataset into root first (MNIST family "
+                          "through torchvision; CIFAR's binary archive, MD5-checked).")
     image_size: int = Field(32, ge=4, le=2048, description="Images are resized to this side.")
     channels: int | None = Field(
         None, ge=1, le=4, description="Force this many input channels (grayscale is replicated)."

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from . import cifar
 from .batches import Augment, InMemoryImages, Prepare
 from .config import DataConfig
 from .errors import CompressPipeError
@@ -136,24 +137,31 @@ def _torchvision_download(cfg: DataConfig) -> None:
 
 
 def _cifar(cfg: DataConfig) -> Sets:
-    """CIFAR through torchvision's reader (its files are Python pickles that torchvision opens,
-    as before), then held as uint8 for the batch path."""
-    # lazy: torchvision loads only for the datasets it provides
-    from torchvision import datasets
-
-    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[cfg.name]
-    try:
-        train = cls(str(cfg.root), train=True, download=cfg.download)
-        test = cls(str(cfg.root), train=False, download=cfg.download)
-    except (RuntimeError, OSError) as exc:
-        raise CompressPipeError(f"data.root: cannot load {cfg.name} from {cfg.root}: {exc}") from exc
-
-    def images(ds) -> torch.Tensor:
-        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-
-    sets = _uint8_sets(cfg, images(train), train.targets, images(test), test.targets, gray=False)
-    sets.num_classes = len(train.classes)
+    """CIFAR from its binary version (see ``cifar``); ``download`` fetches and unpacks that
+    archive into ``root`` first (checked against its published MD5)."""
+    root = Path(cfg.root)
+    if cfg.download and cifar.missing_message(cfg.name, root) is not None:
+        _cifar_download(cfg.name, root)
+    arrays = cifar.load_cifar_set(cfg.name, root)
+    sets = _uint8_sets(cfg, torch.from_numpy(arrays["train_images"]),
+                       torch.from_numpy(arrays["train_labels"]),
+                       torch.from_numpy(arrays["test_images"]),
+                       torch.from_numpy(arrays["test_labels"]), gray=False)
+    sets.num_classes = cifar.LAYOUTS[cfg.name].classes
     return sets
+
+
+def _cifar_download(name: str, root: Path) -> None:
+    # lazy: torchvision loads only to download
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    layout = cifar.LAYOUTS[name]
+    try:
+        download_and_extract_archive(layout.archive_url, str(root), md5=layout.archive_md5,
+                                     remove_finished=True)
+    except (RuntimeError, OSError) as exc:
+        raise CompressPipeError(f"data.download: cannot download {name} ({layout.archive_url}) "
+                                f"into {root}: {exc}") from exc
 
 
 def _imagefolder(cfg: DataConfig) -> Sets:

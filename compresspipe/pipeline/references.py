@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.cifar import missing_message as cifar_missing_message
 from ..core.errors import Problem, suggest
 from ..core.idx import missing_message
 from ..stages.spec import INPUT_STAGE, StageSpec, stage_references
@@ -92,9 +93,10 @@ def check_paths(config: PipelineConfig, broken: set[str] | None = None) -> list[
     elif data.name in ("cifar10", "cifar100"):
         if data.root is None:
             problems.append(Problem("data.root", f"{data.name!r} needs a root directory"))
-        elif not data.download and not data.root.is_dir():
-            problems.append(Problem("data.root", f"directory not found: {data.root} "
-                                    "(set download: true to fetch it)"))
+        elif not data.download:
+            missing = cifar_missing_message(data.name, data.root)
+            if missing:
+                problems.append(Problem("data.root", missing))
     elif data.root is not None:
         problems.append(Problem("data.root", f"{data.name!r} takes no root directory"))
     return problems
