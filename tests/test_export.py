@@ -15,6 +15,7 @@ import mlflow.pyfunc
 import numpy as np
 import onnxruntime as ort
 import pytest
+import timm
 import torch
 import yaml
 from conftest import tiny_pipeline
@@ -314,3 +315,15 @@ def test_a_failed_onnx_export_is_one_plain_line(monkeypatch, tmp_path):
         export_unfused(nn.Linear(2, 2), torch.zeros(1, 2), tmp_path / "m.onnx")
     assert str(info.value) == ("ONNX export of the model failed: RuntimeError: Failed to "
                                "decompose the FX graph. This is step 2/3 of exporting the model.")
+
+
+def test_maxvit_exports_and_onnxruntime_gives_its_outputs(tmp_path):
+    """MaxViT's window attention: traced with CPU's fused SDPA kernel, its views did not fit
+    the strides of the exporter's decomposition ("Cannot view a tensor with shape ...")."""
+    model = timm.create_model("test_maxvit", num_classes=10, img_size=64, in_chans=1).eval()
+    x = torch.randn(2, 1, 64, 64)
+    path = export_unfused(model, x, tmp_path / "maxvit.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-3, atol=1e-4)

@@ -14,8 +14,6 @@ skeleton tensor name, "float32": names stored as float16 that the graph reads as
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import tempfile
 import zlib
@@ -25,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..compress.quant.onnx_int8 import INPUT_NAME, OUTPUT_NAME
+from ..compress.quant.onnx_int8 import onnx_program
 from ..core import artifact_keys
 from ..core.artifact import Artifact
-from ..core.errors import onnx_export_failed
 from . import TensorEncoding, encode_clustered, encode_raw, write_cpz
 from .cpz_onnx_reader import ONNX_KEY
 from .vectors import FP16, LABELS, encode_vector
@@ -117,15 +114,7 @@ def export_unfused(model: torch.nn.Module, example: torch.Tensor, path: Path) ->
     initializers keep their parameter names and values."""
     import onnx  # lazy: onnx loads only where ONNX files are written
 
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates on stdout
-            program = torch.onnx.export(
-                model.cpu().eval(), (example.cpu(),), dynamo=True, optimize=False,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: batch},), verbose=False)
-    except Exception as exc:  # the exporter raises many types; its message is what helps
-        raise onnx_export_failed(exc) from exc
+    program = onnx_program(model.eval(), example, optimize=False)
     onnx.save_model(program.model_proto, str(path))
     return path
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...core.artifact import Artifact, register_deploy_format
 from ...core.errors import CompressPipeError, MaskViolation, onnx_export_failed
@@ -44,6 +45,27 @@ SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 # -- export ------------------------------------------------------------------------------------
 
 
+def onnx_program(module: nn.Module, example: torch.Tensor, **options: Any):
+    """``torch.onnx.export`` (dynamo) of ``module`` with a dynamic batch dimension and our
+    input/output names; ``options`` go to the exporter. A failure is one ``CompressPipeError``.
+
+    Attention runs on SDPA's math backend while exporting: the graph traced with CPU's fused
+    kernel records views whose strides only that kernel produces, and the exporter's
+    decomposition (to the same math) then cannot apply them (timm's MaxViT: "Cannot view a
+    tensor with shape [32, 4, 2, 32] and strides (256, 32, 128, 1)"). ONNX has no fused
+    attention below opset 23, so the file is the same math either way."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        # the exporter narrates its progress on stdout; a pipeline's output stays readable
+        with contextlib.redirect_stdout(io.StringIO()), sdpa_kernel(SDPBackend.MATH):
+            return torch.onnx.export(
+                module.cpu(), (example.cpu(),), dynamo=True, input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False,
+                **options)
+    except Exception as exc:  # the exporter raises many types; its message is what helps
+        raise onnx_export_failed(exc) from exc
+
+
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path,
                 opset: int | None = None, trim_taps: bool = True) -> Path:
     """Export ``module`` (an int8 QDQ graph or an fp32 model) to one self-contained file
@@ -52,18 +74,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path,
     import onnx  # lazy: onnx loads only where ONNX files are written or read
 
 
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    module = module.cpu()
-    try:
-        # the exporter narrates its progress on stdout; a pipeline's output stays readable
-        with contextlib.redirect_stdout(io.StringIO()):
-            program = torch.onnx.export(
-                module, (example.cpu(),), dynamo=True, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: batch},), verbose=False)
-    except Exception as exc:  # the exporter raises many types; its message is what helps
-        raise onnx_export_failed(exc) from exc
-    proto = program.model_proto
+    proto = onnx_program(module, example, opset_version=opset).model_proto
     name_weights_after_parameters(proto)
     strip_debug_info(proto)
     if trim_taps:
