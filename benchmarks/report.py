@@ -440,6 +440,17 @@ def headline_quickstart_target(d: dict) -> list[str]:
                         for r in runs) + ")"]
 
 
+def headline_quickstart_target_fashion(d: dict) -> list[str]:
+    return [line.replace("quickstart", "quickstart pipeline on Fashion-MNIST (resnet18, 28 px)", 1)
+            for line in headline_quickstart_target(d)]
+
+
+def headline_dsd(d: dict) -> list[str]:
+    """DSD's claim and the two questions that explain its verdict, per regime."""
+    return [f"DSD, {c['regime']} regime, {c['question']}: {c['verdict']} "
+            f"({c['diff']:+.2f} ± {c['se']:.2f} pt)" for c in d["verdicts"]]
+
+
 HEADLINES: dict[str, Callable[[Any], list[str]]] = {
     "search": headline_search, "footprint": headline_footprint,
     "coding": headline_coding, "coding_codec": headline_coding_codec,
@@ -454,6 +465,8 @@ HEADLINES: dict[str, Callable[[Any], list[str]]] = {
     "pas_vs_uniform_fashion_mnist_4x": headline_seed_claims,
     "deep_compression_lenet": headline_deep_compression_lenet,
     "quickstart_target": headline_quickstart_target,
+    "quickstart_target_fashion_mnist": headline_quickstart_target_fashion,
+    "dsd_fashion_mnist": headline_dsd,
 }
 BODIES: dict[str, Callable[[Any], str]] = {
     "coding_codec": body_coding_codec, "distill": body_distill, "distill_fashion_mnist": body_distill,
