@@ -109,3 +109,8 @@ def test_download_fetches_the_binary_archive_checked_against_its_md5(tmp_path, m
     assert len(d.test) == 12
     build_data(DataConfig(name="cifar10", root=tmp_path, image_size=32, download=True))
     assert len(calls) == 1  # already there: nothing fetched again
+
+
+def test_no_root_is_one_line():
+    with pytest.raises(CompressPipeError, match=r"^data.root: 'cifar100' needs a root directory"):
+        build_data(DataConfig(name="cifar100", image_size=32))

@@ -139,6 +139,9 @@ def _torchvision_download(cfg: DataConfig) -> None:
 def _cifar(cfg: DataConfig) -> Sets:
     """CIFAR from its binary version (see ``cifar``); ``download`` fetches and unpacks that
     archive into ``root`` first (checked against its published MD5)."""
+    if cfg.root is None:
+        raise CompressPipeError(f"data.root: {cfg.name!r} needs a root directory (the binary "
+                                "version's files, or where download: true puts them)")
     root = Path(cfg.root)
     if cfg.download and cifar.missing_message(cfg.name, root) is not None:
         _cifar_download(cfg.name, root)
