@@ -115,8 +115,8 @@ def _ms(values: list[float], digits: int = 2) -> str:
 def report(runs: dict[str, list[dict]], seeds: int, quick: bool) -> str:
     lines = [f"Fashion-MNIST (val split 10% of train; test 10,000), up to {seeds} seed(s) (per net in its row)"
              f"{', QUICK settings' if quick else ''}; ratios against 4 bytes per parameter; wall "
-             "times on a 2-core machine shared with other jobs (load average 15-20), one torch "
-             "thread", "",
+             "s/run: the stages' own wall time, one torch thread, on a 2-core machine shared "
+             "with other benchmarks (it grows with their load)", "",
              "| net | dense top-1 | .cpz top-1 | loss (pt) | pruned | + quant. | + Huffman "
              "(.cpz bytes) | coded tensors only | paper: ratio (fp32 → compressed), MNIST "
              "error | wall s/run |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -299,6 +300,7 @@ def main() -> None:
     cfg["round_to"], cfg["search_steps"] = args.round_to, 4
     started = time.perf_counter()
     rows = []
+    loads = [os.getloadavg()[0]]  # the machine is shared: the load says how much
     name = "structured_deploy" + (f"_round{args.round_to}" if args.round_to != 8 else "")
     name += f"_latency{args.latency_budget:g}" if args.latency_budget else ""
     name += (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
@@ -310,11 +312,15 @@ def main() -> None:
         else:
             rows += family_rows(family, FAMILIES[family], args.size, cfg, args.threads)
             text = table(rows, args.threads, args.size)
+        loads.append(os.getloadavg()[0])
+        text += (f" 1-minute load average {min(loads):.1f}–{max(loads):.1f} on "
+                 f"{os.cpu_count()} cores (sampled between families).")
         result = {"quick": args.quick, "threads": args.threads, "image_size": args.size,
                   "settings": cfg, "torch": torch.__version__, "onnxruntime": ort.__version__,
                   "platform": platform.platform(), "processor": platform.processor(),
                   "complete": i == len(args.families) - 1,
-                  "wall_s": time.perf_counter() - started, "rows": rows, "table": text}
+                  "wall_s": time.perf_counter() - started, "load_1min": loads, "rows": rows,
+                  "table": text}
         RESULTS.mkdir(parents=True, exist_ok=True)  # saved after every family: runs are long
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         (RESULTS / f"{name}.md").write_text(text + "\n")
