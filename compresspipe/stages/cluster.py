@@ -1,4 +1,5 @@
-"""``cluster``: Deep-Compression weight sharing (k-means codebooks) with centroid fine-tuning."""
+"""``cluster``: Deep-Compression weight sharing (k-means codebooks) with centroid fine-tuning,
+or uniform quantization with a trained step (``codebook: uniform``)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ from torch import nn
 from ..compress.distill.config import DistillConfig
 from ..compress.quant.cluster import (
     CentroidHook,
+    Quantizer,
     attach_deployable,
     bits_under_budget,
     cluster_model,
+    cluster_weight,
     clustered_bytes,
     layer_bits,
     store,
     unmatched_overrides,
     verify,
 )
+from ..compress.quant.uniform import uniform_weight
 from ..compress.sensitivity import bits_curves
 from ..core.artifact import Artifact
 from ..core.config import StrictModel, TrainConfig
@@ -31,6 +35,9 @@ from .registry import register_stage
 from .sensitivity import check_scan, resolve_scan
 from .spec import PipelineView
 from .teacher import check_distill, distill_hook
+
+# codebook -> how one weight tensor gets its codebook and indices
+QUANTIZERS: dict[str, Quantizer] = {"kmeans": cluster_weight, "uniform": uniform_weight}
 
 
 def _default_finetune() -> TrainConfig:
@@ -78,7 +85,13 @@ class ClusterConfig(StageConfig):
         default_factory=dict,
         description="Module or weight name pattern (fnmatch) -> bits, or null to skip the layer; "
         "the first matching pattern wins, e.g. {'conv1': 8, 'fc': 4}.")
-    kmeans_iters: int = Field(30, ge=1, le=10_000, description="Maximum Lloyd iterations.")
+    codebook: Literal["kmeans", "uniform"] = Field(
+        "kmeans", description="kmeans: 2**bits shared values per layer from 1-D k-means, the "
+        "centroids fine-tuned (Deep Compression); uniform: the grid step * j (|j| < 2**(bits-1), "
+        "one spare code), the step fitted for the least squared error and then trained (NNCodec's "
+        "scalar quantization, with exact zeros for pruned weights); needs bits >= 2.")
+    kmeans_iters: int = Field(30, ge=1, le=10_000, description="Maximum Lloyd iterations "
+                              "(uniform: least-squares refinements of the step).")
     centroid_grad: Literal["sum", "mean"] = Field(
         "sum", description="Centroid gradient: the sum of its members' gradients (Deep "
         "Compression), or their mean (learning rates on the per-weight scale).")
@@ -101,6 +114,20 @@ class ClusterConfig(StageConfig):
             defaults = _default_finetune().model_dump(exclude_unset=True)
             data = {**data, "finetune": {**defaults, **data["finetune"]}}
         return data
+
+    @model_validator(mode="after")
+    def _uniform_needs_two_bits(self) -> ClusterConfig:
+        if self.codebook != "uniform":
+            return self
+        named = {"conv_bits": self.conv_bits, "linear_bits": self.linear_bits,
+                 **{f"overrides.{k}": v for k, v in self.overrides.items()}}
+        if self.allocation is not None and self.allocation.choices:
+            named["allocation.choices"] = min(self.allocation.choices)
+        low = [f"{k} {v}" for k, v in named.items() if v is not None and v < 2]
+        if low:
+            raise ValueError("codebook 'uniform' needs at least 2 bits (a zero and ±1): "
+                             + ", ".join(low))
+        return self
 
     @field_validator("overrides")
     @classmethod
@@ -172,7 +199,8 @@ class ClusterStage(Stage):
         bits = layer_bits(model, cfg.conv_bits, cfg.linear_bits, cfg.overrides)
         if cfg.allocation is not None:
             bits = self._allocate(bits, artifact, ctx)
-        layers = cluster_model(model, bits, artifact.masks, cfg.kmeans_iters)
+        layers = cluster_model(model, bits, artifact.masks, cfg.kmeans_iters,
+                               QUANTIZERS[cfg.codebook])
         # on the validation split: these numbers steer the centroid fine-tuning's settings
         val = ctx.data.val_loader(purpose=f"stage {ctx.spec.name!r} (accuracy before and after "
                                   "centroid fine-tuning)")
@@ -193,7 +221,7 @@ class ClusterStage(Stage):
         attach_deployable(artifact, layers)
         metrics.update(_size_metrics(model, info))
         ctx.log_metrics(metrics, None)
-        print(f"[{ctx.spec.name}] {len(layers)} layers clustered, "
+        print(f"[{ctx.spec.name}] {len(layers)} layers clustered ({cfg.codebook}), "
               f"{metrics['cluster_bits_per_weight']:.2f} index bits per clustered weight, "
               f"val top1 {metrics['cluster_val_top1_before_finetune']:.2f}%"
               + (f" -> {metrics['cluster_val_top1_after_finetune']:.2f}% after centroid "

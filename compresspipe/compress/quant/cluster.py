@@ -28,13 +28,16 @@ For every clustered parameter ``P`` (a conv or linear ``.weight``):
 exactly, is never trained, and **index 0 is used by exactly the pruned weights** (mask False);
 the other ``2**bits - 1`` centroids cluster the surviving weights. Without a mask,
 ``zero_index`` is ``None`` and all ``2**bits`` centroids are free.
+
+A codebook may instead be a uniform grid (``uniform``: ``levels * step``, the step trained
+instead of the centroids); the storage convention above is the same.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,8 @@ class ClusteredLayer:
     indices: torch.Tensor  # int64, shape of the weight
     codebook: torch.Tensor  # float32, 2**bits entries
     zero_index: int | None
+    # a uniform grid (``uniform``): codebook = levels * step, and fine-tuning trains the step
+    levels: torch.Tensor | None = None
     representatives: torch.Tensor = field(init=False)  # one member's flat position per centroid
 
     def __post_init__(self) -> None:
@@ -70,6 +75,10 @@ class ClusteredLayer:
 
     def weight(self) -> torch.Tensor:
         return self.codebook[self.indices]
+
+
+# (name, weight, bits, mask or None, iterations) -> its codebook and indices
+Quantizer = Callable[[str, torch.Tensor, int, torch.Tensor | None, int], ClusteredLayer]
 
 
 # -- which layers, how many bits ------------------------------------------------------------------
@@ -235,12 +244,15 @@ def cluster_weight(name: str, weight: torch.Tensor, bits: int, mask: torch.Tenso
 
 
 def cluster_model(model: nn.Module, bits: Mapping[str, int], masks: Mapping[str, torch.Tensor],
-                  iters: int = 30) -> dict[str, ClusteredLayer]:
-    """Cluster every named weight and write ``codebook[indices]`` into the model."""
+                  iters: int = 30, quantize: Quantizer | None = None
+                  ) -> dict[str, ClusteredLayer]:
+    """Share every named weight's values through a codebook (``quantize``: ``cluster_weight``,
+    k-means, by default) and write ``codebook[indices]`` into the model."""
+    quantize = quantize or cluster_weight
     params = dict(model.named_parameters())
     layers = {}
     for name, b in bits.items():
-        layer = cluster_weight(name, params[name], b, masks.get(name), iters)
+        layer = quantize(name, params[name], b, masks.get(name), iters)
         with torch.no_grad():
             params[name].copy_(layer.weight().to(params[name].device, params[name].dtype))
         layers[name] = layer
@@ -295,8 +307,11 @@ class CentroidHook(TrainHook):
         self.project()
 
     def shared_gradient(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        """Every member's gradient becomes its centroid's (summed) gradient."""
+        """Every member's gradient becomes its centroid's (summed) gradient; on a uniform grid,
+        its level times the step's gradient (dL/dstep = sum of level * dL/dW)."""
         layer = self.layers[name]
+        if layer.levels is not None:
+            return level_gradient(grad, layer, self.reduce)
         g = centroid_gradient(grad, layer.indices, layer.codebook.numel())
         if self.reduce == "mean":
             g = g / self._counts[name].to(g.device).clamp(min=1)
@@ -312,6 +327,10 @@ class CentroidHook(TrainHook):
         """Read each centroid from one of its members and write codebook[indices] back."""
         for name, param in self._params.items():
             layer = self.layers[name]
+            if layer.levels is not None:
+                layer.codebook = _refit_grid(param, layer)
+                param.copy_(layer.codebook.to(param.device, param.dtype)[layer.indices])
+                continue
             reps = layer.representatives.to(param.device)
             used = reps >= 0
             values = param.reshape(-1)[reps.clamp(min=0)].detach().float().cpu()
@@ -325,6 +344,33 @@ class CentroidHook(TrainHook):
         for handle in self._handles:
             handle.remove()
         self._handles, self._params = [], {}
+
+
+def level_gradient(grad: torch.Tensor, layer: ClusteredLayer, reduce: str) -> torch.Tensor:
+    """Each weight's gradient on a uniform grid: its level times the step's gradient, which
+    is dL/dstep = sum of level * dL/dW scaled as LSQ scales it (Esser et al., 2020: by
+    1/sqrt(weights * top level), so that one learning rate suits any layer size and bit
+    width); ``reduce='mean'`` divides by sum of level**2 instead (the least-squares
+    projection of the weights' own gradient step)."""
+    level = layer.levels.to(grad.device, grad.dtype)[layer.indices]
+    g_step = (grad * level).sum()
+    if reduce == "mean":
+        g_step = g_step / level.square().sum().clamp(min=1)
+    else:
+        members = int((level != 0).sum())
+        g_step = g_step / math.sqrt(max(members, 1) * int(layer.levels.max() - 1))
+    return level * g_step
+
+
+def _refit_grid(param: torch.Tensor, layer: ClusteredLayer) -> torch.Tensor:
+    """The grid ``levels * step`` with the least-squares step for the weights after an
+    optimizer step (exact for SGD, which moved each weight by its level times one amount)."""
+    level = layer.levels.to(param.device, torch.float64)[layer.indices].reshape(-1)
+    denom = float(level.square().sum())
+    step = float((level * param.detach().reshape(-1).double()).sum()) / denom if denom else 0.0
+    if step <= 0:  # the step would flip or vanish: keep the grid (a step stays positive)
+        return layer.codebook
+    return (layer.levels.double() * step).float()
 
 
 # -- the artifact ---------------------------------------------------------------------------------
@@ -347,6 +393,9 @@ def store(artifact: Artifact, layers: dict[str, ClusteredLayer]) -> dict[str, An
             "zero_index": layer.zero_index, "used_centroids": int((counts > 0).sum()),
             "pruned": int(counts[0]) if layer.zero_index is not None else 0,
         }
+        if layer.levels is not None:  # a uniform grid: say so, and its step
+            step = float(layer.codebook[int(torch.argmax(layer.levels))]) / int(layer.levels.max())
+            described[name].update(codebook="uniform", step=step)
     info = {"version": 1, "layers": described,
             "convention": "weight = codebook[indices]; codebook float32 of 2**bits entries; "
                           "zero_index 0 means codebook[0] == 0.0 holds exactly the pruned weights"}
