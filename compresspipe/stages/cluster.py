@@ -179,6 +179,8 @@ class ClusterStage(Stage):
                                         f"points for {', '.join(missing[:3])}")
             curves = {n: scanned[n] for n in bits}
             choices = alloc.choices or sorted({b for c in curves.values() for b, _ in c})
+        if self.config.codebook == "uniform":  # a grid needs a zero and ±1: 2 bits at least
+            choices = [b for b in choices if b >= 2]
         try:
             chosen = bits_under_budget(counts, curves, alloc.budget_bytes, choices)
         except ValueError as exc:
