@@ -457,6 +457,15 @@ def headline_dsd(d: dict) -> list[str]:
             f"({c['diff']:+.2f} ± {c['se']:.2f} pt)" for c in d["verdicts"]]
 
 
+def headline_uniform_vs_kmeans(d: dict) -> list[str]:
+    """Per seed, the smallest uniform file at least as accurate (validation) as k-means'."""
+    found = [v for v in d["verdicts"] if v["uniform"]]
+    return [f"uniform vs k-means 6 bit (LeNet-300-100, Fashion-MNIST, same chain): a uniform "
+            f"file at ≥ k-means' validation top-1 on {len(found)} of {len(d['verdicts'])} "
+            "seeds" + (" (" + "; ".join(f"seed {v['seed']}: {v['uniform']}, {v['ratio']:.3f}× "
+                                        "the bytes" for v in found) + ")" if found else "")]
+
+
 HEADLINES: dict[str, Callable[[Any], list[str]]] = {
     "search": headline_search, "footprint": headline_footprint,
     "coding": headline_coding, "coding_codec": headline_coding_codec,
@@ -473,6 +482,7 @@ HEADLINES: dict[str, Callable[[Any], list[str]]] = {
     "quickstart_target": headline_quickstart_target,
     "quickstart_target_fashion_mnist": headline_quickstart_target_fashion,
     "dsd_fashion_mnist": headline_dsd,
+    "uniform_vs_kmeans": headline_uniform_vs_kmeans,
 }
 BODIES: dict[str, Callable[[Any], str]] = {
     "coding_codec": body_coding_codec, "distill": body_distill, "distill_fashion_mnist": body_distill,
