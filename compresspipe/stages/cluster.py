@@ -94,7 +94,9 @@ class ClusterConfig(StageConfig):
                               "(uniform: least-squares refinements of the step).")
     centroid_grad: Literal["sum", "mean"] = Field(
         "sum", description="Centroid gradient: the sum of its members' gradients (Deep "
-        "Compression), or their mean (learning rates on the per-weight scale).")
+        "Compression), or their mean (learning rates on the per-weight scale). uniform: the "
+        "step's gradient scaled as LSQ does (sum), or the least-squares projection of the "
+        "weights' own gradients (mean).")
     finetune: TrainConfig = Field(
         default_factory=_default_finetune,
         description="Centroid fine-tuning with the training loop (epochs: 0 skips it).")

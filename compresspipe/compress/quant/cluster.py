@@ -308,7 +308,7 @@ class CentroidHook(TrainHook):
 
     def shared_gradient(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """Every member's gradient becomes its centroid's (summed) gradient; on a uniform grid,
-        its level times the step's gradient (dL/dstep = sum of level * dL/dW)."""
+        its level times the step's gradient (see ``level_gradient``)."""
         layer = self.layers[name]
         if layer.levels is not None:
             return level_gradient(grad, layer, self.reduce)
