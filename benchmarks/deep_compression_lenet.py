@@ -105,11 +105,12 @@ def run_one(model: str, seed: int, out: Path, quick: bool) -> dict:
             "ratio_payload": sizes["fp32"] / sizes["payload"]}
 
 
-def _ms(values: list[float], digits: int = 2) -> str:
-    if len(values) == 1:  # one seed: no spread to show
-        return f"{values[0]:.{digits}f}"
-    sd = statistics.stdev(values)
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+def mean_sd(values: list[float | None], digits: int = 2) -> str:
+    """'mean ± std' of the values given (None left out); one value alone, without a spread."""
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}" if values else "n/a"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def report(runs: dict[str, list[dict]], seeds: int, quick: bool) -> str:
@@ -125,13 +126,13 @@ def report(runs: dict[str, list[dict]], seeds: int, quick: bool) -> str:
         loss = [r["dense_top1"] - r["cpz_top1"] for r in rows]
         lines.append(
             f"| {model} ({len(rows)} seed{'s' * (len(rows) > 1)}) | "
-            f"{_ms([r['dense_top1'] for r in rows])} | "
-            f"{_ms([r['cpz_top1'] for r in rows])} | {_ms(loss)} | "
-            f"{_ms([r['ratio_pruned'] for r in rows], 1)}× | "
-            f"{_ms([r['ratio_quantized'] for r in rows], 1)}× | "
-            f"{_ms([r['ratio_cpz'] for r in rows], 1)}× "
+            f"{mean_sd([r['dense_top1'] for r in rows])} | "
+            f"{mean_sd([r['cpz_top1'] for r in rows])} | {mean_sd(loss)} | "
+            f"{mean_sd([r['ratio_pruned'] for r in rows], 1)}× | "
+            f"{mean_sd([r['ratio_quantized'] for r in rows], 1)}× | "
+            f"{mean_sd([r['ratio_cpz'] for r in rows], 1)}× "
             f"({statistics.mean(r['cpz'] for r in rows):,.0f} B) | "
-            f"{_ms([r['ratio_payload'] for r in rows], 1)}× "
+            f"{mean_sd([r['ratio_payload'] for r in rows], 1)}× "
             f"({statistics.mean(r['payload'] for r in rows):,.0f} B) | {p['ratio']}× "
             f"({p['fp32_kb']} KB → {p['cpz_kb']} KB), {p['err']} % | "
             f"{statistics.mean(r['wall_s'] for r in rows):.0f} |")

@@ -26,12 +26,12 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from deep_compression_lenet import mean_sd
 from pruning_methods import DATA, _compare, pipeline
 
 import compresspipe
@@ -94,13 +94,6 @@ def run_arm(work: Path, regime: str, arm: str, seed: int) -> dict:
     return row
 
 
-def _ms(values: list[float], digits: int = 2) -> str:
-    values = [v for v in values if v is not None]
-    if len(values) < 2:
-        return f"{values[0]:.{digits}f}" if values else "n/a"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def report(rows: dict[tuple[str, str], list[dict]], seconds: float) -> tuple[str, list[dict]]:
     n = max(len(v) for v in rows.values())
     lines = [f"{MODEL} on Fashion-MNIST 28 px (54,000 train / 6,000 val / 10,000 test), {n} "
@@ -112,19 +105,19 @@ def report(rows: dict[tuple[str, str], list[dict]], seconds: float) -> tuple[str
     for (regime, arm), vals in rows.items():
         gap = [v["loss"] - v["train_loss"] for v in vals]
         lines.append(f"| {regime} ({'+'.join(map(str, REGIMES[regime]))}) | {arm} | "
-                     f"{_ms([v['top1'] for v in vals])} | {_ms([v['loss'] for v in vals], 4)} | "
-                     f"{_ms([v['val_top1'] for v in vals])} | "
-                     f"{_ms([v['train_top1'] for v in vals])} | "
-                     f"{_ms([v['train_loss'] for v in vals], 4)} | {_ms(gap, 4)} |")
+                     f"{mean_sd([v['top1'] for v in vals])} | {mean_sd([v['loss'] for v in vals], 4)} | "
+                     f"{mean_sd([v['val_top1'] for v in vals])} | "
+                     f"{mean_sd([v['train_top1'] for v in vals])} | "
+                     f"{mean_sd([v['train_loss'] for v in vals], 4)} | {mean_sd(gap, 4)} |")
     for regime in REGIMES:
         start = rows.get((regime, ARMS[0]))
         if start:
             lines.append(f"| {regime} | the dense start (after {REGIMES[regime][0]} epochs) | "
-                         f"{_ms([v['dense_top1'] for v in start])} | "
-                         f"{_ms([v['dense_loss'] for v in start], 4)} | | "
-                         f"{_ms([v['dense_train_top1'] for v in start])} | "
-                         f"{_ms([v['dense_train_loss'] for v in start], 4)} | "
-                         f"{_ms([v['dense_loss'] - v['dense_train_loss'] for v in start], 4)} |")
+                         f"{mean_sd([v['dense_top1'] for v in start])} | "
+                         f"{mean_sd([v['dense_loss'] for v in start], 4)} | | "
+                         f"{mean_sd([v['dense_train_top1'] for v in start])} | "
+                         f"{mean_sd([v['dense_train_loss'] for v in start], 4)} | "
+                         f"{mean_sd([v['dense_loss'] - v['dense_train_loss'] for v in start], 4)} |")
     verdicts = []
     for regime in REGIMES:
         keyed = {arm: rows.get((regime, arm), []) for arm in ARMS}

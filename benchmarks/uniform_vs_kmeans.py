@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from deep_compression_lenet import FASHION_ROOT, pipeline
+from deep_compression_lenet import FASHION_ROOT, mean_sd, pipeline
 
 import compresspipe
 
@@ -76,12 +76,6 @@ def verdicts(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _ms(rows: list[dict], key: str, digits: int = 2) -> str:
-    values = [r[key] for r in rows]
-    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.{digits}f}{spread}"
-
-
 def report(rows: list[dict], checks: list[dict], seconds: float, quick: bool) -> str:
     n = len({r["seed"] for r in rows})
     lines = [f"{MODEL} on Fashion-MNIST, deep_compression_lenet.yaml's recipe up to pruning, "
@@ -94,8 +88,8 @@ def report(rows: list[dict], checks: list[dict], seconds: float, quick: bool) ->
         if not mine:
             continue
         lines.append(f"| {variant} | {statistics.mean(r['cpz'] for r in mine):,.0f} | "
-                     f"{_ms(mine, 'val_top1')} | {_ms(mine, 'test_top1')} | "
-                     f"{_ms(mine, 'test_loss', 4)} |")
+                     f"{mean_sd([r['val_top1'] for r in mine])} | {mean_sd([r['test_top1'] for r in mine])} | "
+                     f"{mean_sd([r['test_loss'] for r in mine], 4)} |")
     lines += ["", "| seed | k-means 6 bit: bytes (val) | smallest uniform at ≥ its val top-1 | "
               "bytes (val) | uniform / k-means |", "|---|---|---|---|---:|"]
     for c in checks:
