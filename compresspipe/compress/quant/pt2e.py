@@ -50,8 +50,9 @@ def capture(model: nn.Module, example: torch.Tensor, train: bool) -> GraphModule
     return program.module()
 
 
-def without_stochastic_depth(model: nn.Module) -> list[str]:
-    """Set every ``drop_prob`` (timm's DropPath, DropBlock) to 0; return the modules changed.
+def without_stochastic_depth(model: nn.Module) -> None:
+    """Set every ``drop_prob`` (timm's DropPath, DropBlock) to 0 (the QAT stage records which,
+    from ``stochastic_depth_modules``).
 
     Their forward tests ``self.training`` in Python, so a graph captured in training mode keeps
     the random draw (bernoulli) in every later use: torchao's switch to eval knows dropout, not
@@ -59,11 +60,9 @@ def without_stochastic_depth(model: nn.Module) -> list[str]:
     int8 file scored 80.47% in one process and 81.25% in another). QAT's few epochs go without
     stochastic depth instead.
     """
-    changed = stochastic_depth_modules(model)
     modules = dict(model.named_modules())
-    for name in changed:
+    for name in stochastic_depth_modules(model):
         modules[name].drop_prob = 0.0
-    return changed
 
 
 def stochastic_depth_modules(model: nn.Module) -> list[str]:

@@ -40,8 +40,8 @@ class GroupSearchTooLong(CompressPipeError):
 @contextmanager
 def _time_limit(seconds: float, what: str) -> Iterator[None]:
     """Raise GroupSearchTooLong in the middle of the block after ``seconds`` of this process's
-    CPU time (ITIMER_PROF). Only the main thread receives signals; elsewhere the block runs unbounded and the graph's deadline is
-    checked between groups."""
+    CPU time (ITIMER_PROF). Only the main thread receives signals; elsewhere the block runs
+    unbounded and the graph's deadline is checked between groups."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
