@@ -73,9 +73,9 @@ def run_arm(work: Path, regime: str, arm: str, seed: int) -> dict:
     dense, sparse, redense = REGIMES[regime]
     stages, dense_first = arm_stages(arm, dense, sparse, redense)
     shared = work / f"{regime}-seed{seed}-dense"
-    if not shared.exists():
-        compresspipe.run(pipeline(shared, MODEL, seed, [], True, "fashion_mnist", dense),
-                         resume=True)
+    # resume: a finished run is read, an interrupted one completed before it is copied
+    compresspipe.run(pipeline(shared, MODEL, seed, [], True, "fashion_mnist", dense),
+                     resume=True)
     out = work / f"{regime}-seed{seed}-{SLUGS[arm]}"
     if dense_first and not out.exists():
         shutil.copytree(shared, out)

@@ -1,6 +1,6 @@
 """Disk footprint of a pipeline run, MLflow included, and of a 20-trial search against one run.
 
-1. The embedded quickstart (resnet18 on digits; dense -> LTH ticket -> cluster -> huffman ->
+1. The embedded quickstart (resnet18 on digits; dense -> IMP prune -> cluster -> huffman ->
    export, MLflow on its default sqlite store, the registered model) into a temporary
    directory, one torch thread. Reported: bytes on disk (``du``: allocated blocks) and apparent
    bytes of the output directory (stage directories, mlflow.db, MLflow's artifact store split
@@ -184,7 +184,8 @@ def before_summary(res: dict) -> dict:
 def updated(res: dict, previous: dict) -> dict:
     """``res`` (a search-only run) with the quickstart part of ``previous`` (the last full
     run's results), which it says it kept, and the search numbers it replaces."""
-    res = {**res, "quickstart": previous.get("quickstart"), "before": previous.get("before")}
+    res = {**res, "quickstart": previous.get("quickstart"),
+           "before": res.get("before") or previous.get("before")}
     res["quickstart_from"] = previous.get("quickstart_from") or previous.get("command")
     old = previous.get("search") or {}
     res["search_before"] = {"command": previous.get("search_command") or previous.get("command"),

@@ -9,13 +9,14 @@ loss against its own dense stage, same machine and seed (issue 16), over several
 ``quickstart_target_fashion_mnist.*``; ``--limit-train`` trains on a fixed subset.
 
 Each seed runs the shipped quickstart (``compresspipe run``, a fresh process, ``--no-cache`` so
-that every stage is trained, not reused) into ``<workdir>/seed<N>``; a seed whose directory
-already holds a finished run is read, not rerun (``--workdir`` keeps them). Numbers:
+that every stage is trained, not reused) into ``<workdir>/seed<N>`` (``<dataset>-seed<N>``
+for another data set); a seed whose directory already holds a finished run is read, not rerun
+(``--workdir`` keeps them; other ``--set`` values need another workdir). Numbers:
 - fp32 bytes: the dense stage's ``model.safetensors`` as measured by the runner;
 - ``.cpz`` bytes: ``huffman/model.cpz`` on disk (``stat``), the file the export stage ships;
-- accuracy: each stage's model reloaded from disk, on the 360 test digits (reported) and the
-  144 validation digits (what settings were chosen on); loss = dense test top-1 − ``.cpz`` test
-  top-1 (1 digit = 0.28 pt);
+- accuracy: each stage's model reloaded from disk, on the test split (reported; digits: 360
+  images, 1 = 0.28 pt) and the validation split (what settings were chosen on); loss = dense
+  test top-1 − ``.cpz`` test top-1;
 - wall time: the sum of the stages' wall times of the run (the machine may be shared: see
   ``load``, the 1-minute load average before and after each run).
 """
@@ -130,7 +131,9 @@ def main() -> None:
         work = args.workdir or Path(scratch)
         rows = []
         for seed in args.seeds:
-            rows.append(run_seed(args.pipeline, seed, work / f"seed{seed}", sets,
+            # one directory per data set: a finished run is read back, never another set's
+            name = f"seed{seed}" if args.dataset == "digits" else f"{args.dataset}-seed{seed}"
+            rows.append(run_seed(args.pipeline, seed, work / name, sets,
                                  args.threads))
             print(json.dumps(rows[-1]), flush=True)
     text = table(rows, sets, test_split)

@@ -422,7 +422,7 @@ def headline_search(d: dict) -> list[str]:
     return [f"**{'met' if d['target_met'] else 'MISSED'}**: searched .cpz {b['bytes']:,} B vs "
             f"hand-written {h['bytes']:,} B = {d['ratio']:.2f}× smaller at "
             f"{b['val_top1_drop']:.2f} pt validation drop (target ≥ 1.5× at ≤ {d['max_drop']} pt), "
-            f"LeNet-300-100 on Fashion-MNIST, {d['knobs']['trials']} trials"]
+            f"LeNet-300-100 on Fashion-MNIST, {d['searched']['trials_started']} trials run"]
 
 
 def headline_footprint(d: dict) -> list[str]:
@@ -433,7 +433,7 @@ def headline_footprint(d: dict) -> list[str]:
                    f"(target ≤ 200 MB: {'met' if q['met'] else 'MISSED'})")
     if d.get("search"):
         s = d["search"]
-        out.append(f"20-trial search {s['ratio']:.2f}× one run (target ≤ 3×: "
+        out.append(f"{s['trials']}-trial search {s['ratio']:.2f}× one run (target ≤ 3×: "
                    f"{'met' if s['met'] else 'MISSED'})")
     return out
 

@@ -4,15 +4,17 @@ For every family, a tiny variant (timm's ``test_*`` models where they exist, the
 published width otherwise) runs three pipelines with ``compresspipe.run``, each visiting several
 stage types, so that every stage type is exercised once per family:
 
-    structured: train -> channel_prune (2x fewer MACs) -> distill -> cluster (4 bit) -> huffman
-                -> export (.cpz and ONNX, each checked by its consumer in a fresh process)
-    sparse-int8: pas (2x fewer MACs) -> prune (80%) -> qat -> export (the int8 ONNX file)
-    ptq: ptq -> export
+    int8: train -> prune (80%) -> qat -> export (the int8 ONNX file)
+    structured: train -> channel_prune (2x fewer MACs) -> cluster (4 bit) -> huffman -> export
+                (.cpz and ONNX, each checked by its consumer in a fresh process)
+    more: train -> distill -> pas (2x fewer MACs) -> ptq -> export (and ptq -> export alone
+          when pas stopped the chain)
 
-Training is one step on 32 digits images; the point is that every stage runs and every written
-file loads, not accuracy. A cell is "ok" when its stage completed, otherwise the stage's error
-(or "not reached" after an earlier stage failed). Each pipeline runs in its own process with a
-time limit. Results merge into benchmarks/results/support_matrix.json (``--families`` re-runs
+Training is one epoch on 256 digits images; the point is that every stage runs and every
+written file loads, not accuracy. A cell is "ok" when its stage completed, otherwise the
+stage's error (or "not reached" after an earlier stage failed). Each pipeline runs in its own
+process with a time limit; ``compresspipe validate`` of each file is timed in its own process.
+Results merge into benchmarks/results/support_matrix.json (``--families`` re-runs
 some), and ``python -m compresspipe.pipeline.docs`` renders the README's "Model support" table
 from that file. tests/test_support_matrix.py keeps the structural part of it true in CI.
 
