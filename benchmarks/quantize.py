@@ -49,6 +49,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from distill import mean_std  # noqa: E402
 
 import compresspipe  # noqa: E402
 from compresspipe.compress.quant.cluster import (
@@ -85,7 +88,6 @@ SHARING = ((8, 5), (5, 4), (4, 3))
 SEED = 0
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_TRAIN_IMAGES = 20_000
-FASHION_RESULTS = RESULTS.with_name("quantize_fashion_mnist.json")
 STAGES = ("dense", "ptq", "qat")
 
 
@@ -156,8 +158,7 @@ def fashion_seeds(quick: bool, root: Path) -> dict:
                      for k in STAGES})
         print(f"  seed {seed}: " + ", ".join(f"{k} {runs[-1][k]['test_top1']:.2f}%" for k in STAGES)
               + f" ({time.perf_counter() - t0:.0f}s)", flush=True)
-    stats = {k: {m: {"mean": statistics.fmean(r[k][m] for r in runs),
-                     "std": statistics.stdev(r[k][m] for r in runs) if len(runs) > 1 else 0.0}
+    stats = {k: {m: mean_std([r[k][m] for r in runs])
                  for m in ("test_top1", "deployed_val_top1", "model_bytes")} for k in STAGES}
     return {"settings": s, "seeds": seeds, "runs": runs, "stats": stats}
 
@@ -475,7 +476,7 @@ def fashion_main(quick: bool, threads: int) -> None:
                "seconds": time.perf_counter() - started}
     table = fashion_table(result)
     print("\n" + table)
-    path = FASHION_RESULTS.with_name(f"quantize_fashion_mnist{'_quick' if quick else ''}.json")
+    path = RESULTS.with_name(f"quantize_fashion_mnist{'_quick' if quick else ''}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     path.with_suffix(".md").write_text(table + "\n")
