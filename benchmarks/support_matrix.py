@@ -334,24 +334,35 @@ def fresh_entry(family: str, chains: list[str]) -> dict:
             "chains": list(chains)}
 
 
-def save_entry(family: str | None, entry: dict | None, key: str | None = None) -> None:
+def save_entry(family: str, entry: dict, key: str | None = None) -> None:
     """Merge one family (or one ``key`` of its entry) into the results file, read again just
-    before writing (several runs with disjoint --families may share it); with ``key`` and no
-    ``family``, only the summary and the table are written again."""
-    result = (json.loads(RESULT_FILE.read_text()) if RESULT_FILE.is_file()
-              else {"families": {}})
+    before writing (several runs with disjoint --families may share it)."""
+    result = _read()
     if key is None:
         result["families"][family] = entry
-    elif family is not None:
+    else:
         current = fresh_entry(family, [])
         known = result["families"].get(family, {})
         if any(known.get(k) != current[k] for k in ("model", "kwargs", "image_size")):
             result["families"][family] = current  # measured with other settings: stale
         result["families"][family][key] = entry
-    result["families"] = {f: result["families"][f] for f in FAMILIES if f in result["families"]}
-    result["chains_complete"] = chains_complete(result)
     result["machine"] = (f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, "
                          f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    _write(result)
+
+
+def render() -> None:
+    """Write the summary and the table of the results file again (nothing measured)."""
+    _write(_read())
+
+
+def _read() -> dict:
+    return json.loads(RESULT_FILE.read_text()) if RESULT_FILE.is_file() else {"families": {}}
+
+
+def _write(result: dict) -> None:
+    result["families"] = {f: result["families"][f] for f in FAMILIES if f in result["families"]}
+    result["chains_complete"] = chains_complete(result)
     result["wall_s"] = round(sum(sum(e.get("seconds", {}).values())
                                  for e in result["families"].values()), 1)
     result["table"] = table(result)
@@ -390,7 +401,7 @@ def main() -> None:
     chains = (["structural"] if args.structural else ["channel_prune-onnx"] if args.quick
               else args.chains)
     if args.render:
-        save_entry(None, None, key="render")
+        render()
         print(json.loads(RESULT_FILE.read_text())["table"])
         return
     if args.validate_only:
