@@ -183,6 +183,9 @@ class ClusterStage(Stage):
             choices = alloc.choices or sorted({b for c in curves.values() for b, _ in c})
         if self.config.codebook == "uniform":  # a grid needs a zero and ±1: 2 bits at least
             choices = [b for b in choices if b >= 2]
+            if not choices:
+                raise CompressPipeError(f"stage {ctx.name!r}: allocation: codebook 'uniform' "
+                                        "needs at least 2 bits, and the bits offered are all 1")
         try:
             chosen = bits_under_budget(counts, curves, alloc.budget_bytes, choices)
         except ValueError as exc:
