@@ -37,6 +37,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from coding_codec import best_time  # noqa: E402
 
 import compresspipe  # noqa: E402
 from compresspipe.compress.quant.batchnorm import STATISTICS, fold_statistics  # noqa: E402
@@ -96,15 +99,6 @@ def scores(model: torch.nn.Module, bundle) -> dict:
             "test_top1": test["top1"], "test_loss": test["loss"]}
 
 
-def best_seconds(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
 def cpz_arm(run_dir: Path, bundle, masks: dict[str, torch.Tensor]) -> dict:
     """Our file as the pipeline wrote it, decoded from disk."""
     path = run_dir / "huffman" / "model.cpz"
@@ -116,8 +110,8 @@ def cpz_arm(run_dir: Path, bundle, masks: dict[str, torch.Tensor]) -> dict:
             **zeros_kept(model.state_dict(), masks),
             "positions_bytes": sum(s["positions_bytes"] for s in stats),
             "encode_seconds": metrics.get("wall_time_s"),
-            "decode_seconds": best_seconds(lambda: cpz.read_cpz(path)),
-            "load_seconds": best_seconds(lambda: read_model_cpz(path))}
+            "decode_seconds": best_time(lambda: cpz.read_cpz(path), 3),
+            "load_seconds": best_time(lambda: read_model_cpz(path), 3)}
 
 
 def nnc_jobs(qps: tuple[int, ...] = QPS) -> list[dict]:
