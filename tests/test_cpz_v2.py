@@ -201,6 +201,48 @@ def test_vector_choice_keeps_only_what_leaves_predictions_unchanged():
     assert flips <= 0.002
 
 
+def test_vector_choice_decides_per_tensor_when_no_level_passes_for_all():
+    """One vector decides near-ties (every coding of it flips predictions), the other has 16
+    distinct values (a 4-bit codebook holds it exactly): no level passes for both at once, so
+    the choice goes tensor by tensor and codes the harmless one instead of leaving both float32."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from compresspipe.core.artifact import Artifact
+    from compresspipe.stages.vector_choice import choose_vectors
+
+    class TwoVectors(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 400)
+            self.offset = torch.nn.Parameter(torch.arange(400).remainder(16).float() / 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) + self.offset
+
+    torch.manual_seed(0)
+    model = TwoVectors()
+    with torch.no_grad():
+        model.linear.weight.mul_(0.02)
+        model.linear.bias.copy_(torch.linspace(0, 1, 400)[torch.randperm(400)]
+                                + 1e-4 * torch.randn(400))
+    x = torch.randn(1024, 8)
+    y = model(x).argmax(1)
+    logged = {}
+    ctx = SimpleNamespace(
+        data=SimpleNamespace(val_loader=lambda purpose: DataLoader(TensorDataset(x, y), 256)),
+        device=torch.device("cpu"), seed=0, log_metrics=lambda m, step: logged.update(m))
+    chosen, expected = choose_vectors(Artifact(model=model, spec={}), ctx, "auto", set())
+    assert logged["vectors_fp16_decision_flips"] > 0.002  # even the finest level, all at once
+    assert chosen == {"offset": "cb4"} and set(expected) == {"offset"}
+    assert torch.equal(expected["offset"], model.offset.detach())  # held exactly
+    assert logged["vectors_fp32"] == 1 and logged["vectors_cb4"] == 1
+    assert logged["vectors_greedy_evaluations"] == 5  # 4 codings of the bias, 1 of the offset
+    assert torch.equal(model(x).argmax(1), y)  # the model is left as it came
+
+
 def test_coding_a_coded_vector_again_changes_nothing():
     # the huffman stage writes the chosen (coded) vectors into the model, then encodes the
     # model: with 100 values and 16 centroids, quantile starts used to merge some of them

@@ -57,10 +57,11 @@ class HuffmanConfig(StageConfig):
         "float rounding; the deviation is logged as bn_fold_max_abs_diff).")
     vectors: Literal["auto", "float32", "float16"] = Field(
         "auto", description="Storage of 1-D float tensors (BatchNorm scales and shifts, biases): "
-        "'auto' tries per-tensor codebooks of 4 to 8 bits, then float16, and keeps the coarsest "
-        "that leaves top-1 and loss on validation data (the training data when the pipeline has "
-        "no validation split; never the test set) unchanged, else float32; the choice per tensor "
-        "is in the file's metadata 'encoding'.")
+        "'auto' tries per-tensor codebooks of 4 to 8 bits, then float16, for all of them at once "
+        "and keeps the coarsest that leaves top-1 and loss on validation data (the training data "
+        "when the pipeline has no validation split; never the test set) unchanged; when none "
+        "does, it decides tensor by tensor, largest first, and a tensor no coding leaves "
+        "unchanged stays float32. The choice per tensor is in the file's metadata 'encoding'.")
     onnx_cpz: bool = Field(
         False, description="Also write model.onnx.cpz: the model's ONNX graph with its weights "
         "coded as in model.cpz (sparse, shared), readable on a device with only numpy and "
@@ -86,7 +87,6 @@ class HuffmanStage(Stage):
         onnx_file = self._incoming_int8(ctx)
         if onnx_file is not None:
             return self._run_int8(artifact, ctx, onnx_file)
-
 
         dtype = self.config.float_dtype
         folded = self._fold_bn(artifact, ctx) if self.config.fold_bn else []
