@@ -98,17 +98,22 @@ def layer_stats(idx: np.ndarray, zero: int) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage_dir", type=Path)
-    args = parser.parse_args()
-    artifact = Artifact.load(args.stage_dir)
+def context_totals(artifact: Artifact) -> dict[str, float]:
+    """:func:`layer_stats` summed over the artifact's clustered layers (bits)."""
     totals: dict[str, float] = {}
     for name, info in artifact_keys.cluster_layers(artifact).items():
         idx, _ = (t.numpy() for t in artifact_keys.cluster_tensors(artifact.extras, name))
         shape = tuple(artifact.model.state_dict()[name].shape)
         for k, v in layer_stats(idx.reshape(shape), info.get("zero_index", 0)).items():
             totals[k] = totals.get(k, 0.0) + v
+    return totals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage_dir", type=Path)
+    args = parser.parse_args()
+    totals = context_totals(Artifact.load(args.stage_dir))
     base_pos, base_val = totals["positions_h0_escaped"], totals["values_h0"]
     gains = {k: 1 - v / (base_pos if k.startswith("positions_h") else base_val)
              for k, v in totals.items() if k.startswith(("positions_h", "values_h"))}

@@ -8,6 +8,7 @@ a kept pruned zero.
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -47,22 +48,41 @@ def test_best_arm_is_the_smallest_at_equal_accuracy_with_every_zero_kept(bench):
             _arm("worse loss", 650, 92.0, 0.31),
             _arm("equal", 1000, 90.0, 0.30),
             _arm("better", 1200, 93.0, 0.20)]
-    verdict = bench.compare(OURS, arms)
+    verdict = bench.compare(OURS, arms, {})
     assert verdict["best"] == "equal"
     assert verdict["ratio"] == pytest.approx(0.8)
     assert verdict["target_met"]  # 0.8 is the target itself
     assert verdict["smallest_nnc_any_accuracy"] == {"arm": "dq", "bytes": 500}
+    assert verdict["target_bytes"] == pytest.approx(800)
+
+
+def test_entropy_floor_is_the_order0_entropy_of_positions_and_values(bench):
+    """A shared layer whose 8 kept weights (of 64) take 2 indices equally often: order 0 is
+    64 H(1/8) bits for the positions plus 8 bits for the values; contexts cannot make it larger."""
+    from compresspipe.core import artifact_keys
+    from compresspipe.core.artifact import Artifact
+
+    model = torch.nn.Linear(16, 4, bias=False)
+    idx = torch.zeros(4, 16, dtype=torch.uint8)
+    idx.view(-1)[torch.arange(0, 64, 8)] = torch.tensor([1, 2] * 4, dtype=torch.uint8)
+    artifact = Artifact(model=model, spec={})
+    artifact_keys.set_cluster(artifact, {"layers": {"weight": {"bits": 2, "zero_index": 0}}},
+                              {"weight": (idx, torch.tensor([0.0, -1.0, 1.0]))})
+    floor = bench.entropy_floor(artifact)
+    h = -(1 / 8 * math.log2(1 / 8) + 7 / 8 * math.log2(7 / 8))
+    assert floor["order-0"] == pytest.approx((64 * h + 8) / 8)
+    assert 0 < floor["best context"] <= floor["order-0"] + 1e-9
 
 
 def test_target_missed_when_ours_is_not_small_enough_or_nothing_qualifies(bench):
-    assert not bench.compare(OURS, [_arm("equal", 999, 90.0, 0.30)])["target_met"]
-    verdict = bench.compare(OURS, [_arm("dq", 500, 95.0, 0.1, kept=False)])
+    assert not bench.compare(OURS, [_arm("equal", 999, 90.0, 0.30)], {})["target_met"]
+    verdict = bench.compare(OURS, [_arm("dq", 500, 95.0, 0.1, kept=False)], {})
     assert verdict["ratio"] is None and not verdict["target_met"] and "no NNCodec arm" in verdict["why"]
 
 
 def test_near_equal_view_is_reported_beside_the_strict_verdict(bench):
     arms = [_arm("a hair worse", 700, 89.95, 0.302), _arm("far worse", 400, 89.0, 0.30)]
-    verdict = bench.compare(OURS, arms)
+    verdict = bench.compare(OURS, arms, {})
     assert verdict["best"] is None and not verdict["target_met"]  # the target stays strict
     assert verdict["near"]["arm"] == "a hair worse"
     assert verdict["near"]["ratio"] == pytest.approx(800 / 700)
