@@ -60,8 +60,9 @@ class HuffmanConfig(StageConfig):
         "'auto' tries per-tensor codebooks of 4 to 8 bits, then float16, for all of them at once "
         "and keeps the coarsest that leaves top-1 and loss on validation data (the training data "
         "when the pipeline has no validation split; never the test set) unchanged; when none "
-        "does, it decides tensor by tensor, largest first, and a tensor no coding leaves "
-        "unchanged stays float32. The choice per tensor is in the file's metadata 'encoding'.")
+        "does, it decides tensor by tensor, largest first (a validation pass per tensor and "
+        "coding tried, at most 5 per tensor), and a tensor no coding leaves unchanged stays "
+        "float32. The choice per tensor is in the file's metadata 'encoding'.")
     onnx_cpz: bool = Field(
         False, description="Also write model.onnx.cpz: the model's ONNX graph with its weights "
         "coded as in model.cpz (sparse, shared), readable on a device with only numpy and "
