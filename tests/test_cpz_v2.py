@@ -169,9 +169,8 @@ def test_vector_codings_decode_to_what_they_promise():
         encode_vector(np.ones(10, np.float32), "cb4")
 
 
-def test_vector_choice_keeps_only_what_leaves_predictions_unchanged():
-    """A classifier decided mostly by its bias: a 4-bit codebook merges close biases (argmax
-    changes), so the stage must pick a finer coding; the decoded predictions stay the same."""
+def _choose(model, x, y, batch: int = 64, masks: dict | None = None):
+    """choose_vectors on a model whose validation data is (x, y): (chosen, expected, logged)."""
     from types import SimpleNamespace
 
     import torch
@@ -180,6 +179,20 @@ def test_vector_choice_keeps_only_what_leaves_predictions_unchanged():
     from compresspipe.core.artifact import Artifact
     from compresspipe.stages.vector_choice import choose_vectors
 
+    logged = {}
+    ctx = SimpleNamespace(
+        data=SimpleNamespace(val_loader=lambda purpose: DataLoader(TensorDataset(x, y), batch)),
+        device=torch.device("cpu"), seed=0, log_metrics=lambda m, step: logged.update(m))
+    chosen, expected = choose_vectors(Artifact(model=model, spec={}, masks=masks or {}), ctx,
+                                      "auto", set())
+    return chosen, expected, logged
+
+
+def test_vector_choice_keeps_only_what_leaves_predictions_unchanged():
+    """A classifier decided mostly by its bias: a 4-bit codebook merges close biases (argmax
+    changes), so the stage must pick a finer coding; the decoded predictions stay the same."""
+    import torch
+
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 400)  # a codebook pays for 400 values (not for 40)
     with torch.no_grad():
@@ -187,11 +200,7 @@ def test_vector_choice_keeps_only_what_leaves_predictions_unchanged():
         model.bias.copy_(torch.linspace(0, 1, 400)[torch.randperm(400)])
     x = torch.randn(256, 8)
     y = model(x).argmax(1)
-    logged = {}
-    ctx = SimpleNamespace(
-        data=SimpleNamespace(val_loader=lambda purpose: DataLoader(TensorDataset(x, y), 64)),
-        device=torch.device("cpu"), seed=0, log_metrics=lambda m, step: logged.update(m))
-    chosen, expected = choose_vectors(Artifact(model=model, spec={}), ctx, "auto", set())
+    chosen, expected, logged = _choose(model, x, y)
     assert logged["vectors_considered"] == 1
     assert logged["vectors_cb4_decision_flips"] > 0.002  # the coarsest level was tried, refused
     assert chosen.get("bias", "fp32") != "cb4" and set(expected) == set(chosen)
@@ -205,13 +214,7 @@ def test_vector_choice_decides_per_tensor_when_no_level_passes_for_all():
     """One vector decides near-ties (every coding of it flips predictions), the other has 16
     distinct values (a 4-bit codebook holds it exactly): no level passes for both at once, so
     the choice goes tensor by tensor and codes the harmless one instead of leaving both float32."""
-    from types import SimpleNamespace
-
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from compresspipe.core.artifact import Artifact
-    from compresspipe.stages.vector_choice import choose_vectors
 
     class TwoVectors(torch.nn.Module):
         def __init__(self) -> None:
@@ -230,11 +233,7 @@ def test_vector_choice_decides_per_tensor_when_no_level_passes_for_all():
                                 + 1e-4 * torch.randn(400))
     x = torch.randn(1024, 8)
     y = model(x).argmax(1)
-    logged = {}
-    ctx = SimpleNamespace(
-        data=SimpleNamespace(val_loader=lambda purpose: DataLoader(TensorDataset(x, y), 256)),
-        device=torch.device("cpu"), seed=0, log_metrics=lambda m, step: logged.update(m))
-    chosen, expected = choose_vectors(Artifact(model=model, spec={}), ctx, "auto", set())
+    chosen, expected, logged = _choose(model, x, y, batch=256)
     assert logged["vectors_fp16_decision_flips"] > 0.002  # even the finest level, all at once
     assert chosen == {"offset": "cb4"} and set(expected) == {"offset"}
     assert torch.equal(expected["offset"], model.offset.detach())  # held exactly
@@ -254,23 +253,12 @@ def test_coding_a_coded_vector_again_changes_nothing():
 
 def test_a_pruned_vector_is_not_given_a_codebook():
     """A codebook need not hold an exact zero: a vector with a pruning mask stays as it is."""
-    from types import SimpleNamespace
-
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from compresspipe.core.artifact import Artifact
-    from compresspipe.stages.vector_choice import choose_vectors
 
     model = torch.nn.Linear(8, 400)
     mask = torch.rand(400, generator=torch.Generator().manual_seed(0)) > 0.5
     with torch.no_grad():
         model.bias.mul_(mask)
     x = torch.randn(64, 8)
-    ctx = SimpleNamespace(
-        data=SimpleNamespace(val_loader=lambda purpose: DataLoader(
-            TensorDataset(x, model(x).argmax(1)), 64)),
-        device=torch.device("cpu"), seed=0, log_metrics=lambda m, step: None)
-    chosen, expected = choose_vectors(Artifact(model=model, spec={}, masks={"bias": mask}),
-                                      ctx, "auto", set())
+    chosen, expected, _ = _choose(model, x, model(x).argmax(1), masks={"bias": mask})
     assert "bias" not in chosen and "bias" not in expected
