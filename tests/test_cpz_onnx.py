@@ -123,6 +123,7 @@ def test_reader_errors_name_the_problem(written, tmp_path):
 
 def test_reader_matches_the_full_reader_on_every_coding():
     from compresspipe.formats import encode_clustered, encode_int8, encode_raw, read_cpz, write_cpz
+    from compresspipe.formats.vectors import encode_vector
 
     rng = np.random.default_rng(3)
     book = np.concatenate([[0.0], np.linspace(-1, 1, 15)]).astype(np.float32)
@@ -138,6 +139,8 @@ def test_reader_matches_the_full_reader_on_every_coding():
     q[:, ::2] = 3
     tensors["q"] = encode_int8(q, rng.random(8).astype(np.float32), np.full(8, 3, np.int8), 0)
     tensors["half"] = encode_raw(rng.normal(size=9).astype(np.float16))
+    for how in ("cb4", "cb6"):  # the huffman stage's coded 1-D tensors: a codebook, no zero
+        tensors[f"vector_{how}"] = encode_vector(rng.normal(size=300).astype(np.float32), how)[1]
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"reader-{os.getpid()}.cpz"
     try:
         write_cpz(path, tensors, {})
