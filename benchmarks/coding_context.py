@@ -17,9 +17,11 @@ The ``*_adaptive`` figures are what an adaptive arithmetic coder (rANS or CABAC-
 Krichevsky-Trofimov count table per context, learnt while coding) would write: the exact code
 length of that model, which, unlike a plug-in entropy, pays for learning its contexts.
 
-    .venv/bin/python benchmarks/coding_context.py STAGE_DIR
+    .venv/bin/python benchmarks/coding_context.py STAGE_DIR [--pipeline FILE] [--name NAME]
 
-Saves benchmarks/results/coding_context.json.
+``--pipeline``: the file that made the run, when its model comes from a Python factory (which
+a saved artifact alone is not trusted to import). Saves benchmarks/results/coding_context.json
+(``coding_context_NAME.json`` with ``--name``).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compresspipe.core import artifact_keys  # noqa: E402
 from compresspipe.core.artifact import Artifact  # noqa: E402
+from compresspipe.core.models import allow_named_factories  # noqa: E402
 from compresspipe.formats.cpz import encode_positions, escape, gaps  # noqa: E402
 from compresspipe.formats.huffman import entropy_bits  # noqa: E402
+from compresspipe.pipeline.loader import load_pipeline  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -115,6 +119,8 @@ def layer_stats(idx: np.ndarray, zero: int) -> dict[str, float]:
             entropy_bits(np.array([k, per_out - k])) + 16
             for k in np.bincount(nz // per_out, minlength=out_ch))),
         "positions_flags_adaptive_order0": adaptive_bits(flags, np.zeros_like(flags)),
+        "positions_flags_adaptive_given_out_channel": adaptive_bits(flags, np.arange(flat.size)
+                                                                    // per_out),
         "positions_flags_adaptive_given_kpos_prev_outch": adaptive_bits(
             flags, (np.arange(flat.size) // per_out) * 1000 + kpos_all * 2 + prev_flag),
         "values_h0": h0(values),
@@ -140,7 +146,11 @@ def context_totals(artifact: Artifact) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage_dir", type=Path)
+    parser.add_argument("--pipeline", type=Path, help="the pipeline file that made the run")
+    parser.add_argument("--name", help="save as coding_context_NAME.json")
     args = parser.parse_args()
+    if args.pipeline:
+        allow_named_factories(load_pipeline(args.pipeline, check_model=False).raw)
     totals = context_totals(Artifact.load(args.stage_dir))
     base_pos, base_val = totals["positions_h0_escaped"], totals["values_h0"]
     models = [k for k in totals if "_h" in k or "adaptive" in k]
@@ -149,7 +159,8 @@ def main() -> None:
     result = {"stage_dir": str(args.stage_dir), "bits": totals, "gain_vs_order0": gains,
               "bytes": {k: totals[k] / 8 for k in models}}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "coding_context.json").write_text(json.dumps(result, indent=1))
+    out = RESULTS / f"coding_context{'_' + args.name if args.name else ''}.json"
+    out.write_text(json.dumps(result, indent=1))
     print(f"{totals['weights']:,.0f} weights, {totals['nonzero']:,.0f} nonzero; positions "
           f"written {totals['positions_bytes_written']:,.0f} B")
     for k in models:
