@@ -136,6 +136,33 @@ def test_fold_statistics_keeps_outputs_and_shrinks_the_file(tmp_path):
     assert torch.equal(decoded(x), model(x))
 
 
+def test_lineage_detail_trims_only_provenance(chain, tmp_path):
+    """'metrics' drops the stage configs, 'none' the whole lineage; the decoded model is the same
+    and each level is smaller than the one before."""
+    from compresspipe.core.artifact import Artifact
+    from compresspipe.formats import read_cpz
+    from compresspipe.formats.cpz_model import write_model_cpz
+
+    out, _ = chain
+    artifact = Artifact.load(out / "cluster")
+    sizes, lineages, states = [], [], []
+    for detail in ("full", "metrics", "none"):
+        path = tmp_path / f"{detail}.cpz"
+        sizes.append(write_model_cpz(artifact, path, lineage=detail))
+        lineages.append(read_cpz(path)[1]["lineage"])
+        states.append(read_model_cpz(path).model.state_dict())
+    assert sizes[0] > sizes[1] > sizes[2]
+    full, metrics, none = lineages
+    assert [e["name"] for e in full] == [e["name"] for e in metrics] == [
+        "input", "dense", "prune", "cluster"]
+    assert all("config" in e for e in full) and not any("config" in e for e in metrics)
+    assert [e["metrics"] for e in metrics] == [e["metrics"] for e in full] and none == []
+    for state in states[1:]:
+        assert all(torch.equal(state[k], states[0][k]) for k in state)
+    with pytest.raises(ValueError, match="lineage detail 'some'"):
+        write_model_cpz(artifact, tmp_path / "bad.cpz", lineage="some")
+
+
 def test_coding_summary_matches_the_file(chain):
     from compresspipe.formats import coding_summary, inspect_cpz
 

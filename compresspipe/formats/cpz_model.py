@@ -103,20 +103,40 @@ def encode_state(artifact: Artifact, float_dtype: str = "float32",
 
 
 def write_model_cpz(artifact: Artifact, path: str | os.PathLike, float_dtype: str = "float32",
-                    bn_folded: list[str] = (), vectors: Mapping[str, str] | None = None) -> int:
+                    bn_folded: list[str] = (), vectors: Mapping[str, str] | None = None,
+                    lineage: str = "full") -> int:
     """Write the artifact's model as a .cpz file; return its size in bytes.
 
     ``bn_folded`` names BatchNorms already folded with compresspipe.compress.quant.batchnorm.fold_statistics;
-    ``vectors`` as for :func:`encode_state`."""
+    ``vectors`` as for :func:`encode_state`; ``lineage`` as for :func:`file_lineage`."""
     tensors, how = encode_state(artifact, float_dtype, bn_folded, vectors)
-    return write_cpz(path, tensors, model_metadata(artifact, how, bn_folded))
+    return write_cpz(path, tensors, model_metadata(artifact, how, bn_folded, lineage))
 
 
-def model_metadata(artifact: Artifact, how: dict[str, str], bn_folded: list[str]) -> dict:
+def model_metadata(artifact: Artifact, how: dict[str, str], bn_folded: list[str],
+                   lineage: str = "full") -> dict:
     """The metadata of a model's .cpz: spec, lineage, masks, per-tensor coding, folded BNs."""
-    return _json_safe({"spec": artifact.spec, "lineage": _stable_lineage(artifact.lineage),
+    return _json_safe({"spec": artifact.spec, "lineage": file_lineage(artifact.lineage, lineage),
                        "masks": sorted(artifact.masks), "encoding": how,
                        "bn_folded": sorted(bn_folded)})
+
+
+LINEAGE_DETAIL = ("full", "metrics", "none")
+
+
+def file_lineage(lineage: list[dict[str, Any]], detail: str = "full") -> list[dict[str, Any]]:
+    """What a file keeps of how its model was made: every stage's name, type, config and metrics
+    (``full``), the same without configs (``metrics``), or nothing (``none``): decoding needs
+    none of it, and a small model's file can spend 4% of its bytes on it."""
+    if detail not in LINEAGE_DETAIL:
+        raise ValueError(f"lineage detail {detail!r}: expected one of {LINEAGE_DETAIL}")
+    if detail == "none":
+        return []
+    stable = _stable_lineage(lineage)
+    if detail == "metrics":
+        return [{k: v for k, v in e.items() if k != "config"} if isinstance(e, dict) else e
+                for e in stable]
+    return stable
 
 
 def _stable_lineage(lineage: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -199,9 +219,9 @@ def read_model_cpz(path: str | os.PathLike) -> Artifact:
 
 
 def write_int8_cpz(artifact: Artifact, onnx_path: str | os.PathLike,
-                   path: str | os.PathLike) -> int:
+                   path: str | os.PathLike, lineage: str = "full") -> int:
     """Write the int8 ONNX model ``onnx_path`` (the deployed form of ``artifact``) as a .cpz;
-    return its size in bytes."""
+    return its size in bytes. ``lineage`` as for :func:`file_lineage`."""
     import onnx  # lazy: onnx loads only where ONNX files are written or read
 
 
@@ -226,7 +246,7 @@ def write_int8_cpz(artifact: Artifact, onnx_path: str | os.PathLike,
     # names and attributes compress ~7x with zlib, the bulk of a small model's skeleton
     skeleton = zlib.compress(proto.SerializeToString(), 9)
     tensors[graph] = encode_raw(np.frombuffer(skeleton, np.uint8))
-    metadata = _json_safe({"spec": artifact.spec, "lineage": _stable_lineage(artifact.lineage),
+    metadata = _json_safe({"spec": artifact.spec, "lineage": file_lineage(artifact.lineage, lineage),
                            "masks": sorted(artifact.masks), "encoding": how,
                            ONNX_KEY: {"graph": graph, "file": Path(onnx_path).name}})
     return write_cpz(path, tensors, metadata)

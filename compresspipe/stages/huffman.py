@@ -63,6 +63,11 @@ class HuffmanConfig(StageConfig):
         "does, it decides tensor by tensor, largest first (a validation pass per tensor and "
         "coding tried, at most 5 per tensor), and a tensor no coding leaves unchanged stays "
         "float32. The choice per tensor is in the file's metadata 'encoding'.")
+    lineage: Literal["full", "metrics", "none"] = Field(
+        "full", description="What model.cpz keeps of how the model was made: every stage's name, "
+        "type, config and metrics ('full'), the same without configs ('metrics'), or nothing "
+        "('none': only what decoding needs, for the smallest files). MLflow keeps the whole "
+        "record either way.")
     onnx_cpz: bool = Field(
         False, description="Also write model.onnx.cpz: the model's ONNX graph with its weights "
         "coded as in model.cpz (sparse, shared), readable on a device with only numpy and "
@@ -89,7 +94,7 @@ class HuffmanStage(Stage):
         if onnx_file is not None:
             return self._run_int8(artifact, ctx, onnx_file)
 
-        dtype = self.config.float_dtype
+        dtype, lineage = self.config.float_dtype, self.config.lineage
         folded = self._fold_bn(artifact, ctx) if self.config.fold_bn else []
         omitted = {f"{bn}.{stat}" for bn in folded for stat in STATISTICS}
         vectors, expected = choose_vectors(artifact, ctx, self.config.vectors, omitted)
@@ -100,7 +105,7 @@ class HuffmanStage(Stage):
         # encode once here to verify the round trip before the runner writes the artifact
         with tempfile.TemporaryDirectory() as tmp:
             probe = Path(tmp) / CPZ_FILE
-            size = write_model_cpz(artifact, probe, dtype, folded, vectors)
+            size = write_model_cpz(artifact, probe, dtype, folded, vectors, lineage)
             decoded = read_model_cpz(probe).model.state_dict()
             rows = inspect_cpz(probe)
             coding, parts = coding_summary(rows), container_parts(probe, rows)
@@ -121,7 +126,7 @@ class HuffmanStage(Stage):
                          "cpz_overhead_fraction": parts["overhead"] / size,
                          **{f"cpz_{k}": v for k, v in coding.items()}}, None)
         artifact.outputs[CPZ_FILE] = lambda path: write_model_cpz(artifact, path, dtype, folded,
-                                                                  vectors)
+                                                                  vectors, lineage)
         if self.config.onnx_cpz:
             example = example_inputs(ctx.data.train)  # shapes only
             artifact.outputs[ONNX_CPZ_FILE] = lambda path: write_onnx_cpz(artifact, example, path,
@@ -163,7 +168,7 @@ class HuffmanStage(Stage):
             return artifact
         path = ctx.work_dir / CPZ_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        size = write_int8_cpz(artifact, source, path)
+        size = write_int8_cpz(artifact, source, path, self.config.lineage)
         decoded, _ = read_onnx_cpz(path)
         original = source.read_bytes()
         identical = decoded == original
