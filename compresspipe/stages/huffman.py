@@ -33,6 +33,7 @@ from ..core.errors import CompressPipeError
 from ..formats import coding_summary, container_parts, inspect_cpz
 from ..formats.cpz_model import (
     CPZ_FILE,
+    LINEAGE_DETAIL,
     read_model_cpz,
     read_onnx_cpz,
     write_int8_cpz,
@@ -63,7 +64,7 @@ class HuffmanConfig(StageConfig):
         "does, it decides tensor by tensor, largest first (a validation pass per tensor and "
         "coding tried, at most 5 per tensor), and a tensor no coding leaves unchanged stays "
         "float32. The choice per tensor is in the file's metadata 'encoding'.")
-    lineage: Literal["full", "metrics", "none"] = Field(
+    lineage: Literal[LINEAGE_DETAIL] = Field(
         "full", description="What model.cpz keeps of how the model was made: every stage's name, "
         "type, config and metrics ('full'), the same without configs ('metrics'), or nothing "
         "('none': only what decoding needs, for the smallest files). MLflow keeps the whole "

@@ -37,10 +37,14 @@ def _evaluate(model: torch.nn.Module, loader: Loader, ctx: StageContext) -> dict
     return {**out, "predictions": torch.cat(predictions)}
 
 
+def _flips(got: dict, reference: dict) -> float:
+    """The fraction of samples whose prediction changed."""
+    return (got["predictions"] != reference["predictions"]).float().mean().item()
+
+
 def _unchanged(got: dict, reference: dict) -> bool:
     """Top-1 not lower, loss not higher (within tolerance), few predictions changed."""
-    flips = (got["predictions"] != reference["predictions"]).float().mean().item()
-    return (got["top1"] >= reference["top1"] and flips <= MAX_FLIPS
+    return (got["top1"] >= reference["top1"] and _flips(got, reference) <= MAX_FLIPS
             and got["loss"] <= reference["loss"] * (1 + LOSS_TOLERANCE))
 
 
@@ -99,19 +103,16 @@ def choose_vectors(artifact: Artifact, ctx: StageContext, mode: str, omitted: se
                 chosen = pick
                 break
             got = _evaluate(artifact.model, loader, ctx)
-            flips = (got["predictions"] != reference["predictions"]).float().mean().item()
             ctx.log_metrics({f"vectors_{level}_decision_top1": got["top1"],
                              f"vectors_{level}_decision_loss": got["loss"],
-                             f"vectors_{level}_decision_flips": flips}, None)
+                             f"vectors_{level}_decision_flips": _flips(got, reference)}, None)
             if _unchanged(got, reference):
                 chosen = pick
                 break
-        else:
-            if reference is not None and names:
-                for n, value in originals.items():
-                    state[n].copy_(value)
-                chosen = _greedy(state, options, originals, artifact.model, loader, reference,
-                                 ctx)
+        else:  # only with a reference: without one the first level is taken
+            for n, value in originals.items():
+                state[n].copy_(value)
+            chosen = _greedy(state, options, originals, artifact.model, loader, reference, ctx)
     finally:
         for n, value in originals.items():
             state[n].copy_(value)
