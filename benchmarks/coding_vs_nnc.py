@@ -214,7 +214,8 @@ def compare(ours: dict, arms: list[dict], floor: dict[str, float]) -> dict:
                                           "bytes": smallest_any["bytes"]}, "floor": floor}
     near = smallest(ours, arms, **NEAR)
     out["near"] = None if near is None else {
-        **NEAR, "arm": near["arm"], "bytes": near["bytes"], "ratio": ours["bytes"] / near["bytes"]}
+        **NEAR, "arm": near["arm"], "bytes": near["bytes"], "ratio": ours["bytes"] / near["bytes"],
+        "target_bytes": TARGET * near["bytes"]}
     best = smallest(ours, arms)
     if best is None:
         out.update(best=None, ratio=None, target_met=False,
@@ -262,8 +263,10 @@ def markdown(result: dict) -> str:
         floor_text = "" if floor is None else (
             " Entropy floor of the clustered weights' positions and values alone: "
             + ", ".join(f"{k} {v:,.0f} B" for k, v in floor.items())
-            + ("" if c.get("target_bytes") is None else
-               f"; the target allows {c['target_bytes']:,.0f} B for the whole file") + ".")
+            + (f"; the target allows {c['target_bytes']:,.0f} B for the whole file"
+               if c.get("target_bytes") is not None else
+               f"; {TARGET}x the near-equal NNCodec file is {near['target_bytes']:,.0f} B"
+               if near is not None and "target_bytes" in near else "") + ".")
         lines += [f"## {name}", "", f"`{m['pipeline']}` {' '.join(m['overrides'])}; NNCodec "
                   f"{m['versions']['nncodec']} (numpy {m['versions']['numpy']}). {verdict}."
                   f"{near_text}{floor_text}", "",

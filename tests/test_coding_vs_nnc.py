@@ -91,6 +91,7 @@ def test_near_equal_view_is_reported_beside_the_strict_verdict(bench):
     assert verdict["best"] is None and not verdict["target_met"]  # the target stays strict
     assert verdict["near"]["arm"] == "a hair worse"
     assert verdict["near"]["ratio"] == pytest.approx(800 / 700)
+    assert verdict["near"]["target_bytes"] == pytest.approx(560)
 
 
 def test_zeros_kept_counts_only_pruned_positions(bench):
