@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compresspipe.core import artifact_keys  # noqa: E402
 from compresspipe.core.artifact import Artifact  # noqa: E402
+from compresspipe.core.errors import CompressPipeError  # noqa: E402
 from compresspipe.core.models import allow_named_factories  # noqa: E402
 from compresspipe.formats.cpz import encode_positions, escape, gaps  # noqa: E402
 from compresspipe.formats.huffman import entropy_bits  # noqa: E402
@@ -151,7 +152,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.pipeline:
         allow_named_factories(load_pipeline(args.pipeline, check_model=False).raw)
-    totals = context_totals(Artifact.load(args.stage_dir))
+    try:
+        totals = context_totals(Artifact.load(args.stage_dir))
+    except CompressPipeError as exc:
+        raise SystemExit(f"error: {exc}. A factory model: pass its pipeline file with "
+                         "--pipeline.") from None
     base_pos, base_val = totals["positions_h0_escaped"], totals["values_h0"]
     models = [k for k in totals if "_h" in k or "adaptive" in k]
     gains = {k: 1 - totals[k] / (base_pos if k.startswith("positions") else base_val)
