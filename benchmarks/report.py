@@ -461,7 +461,7 @@ def headline_uniform_vs_kmeans(d: dict) -> list[str]:
     """Per seed, the smallest uniform file at least as accurate (validation) as k-means'."""
     found = [v for v in d["verdicts"] if v["uniform"]]
     return [f"uniform vs k-means 6 bit (LeNet-300-100, Fashion-MNIST, same chain): a uniform "
-            f"file at ≥ k-means' validation top-1 on {len(found)} of {len(d['verdicts'])} "
+            f"file at ≥ k-means' validation top-1 and ≤ its loss on {len(found)} of {len(d['verdicts'])} "
             "seeds" + (" (" + "; ".join(f"seed {v['seed']}: {v['uniform']}, {v['ratio']:.3f}× "
                                         "the bytes" for v in found) + ")" if found else "")]
 

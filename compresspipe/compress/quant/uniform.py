@@ -89,7 +89,6 @@ def uniform_weight(name: str, weight: torch.Tensor, bits: int, mask: torch.Tenso
     indices = index_of[j + top]
     if mask is not None:
         indices[~keep] = 0
-    layer = ClusteredLayer(name, bits, indices.view(weight.shape),
-                           (levels.double() * step).float(), 0 if mask is not None else None,
-                           levels=levels)
-    return layer
+    return ClusteredLayer(name, bits, indices.view(weight.shape),
+                          (levels.double() * step).float(), 0 if mask is not None else None,
+                          levels=levels)
