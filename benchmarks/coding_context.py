@@ -3,8 +3,10 @@
 For every clustered layer of a cluster-stage artifact (indices with the zero index marking pruned
 weights), in bits over the whole model:
   positions  the order-0 entropy of the escape-coded gaps (what a Huffman code per tensor
-             approaches: the current coder) and the Huffman bytes written; the conditional entropy
-             of the gap given the previous gap (bucketed), given the output channel; significance
+             approaches: the current coder) and the bytes the .cpz's gap coder gives the mask
+             (the file may code a dense layer's zeros as values instead: ``compresspipe
+             inspect``); the conditional entropy of the gap given the previous gap
+             (bucketed), given the output channel; significance
              flags (one per weight) given the kernel position, and given kernel position plus the
              previous flag (what a context-adaptive binary coder such as DeepCABAC approaches);
   values     the order-0 entropy of the nonzero cluster indices and given the kernel position, the
@@ -167,7 +169,7 @@ def main() -> None:
     out = RESULTS / f"coding_context{'_' + args.name if args.name else ''}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"{totals['weights']:,.0f} weights, {totals['nonzero']:,.0f} nonzero; positions "
-          f"written {totals['positions_bytes_written']:,.0f} B")
+          f"by the gap coder {totals['positions_bytes_written']:,.0f} B")
     for k in models:
         print(f"  {k:<48} {totals[k] / 8:>10,.0f} B  gain vs order-0 {gains[k]:+.1%}")
 
